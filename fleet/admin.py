@@ -1,0 +1,162 @@
+"""Read-only admin for the inventory: agents report their state, operators look at it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from fleet import selectors
+from fleet.models import Agent, RemoteConfigState
+from opamp.capabilities import AgentCapabilities, agent_capability_names
+
+
+class StatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(selectors.AgentStatus.CHOICES)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Agent]) -> QuerySet[Agent]:
+        if self.value() in dict(selectors.AgentStatus.CHOICES):
+            return queryset.filter(selectors.status_q(str(self.value())))
+        return queryset
+
+
+class CapabilityFilter(admin.SimpleListFilter):
+    title = "capability"
+    parameter_name = "capability"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            (member.name.lower(), member.name.lower().replace("_", " ")) for member in AgentCapabilities if member.name
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Agent]) -> QuerySet[Agent]:
+        if self.value():
+            try:
+                return selectors.with_capability(queryset, str(self.value()))
+            except ValueError:
+                return queryset.none()
+        return queryset
+
+
+def attribute_filter(key: str) -> type[admin.SimpleListFilter]:
+    """A list filter over the distinct values of one reported attribute."""
+
+    class AttributeFilter(admin.SimpleListFilter):
+        title = key
+        parameter_name = "attr_" + key.replace(".", "_")
+
+        def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+            return [(value, value) for value in selectors.attribute_values(key)]
+
+        def queryset(self, request: HttpRequest, queryset: QuerySet[Agent]) -> QuerySet[Agent]:
+            if self.value():
+                return selectors.with_attribute(queryset, key, str(self.value()))
+            return queryset
+
+    AttributeFilter.__name__ = f"AttributeFilter_{key.replace('.', '_')}"
+    return AttributeFilter
+
+
+def pretty_json(document: Any) -> str:
+    if document in (None, {}, []):
+        return "—"
+    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(document, indent=2, sort_keys=True))
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    list_display = ["display_name", "instance_uid", "status", "transport", "remote_config", "last_seen"]
+    list_filter = [
+        StatusFilter,
+        CapabilityFilter,
+        attribute_filter("service.name"),
+        attribute_filter("os.type"),
+        "transport",
+    ]
+    search_fields = ["instance_uid", "remote_address"]
+    ordering = ["-last_seen"]
+    fieldsets = [
+        (
+            "Identity",
+            {"fields": ["instance_uid", "identifying", "non_identifying", "capability_list", "custom_capabilities"]},
+        ),
+        (
+            "Connection",
+            {
+                "fields": [
+                    "status",
+                    "transport",
+                    "remote_address",
+                    "connected",
+                    "first_seen",
+                    "last_seen",
+                    "connected_at",
+                    "disconnected_at",
+                    "last_sequence_num",
+                ]
+            },
+        ),
+        ("Health", {"fields": ["healthy", "health_tree"]}),
+        (
+            "Configuration",
+            {"fields": ["remote_config", "remote_config_error", "effective_config_hash", "effective_config_files"]},
+        ),
+        ("Packages and components", {"fields": ["packages", "components"]}),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
+        return selectors.agent_list()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Agent | None = None) -> bool:
+        return False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Agent | None = None) -> list[str]:
+        return [field for _, options in self.fieldsets for field in options["fields"]]
+
+    @admin.display(description="status")
+    def status(self, agent: Agent) -> str:
+        return str(getattr(agent, "status", ""))
+
+    @admin.display(description="remote config")
+    def remote_config(self, agent: Agent) -> str:
+        state = RemoteConfigState(agent.remote_config_state).label
+        return f"{state} {agent.remote_config_hash[:12]}" if agent.remote_config_hash else state
+
+    @admin.display(description="identifying attributes")
+    def identifying(self, agent: Agent) -> str:
+        return pretty_json(agent.identifying_attributes)
+
+    @admin.display(description="non-identifying attributes")
+    def non_identifying(self, agent: Agent) -> str:
+        return pretty_json(agent.non_identifying_attributes)
+
+    @admin.display(description="capabilities")
+    def capability_list(self, agent: Agent) -> str:
+        return ", ".join(agent_capability_names(agent.capabilities)) or "—"
+
+    @admin.display(description="health tree")
+    def health_tree(self, agent: Agent) -> str:
+        return pretty_json(agent.health)
+
+    @admin.display(description="effective config")
+    def effective_config_files(self, agent: Agent) -> str:
+        return pretty_json(agent.effective_config)
+
+    @admin.display(description="package statuses")
+    def packages(self, agent: Agent) -> str:
+        return pretty_json(agent.package_statuses)
+
+    @admin.display(description="available components")
+    def components(self, agent: Agent) -> str:
+        return pretty_json(agent.available_components)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import django_filters
+from django.db.models import QuerySet
+from rest_framework.exceptions import ValidationError
+
+from fleet import selectors
+from fleet.models import Agent, Transport
+
+
+class AgentFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(
+        choices=selectors.AgentStatus.CHOICES, method="filter_status", help_text="online, unhealthy or offline"
+    )
+    capability = django_filters.CharFilter(
+        method="filter_capability", help_text="a capability name, e.g. accepts_remote_config"
+    )
+    attribute = django_filters.CharFilter(
+        method="filter_attribute",
+        help_text="key=value on identifying or non-identifying attributes, e.g. service.name=checkout",
+    )
+    transport = django_filters.ChoiceFilter(choices=Transport.choices)
+    connected = django_filters.BooleanFilter()
+    seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
+
+    class Meta:
+        model = Agent
+        fields = ["status", "capability", "attribute", "transport", "connected", "seen_after"]
+
+    def filter_status(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
+        return queryset.filter(selectors.status_q(value))
+
+    def filter_capability(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
+        try:
+            return selectors.with_capability(queryset, value)
+        except ValueError as error:
+            raise ValidationError({"capability": [str(error)]}) from None
+
+    def filter_attribute(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
+        key, sep, wanted = value.partition("=")
+        if not sep or not key:
+            raise ValidationError({"attribute": ["expected key=value"]})
+        try:
+            return selectors.with_attribute(queryset, key, wanted)
+        except ValueError as error:
+            raise ValidationError({"attribute": [str(error)]}) from None

@@ -1,0 +1,64 @@
+"""The OpAMP WebSocket transport: binary frames with a 0x00 header, one agent per socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from fleet.session import AgentSession, error_reply
+from opamp.codec import FrameError, decode_agent_ws_frame, encode_ws_frame
+from opamp.proto import opamp_pb2
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+def client_address(scope: dict[str, object]) -> str:
+    client = scope.get("client")
+    if isinstance(client, (list, tuple)) and client:
+        return str(client[0])
+    return ""
+
+
+class OpampConsumer(AsyncWebsocketConsumer):
+    """Thin: size check and decode, one session call, encode. The session decides."""
+
+    session: AgentSession
+
+    async def connect(self) -> None:
+        self.session = AgentSession(transport="websocket", remote_address=client_address(self.scope))
+        self.session.on_superseded = self._close_superseded
+        await self.accept()
+
+    def _close_superseded(self) -> None:
+        # Called synchronously from the session of the newer connection, in another
+        # consumer's task; scheduling the close keeps that call non-blocking.
+        self._close_task = asyncio.ensure_future(self.close(code=1000))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if bytes_data is None:
+            logger.info("closing %s: text frame on the OpAMP socket", self.session.remote_address)
+            await self.close(code=CLOSE_UNSUPPORTED_DATA)
+            return
+        if len(bytes_data) > settings.OPAMP_MAX_MESSAGE_BYTES:
+            logger.info("closing %s: %d-byte frame over the limit", self.session.remote_address, len(bytes_data))
+            await self.close(code=CLOSE_MESSAGE_TOO_BIG)
+            return
+        try:
+            message = decode_agent_ws_frame(bytes_data)
+        except FrameError as error:
+            await self.send_message(error_reply(instance_uid=b"", message=str(error)))
+            return
+        reply = await self.session.handle(message)
+        await self.send_message(reply)
+
+    async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
+        await self.send(bytes_data=encode_ws_frame(reply))
+
+    async def disconnect(self, code: int) -> None:
+        await self.session.close()

@@ -1,0 +1,111 @@
+"""Batched writes of high-rate per-agent facts (last_seen, last_sequence_num).
+
+A heartbeat must not cost a row write: 20,000 agents every 30 s is ~670 writes/s, about a
+third of what single-row ORM updates reach on PostgreSQL here, while one
+`UPDATE ... FROM unnest(...)` per batch writes 120,000+ rows/s. Each server process keeps
+the newest facts per agent in memory and flushes them every OPAMP_HEARTBEAT_FLUSH_SECONDS.
+A heartbeat also marks the agent connected, so an agent that a stale-session sweep marked
+disconnected becomes visible again with its next heartbeat. A crash loses at most one
+interval of facts; the next message then shows a sequence gap
+and the agent is asked for its full state, which is the protocol's own recovery path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from channels.db import database_sync_to_async
+from django.db import connection, transaction
+
+from fleet.models import Agent
+
+logger = logging.getLogger(__name__)
+
+_POSTGRES_FLUSH_SQL = """
+    UPDATE fleet_agent AS a
+    SET last_seen = GREATEST(a.last_seen, v.seen),
+        last_sequence_num = v.seq,
+        connected = TRUE,
+        connected_at = CASE WHEN a.connected THEN a.connected_at ELSE v.seen END
+    FROM unnest(%s::uuid[], %s::timestamptz[], %s::numeric[]) AS v(uid, seen, seq)
+    WHERE a.instance_uid = v.uid
+"""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    seen_at: datetime
+    sequence_num: int
+
+
+def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
+    """One statement on PostgreSQL; bulk_update on other databases (the embedded SQLite)."""
+    if not beats:
+        return 0
+    if connection.vendor == "postgresql":
+        uids = list(beats)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                _POSTGRES_FLUSH_SQL,
+                [uids, [beats[u].seen_at for u in uids], [beats[u].sequence_num for u in uids]],
+            )
+            return cursor.rowcount
+    fields = ["last_seen", "last_sequence_num", "connected", "connected_at"]
+    with transaction.atomic():
+        agents = list(Agent.objects.filter(instance_uid__in=list(beats)).only("id", "instance_uid", *fields))
+        for agent in agents:
+            beat = beats[agent.instance_uid]
+            agent.last_seen = max(agent.last_seen, beat.seen_at)
+            agent.last_sequence_num = beat.sequence_num
+            if not agent.connected:
+                agent.connected, agent.connected_at = True, beat.seen_at
+        Agent.objects.bulk_update(agents, fields, batch_size=500)
+    return len(agents)
+
+
+class HeartbeatBuffer:
+    """Newest heartbeat per agent, flushed periodically by one task per event loop."""
+
+    def __init__(self, flush_seconds: float) -> None:
+        self.flush_seconds = flush_seconds
+        self._pending: dict[uuid.UUID, Heartbeat] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:
+        self._pending[instance_uid] = Heartbeat(seen_at, sequence_num)
+        self._ensure_flusher()
+
+    def forget(self, instance_uid: uuid.UUID) -> None:
+        self._pending.pop(instance_uid, None)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def _ensure_flusher(self) -> None:
+        if self._task is None or self._task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # called outside the server loop (tests): flush() runs on demand
+            self._task = loop.create_task(self._run(), name="heartbeat-flush")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            try:
+                await self.flush()
+            except Exception:
+                # A failed flush (database restarting) keeps nothing: the next heartbeat
+                # of each agent carries the same facts again.
+                logger.exception("heartbeat flush failed")
+
+    async def flush(self) -> int:
+        batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        return int(await database_sync_to_async(write_heartbeats)(batch))

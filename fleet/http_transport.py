@@ -1,0 +1,125 @@
+"""The OpAMP plain-HTTP transport: POST /v1/opamp, raw protobuf in and out.
+
+A raw ASGI application rather than a Django view, so the size limit is enforced while
+the body streams in (Content-Length first, then the running total, then the inflated
+size of a gzip body) instead of after Django has buffered it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.conf import settings
+
+from fleet.consumers import client_address
+from fleet.session import AgentSession, error_reply
+from opamp.codec import FrameError, decode_agent_to_server
+from opamp.proto import opamp_pb2
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF = b"application/x-protobuf"
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BadBody(Exception):
+    pass
+
+
+def inflate_gzip(data: bytes, limit: int) -> bytes:
+    """Inflate at most `limit` bytes; a bomb is refused after `limit`, never inflated whole."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise BadBody(f"invalid gzip body: {error}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise BodyTooLarge
+    if not inflater.eof:
+        raise BadBody("invalid gzip body: truncated stream")
+    return out
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise BadBody("client went away")
+        chunk = event.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not event.get("more_body", False):
+            return b"".join(chunks)
+
+
+def header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value)
+    return b""
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_text(send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await respond(send, status, text.encode(), [(b"content-type", b"text/plain; charset=utf-8"), *(extra or [])])
+
+
+async def respond_message(scope: Scope, send: Send, message: opamp_pb2.ServerToAgent, status: int = 200) -> None:
+    body = message.SerializeToString()
+    headers = [(b"content-type", PROTOBUF)]
+    if b"gzip" in header(scope, b"accept-encoding").lower() and len(body) > 512:
+        body = gzip.compress(body, compresslevel=5)
+        headers.append((b"content-encoding", b"gzip"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    await respond(send, status, body, headers)
+
+
+async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Thin: method, size and encoding checks, decode, one session call, encode."""
+    if scope["method"] != "POST":
+        await respond_text(send, 405, "OpAMP over HTTP uses POST\n", [(b"allow", b"POST")])
+        return
+    limit = settings.OPAMP_MAX_MESSAGE_BYTES
+    declared = header(scope, b"content-length")
+    if declared.isdigit() and int(declared) > limit:
+        await respond_text(send, 413, f"message larger than {limit} bytes\n")
+        return
+    encoding = header(scope, b"content-encoding").strip().lower()
+    try:
+        body = await read_body(receive, limit)
+        if encoding == b"gzip":
+            body = inflate_gzip(body, limit)
+        elif encoding not in (b"", b"identity"):
+            raise BadBody(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
+        message = decode_agent_to_server(body)
+    except BodyTooLarge:
+        await respond_text(send, 413, f"message larger than {limit} bytes\n")
+        return
+    except (BadBody, FrameError) as error:
+        # 400 with a BadRequest ServerToAgent, so protobuf clients can read the reason too.
+        await respond_message(scope, send, error_reply(instance_uid=b"", message=str(error)), status=400)
+        return
+    session = AgentSession(transport="http", remote_address=client_address(scope))
+    reply = await session.handle(message)
+    rejected = reply.error_response.type == opamp_pb2.ServerErrorResponseType_BadRequest and reply.HasField(
+        "error_response"
+    )
+    await respond_message(scope, send, reply, status=400 if rejected else 200)

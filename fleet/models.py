@@ -1,0 +1,77 @@
+"""The fleet inventory: one row per agent instance that ever spoke to the server."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class RemoteConfigState(models.IntegerChoices):
+    """Mirrors RemoteConfigStatuses on the wire."""
+
+    UNSET = 0, "unset"
+    APPLIED = 1, "applied"
+    APPLYING = 2, "applying"
+    FAILED = 3, "failed"
+
+
+class Transport(models.TextChoices):
+    WEBSOCKET = "websocket", "WebSocket"
+    HTTP = "http", "HTTP"
+
+
+class Agent(models.Model):
+    """An agent instance, keyed by its OpAMP instance_uid.
+
+    Reported sub-messages are stored as JSON documents already capped and made safe by
+    `fleet.reports`; an absent sub-message in a report leaves its column unchanged.
+    `last_seen` and `last_sequence_num` are written in batches (fleet.heartbeats), never
+    once per heartbeat, so they may trail the live connection by one flush interval.
+    """
+
+    instance_uid = models.UUIDField(unique=True)
+    identifying_attributes = models.JSONField(default=dict, blank=True)
+    non_identifying_attributes = models.JSONField(default=dict, blank=True)
+    # Only the capability bits defined by the protocol; undefined bits are dropped.
+    capabilities = models.BigIntegerField(default=0)
+    custom_capabilities = models.JSONField(default=list, blank=True)
+
+    healthy = models.BooleanField(null=True, blank=True)
+    health = models.JSONField(null=True, blank=True)
+
+    effective_config = models.JSONField(null=True, blank=True)
+    effective_config_hash = models.CharField(max_length=64, blank=True)
+
+    remote_config_hash = models.CharField(max_length=64, blank=True)
+    remote_config_state = models.SmallIntegerField(choices=RemoteConfigState.choices, default=RemoteConfigState.UNSET)
+    remote_config_error = models.TextField(blank=True)
+
+    package_statuses = models.JSONField(null=True, blank=True)
+    available_components = models.JSONField(null=True, blank=True)
+    available_components_hash = models.CharField(max_length=64, blank=True)
+    connection_settings_status = models.JSONField(null=True, blank=True)
+
+    transport = models.CharField(max_length=16, choices=Transport.choices, blank=True)
+    remote_address = models.CharField(max_length=64, blank=True)
+    # uint64 on the wire; DecimalField keeps the full range on every database.
+    last_sequence_num = models.DecimalField(max_digits=20, decimal_places=0, default=0)
+    # True once a full AgentDescription has been stored; False means ask for full state.
+    description_received = models.BooleanField(default=False)
+
+    first_seen = models.DateTimeField(auto_now_add=True)
+    last_seen = models.DateTimeField(db_index=True)
+    connected = models.BooleanField(default=False, db_index=True)
+    connected_at = models.DateTimeField(null=True, blank=True)
+    disconnected_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-last_seen"]
+        indexes = [models.Index(fields=["connected", "last_seen"], name="fleet_agent_presence_idx")]
+
+    def __str__(self) -> str:
+        name = self.identifying_attributes.get("service.name") if self.identifying_attributes else None
+        return f"{name or 'agent'} {self.instance_uid}"
+
+    @property
+    def display_name(self) -> str:
+        return str(self)

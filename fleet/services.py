@@ -1,0 +1,119 @@
+"""Writes to the fleet inventory. Each function is one transaction over one agent row."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+
+from fleet.models import Agent
+from fleet.reports import AgentReport
+
+
+@dataclass
+class AgentSnapshot:
+    """What a server process keeps in memory about an agent between its messages."""
+
+    instance_uid: uuid.UUID
+    last_sequence_num: int
+    capabilities: int
+    description_received: bool
+    identifying_attributes: dict[str, object]
+    available_components_hash: str
+    connected: bool
+
+    @classmethod
+    def of(cls, agent: Agent) -> AgentSnapshot:
+        return cls(
+            instance_uid=agent.instance_uid,
+            last_sequence_num=int(agent.last_sequence_num),
+            capabilities=agent.capabilities,
+            description_received=agent.description_received,
+            identifying_attributes=dict(agent.identifying_attributes or {}),
+            available_components_hash=agent.available_components_hash,
+            connected=agent.connected,
+        )
+
+
+def agent_snapshot(*, instance_uid: uuid.UUID) -> AgentSnapshot | None:
+    agent = Agent.objects.filter(instance_uid=instance_uid).first()
+    return AgentSnapshot.of(agent) if agent else None
+
+
+_REPORT_FIELDS = (
+    "identifying_attributes",
+    "non_identifying_attributes",
+    "health",
+    "effective_config",
+    "effective_config_hash",
+    "remote_config_hash",
+    "remote_config_state",
+    "remote_config_error",
+    "package_statuses",
+    "available_components",
+    "available_components_hash",
+    "custom_capabilities",
+    "connection_settings_status",
+)
+
+
+@transaction.atomic
+def agent_record_report(
+    *,
+    instance_uid: uuid.UUID,
+    report: AgentReport,
+    sequence_num: int,
+    transport: str,
+    remote_address: str,
+    seen_at: datetime,
+) -> AgentSnapshot:
+    """Store what the report carries; absent parts stay as they were.
+
+    Creates the agent on its first message. Marks it connected, so a report is also the
+    moment a (re)connection becomes visible in the inventory.
+    """
+    agent = Agent.objects.select_for_update().filter(instance_uid=instance_uid).first()
+    if agent is None:
+        agent = Agent(instance_uid=instance_uid, first_seen=seen_at)
+    for field in _REPORT_FIELDS:
+        value = getattr(report, field)
+        if value is not None:
+            setattr(agent, field, value)
+    if report.identifying_attributes is not None:
+        agent.description_received = True
+    if report.health is not None:
+        agent.healthy = bool(report.health.get("healthy"))
+    agent.capabilities = report.capabilities
+    agent.last_sequence_num = sequence_num
+    agent.transport = transport
+    agent.remote_address = remote_address[:64]
+    agent.last_seen = seen_at
+    if not agent.connected:
+        agent.connected = True
+        agent.connected_at = seen_at
+    agent.full_clean(validate_unique=False, validate_constraints=False)
+    agent.save()
+    return AgentSnapshot.of(agent)
+
+
+def agent_mark_disconnected(*, instance_uid: uuid.UUID, at: datetime, sequence_num: int | None) -> bool:
+    """Conditional update: only a connected agent becomes disconnected (and only once)."""
+    changes: dict[str, object] = {"connected": False, "disconnected_at": at, "last_seen": at}
+    if sequence_num is not None:
+        changes["last_sequence_num"] = sequence_num
+    return bool(Agent.objects.filter(instance_uid=instance_uid, connected=True).update(**changes))
+
+
+def agent_change_instance_uid(*, old: uuid.UUID, new: uuid.UUID) -> bool:
+    """Re-key an agent that asked the server for a new instance_uid; history stays with it."""
+    return bool(Agent.objects.filter(instance_uid=old).update(instance_uid=new))
+
+
+def agents_mark_stale_disconnected(*, seen_before: datetime, at: datetime) -> int:
+    """Agents still flagged connected that have not been heard from since `seen_before`.
+
+    Covers a server process that died without closing its sessions.
+    """
+    return Agent.objects.filter(connected=True, last_seen__lt=seen_before).update(connected=False, disconnected_at=at)

@@ -1,0 +1,43 @@
+"""ASGI entry point: OpAMP over WebSocket and HTTP at /v1/opamp, Django for the rest.
+
+Served by daphne: `daphne -b 0.0.0.0 -p 4320 opamp_site.asgi:application`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "opamp_site.settings.base")
+
+from django.core.asgi import get_asgi_application
+
+# Django must be set up before the consumers (and their models) are imported.
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.urls import path, re_path  # noqa: E402
+
+from fleet.consumers import OpampConsumer  # noqa: E402
+from fleet.http_transport import opamp_http_app  # noqa: E402
+from opamp.runtime import tune_gc_for_connections  # noqa: E402
+
+OPAMP_PATH = "v1/opamp"
+
+# The embedded default serves the admin's static files itself; production leaves them to nginx.
+web_application = ASGIStaticFilesHandler(django_application) if settings.OPAMP_SERVE_STATIC else django_application
+
+application = ProtocolTypeRouter(
+    {
+        "http": URLRouter(
+            [
+                path(OPAMP_PATH, opamp_http_app),
+                re_path(r"", web_application),
+            ]
+        ),
+        "websocket": URLRouter([path(OPAMP_PATH, OpampConsumer.as_asgi())]),
+    }
+)
+
+tune_gc_for_connections(tuple(settings.OPAMP_GC_THRESHOLD))

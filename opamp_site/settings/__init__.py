@@ -1,0 +1,1 @@
+"""Settings profiles: `base` (embedded default), `production`, `test`."""

@@ -1,0 +1,149 @@
+"""Shared settings and the embedded default profile.
+
+The embedded default runs with nothing installed but Python: SQLite, an in-process
+channel layer and a Celery broker kept in a SQLite file. `production.py` swaps in
+PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opamp_site.env import database_from_url, env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+VAR_DIR = Path(env_str("OPAMP_VAR_DIR", str(BASE_DIR / "var")))
+
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "embedded-default-insecure-key-change-me-in-production")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "django_celery_beat",
+    "channels",
+    "fleet",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "opamp_site.urls"
+ASGI_APPLICATION = "opamp_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": database_from_url(env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'opamp.sqlite3'}"), base_dir=BASE_DIR)
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "OpAMP control plane API",
+    "DESCRIPTION": "Fleet inventory and management of OpAMP agents.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("OPAMP_LOG_LEVEL", "INFO")},
+    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
+}
+
+# --- Celery -----------------------------------------------------------------------------
+# The embedded default keeps its queue in a SQLite file so one command needs no broker.
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", f"sqla+sqlite:///{VAR_DIR / 'celery-broker.sqlite3'}")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+# --- OpAMP ------------------------------------------------------------------------------
+# Largest AgentToServer accepted, measured after decompression (WS close 1009, HTTP 413).
+OPAMP_MAX_MESSAGE_BYTES = env_int("OPAMP_MAX_MESSAGE_BYTES", 64 * 1024 * 1024)
+# The interval agents are expected to report at; the offline timeout derives from it.
+OPAMP_HEARTBEAT_INTERVAL_SECONDS = env_float("OPAMP_HEARTBEAT_INTERVAL_SECONDS", 30.0)
+# An agent is offline after this many heartbeat intervals without a message.
+OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS = env_float("OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS", 3.0)
+# How often buffered heartbeat facts (last_seen, sequence_num) are written in one batch.
+OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
+# Caps applied to what agents report before it is stored.
+OPAMP_MAX_ATTRIBUTE_VALUE_CHARS = env_int("OPAMP_MAX_ATTRIBUTE_VALUE_CHARS", 4096)
+OPAMP_MAX_ATTRIBUTES = env_int("OPAMP_MAX_ATTRIBUTES", 256)
+OPAMP_MAX_VALUE_DEPTH = env_int("OPAMP_MAX_VALUE_DEPTH", 8)
+OPAMP_MAX_EFFECTIVE_CONFIG_BYTES = env_int("OPAMP_MAX_EFFECTIVE_CONFIG_BYTES", 1024 * 1024)
+# Serve static files from the ASGI process (the embedded default has no web server in front).
+OPAMP_SERVE_STATIC = env_bool("OPAMP_SERVE_STATIC", True)
+# Refuse to start on protobuf's pure-Python backend (19x slower than upb).
+OPAMP_REQUIRE_UPB = env_bool("OPAMP_REQUIRE_UPB", True)
+# Server-process garbage collector thresholds for many long-lived connections.
+OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["100000", "50", "1000"]))

@@ -1,0 +1,18 @@
+"""Test profile: the embedded default, or production services when OPAMP_TEST_PROFILE=production.
+
+CI sets OPAMP_TEST_PROFILE=production with DATABASE_URL and REDIS_URL; then a missing
+service is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("OPAMP_TEST_PROFILE", "default") == "production":
+    os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-use-0123456789")
+    from opamp_site.settings.production import *  # noqa: F403
+else:
+    from opamp_site.settings.base import *  # noqa: F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+CELERY_TASK_ALWAYS_EAGER = False

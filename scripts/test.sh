@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the whole test suite. Installs the dev requirements and the third-party OpAMP
+# clients used by the interop tests (npm and a separate Python virtualenv) first.
+#
+# Profile: the embedded default (SQLite, in-memory channel layer) unless
+# OPAMP_TEST_PROFILE=production, which needs DATABASE_URL (PostgreSQL) and REDIS_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh requirements-dev.txt
+if [ -x tests/interop/clients/setup.sh ]; then
+    tests/interop/clients/setup.sh
+fi
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.live_server import LiveOpampServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under the production profile every service must be there: fail, never skip.
+    if os.environ.get("OPAMP_TEST_PROFILE") == "production":
+        missing = [name for name in ("DATABASE_URL", "REDIS_URL") if not os.environ.get(name)]
+        if missing:
+            raise pytest.UsageError(f"OPAMP_TEST_PROFILE=production needs {', '.join(missing)}")
+
+
+@pytest.fixture
+def opamp_server(tmp_path: Path) -> Iterator[LiveOpampServer]:
+    """A running server process with its own database; stopped and dropped afterwards."""
+    server = LiveOpampServer(tmp_path / "server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from fleet.session import reset_runtime
+from tests.fleet import factories
+
+
+@pytest.fixture(autouse=True)
+def fresh_fleet_runtime() -> Iterator[None]:
+    """Every test starts like a freshly started server process."""
+    reset_runtime()
+    yield
+    reset_runtime()
+
+
+@pytest.fixture
+def operator(db: Any) -> Any:
+    return factories.UserFactory(username="operator")
+
+
+@pytest.fixture
+def api_client(operator: Any) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=operator)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client

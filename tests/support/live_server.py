@@ -1,0 +1,169 @@
+"""A real server process for end-to-end and interop tests: migrate, then daphne on a free port.
+
+Each server gets a database of its own (a fresh PostgreSQL database under the production
+profile, a SQLite file otherwise), so it never shares state with pytest-django's test
+database. Tests look at the inventory through the server's REST API, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def production_profile() -> bool:
+    return os.environ.get("OPAMP_TEST_PROFILE", "default") == "production"
+
+
+class ServerDatabase:
+    """A database that lives as long as the server fixture."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.name = ""
+        if production_profile():
+            base = urlsplit(os.environ["DATABASE_URL"])
+            self.name = f"opamp_live_{secrets.token_hex(4)}"
+            self._admin_url = urlunsplit(base._replace(path="/postgres"))
+            self._run(f'CREATE DATABASE "{self.name}"')
+            self.url = urlunsplit(base._replace(path="/" + self.name))
+        else:
+            self.url = f"sqlite:///{workdir / 'server.sqlite3'}"
+
+    def _run(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self._admin_url, autocommit=True) as connection:
+            connection.execute(sql)
+
+    def drop(self) -> None:
+        if self.name:
+            self._run(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+class LiveOpampServer:
+    def __init__(self, workdir: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.database = ServerDatabase(workdir)
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "opamp_site.settings.test",
+            "DATABASE_URL": self.database.url,
+            "OPAMP_VAR_DIR": str(workdir / "var"),
+            "OPAMP_HEARTBEAT_FLUSH_SECONDS": "0.5",
+            "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.token = ""
+        self.log_path = workdir / "server.log"
+        self._manage("migrate", "--noinput", "-v0")
+        output = self._manage("ensure_admin")
+        self.token = output.split("API token:")[1].split()[0]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/opamp"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/opamp"
+
+    def _manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "opamp_site.asgi:application"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not listen on {self.port} within 30 s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self.database.drop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def api(self, path: str, **params: Any) -> Any:
+        response = httpx.get(
+            f"http://127.0.0.1:{self.port}/api/v1/{path.lstrip('/')}",
+            params=params,
+            headers={"Authorization": f"Token {self.token}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def agents(self, **params: Any) -> list[dict[str, Any]]:
+        return list(self.api("agents/", limit=1000, **params)["results"])
+
+    def wait_for(self, predicate: Any, *, timeout: float = 30, interval: float = 0.2, what: str = "condition") -> Any:
+        """Poll `predicate()` until it returns something truthy; fail with the server log."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError(
+            f"timed out waiting for {what}; last value {last!r}\n--- server log ---\n{self.log()[-4000:]}"
+        )
