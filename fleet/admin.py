@@ -100,7 +100,7 @@ class AgentAdmin(admin.ModelAdmin):
                     "last_seen",
                     "connected_at",
                     "disconnected_at",
-                    "last_sequence_num",
+                    "sequence_num",
                 ]
             },
         ),

@@ -21,7 +21,7 @@ from datetime import datetime
 from channels.db import database_sync_to_async
 from django.db import connection, transaction
 
-from fleet.models import Agent
+from fleet.models import Agent, uint64_to_db
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _POSTGRES_FLUSH_SQL = """
         last_sequence_num = v.seq,
         connected = TRUE,
         connected_at = CASE WHEN a.connected THEN a.connected_at ELSE v.seen END
-    FROM unnest(%s::uuid[], %s::timestamptz[], %s::numeric[]) AS v(uid, seen, seq)
+    FROM unnest(%s::uuid[], %s::timestamptz[], %s::bigint[]) AS v(uid, seen, seq)
     WHERE a.instance_uid = v.uid
 """
 
@@ -51,7 +51,7 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
                 _POSTGRES_FLUSH_SQL,
-                [uids, [beats[u].seen_at for u in uids], [beats[u].sequence_num for u in uids]],
+                [uids, [beats[u].seen_at for u in uids], [uint64_to_db(beats[u].sequence_num) for u in uids]],
             )
             return cursor.rowcount
     fields = ["last_seen", "last_sequence_num", "connected", "connected_at"]
@@ -60,7 +60,7 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
         for agent in agents:
             beat = beats[agent.instance_uid]
             agent.last_seen = max(agent.last_seen, beat.seen_at)
-            agent.last_sequence_num = beat.sequence_num
+            agent.last_sequence_num = uint64_to_db(beat.sequence_num)
             if not agent.connected:
                 agent.connected, agent.connected_at = True, beat.seen_at
         Agent.objects.bulk_update(agents, fields, batch_size=500)

@@ -5,6 +5,15 @@ from __future__ import annotations
 from django.db import models
 
 
+def uint64_to_db(value: int) -> int:
+    """The signed 64-bit integer with the same bits as unsigned `value`."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def uint64_from_db(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
 class RemoteConfigState(models.IntegerChoices):
     """Mirrors RemoteConfigStatuses on the wire."""
 
@@ -52,8 +61,9 @@ class Agent(models.Model):
 
     transport = models.CharField(max_length=16, choices=Transport.choices, blank=True)
     remote_address = models.CharField(max_length=64, blank=True)
-    # uint64 on the wire; DecimalField keeps the full range on every database.
-    last_sequence_num = models.DecimalField(max_digits=20, decimal_places=0, default=0)
+    # uint64 on the wire, stored as the int64 with the same bits (see uint64_to_db): exact
+    # on every database, where a decimal column loses precision on SQLite.
+    last_sequence_num = models.BigIntegerField(default=0)
     # True once a full AgentDescription has been stored; False means ask for full state.
     description_received = models.BooleanField(default=False)
 
@@ -75,3 +85,8 @@ class Agent(models.Model):
     @property
     def display_name(self) -> str:
         return str(self)
+
+    @property
+    def sequence_num(self) -> int:
+        """The last sequence number as the agent sent it (unsigned)."""
+        return uint64_from_db(self.last_sequence_num)

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from django.db import transaction
 
-from fleet.models import Agent
+from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
 
 
@@ -28,7 +28,7 @@ class AgentSnapshot:
     def of(cls, agent: Agent) -> AgentSnapshot:
         return cls(
             instance_uid=agent.instance_uid,
-            last_sequence_num=int(agent.last_sequence_num),
+            last_sequence_num=agent.sequence_num,
             capabilities=agent.capabilities,
             description_received=agent.description_received,
             identifying_attributes=dict(agent.identifying_attributes or {}),
@@ -86,7 +86,7 @@ def agent_record_report(
     if report.health is not None:
         agent.healthy = bool(report.health.get("healthy"))
     agent.capabilities = report.capabilities
-    agent.last_sequence_num = sequence_num
+    agent.last_sequence_num = uint64_to_db(sequence_num)
     agent.transport = transport
     agent.remote_address = remote_address[:64]
     agent.last_seen = seen_at
@@ -102,7 +102,7 @@ def agent_mark_disconnected(*, instance_uid: uuid.UUID, at: datetime, sequence_n
     """Conditional update: only a connected agent becomes disconnected (and only once)."""
     changes: dict[str, object] = {"connected": False, "disconnected_at": at, "last_seen": at}
     if sequence_num is not None:
-        changes["last_sequence_num"] = sequence_num
+        changes["last_sequence_num"] = uint64_to_db(sequence_num)
     return bool(Agent.objects.filter(instance_uid=instance_uid, connected=True).update(**changes))
 
 

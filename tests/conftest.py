@@ -17,6 +17,20 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"OPAMP_TEST_PROFILE=production needs {', '.join(missing)}")
 
 
+@pytest.fixture(autouse=True)
+def close_connections_of_async_tests() -> Iterator[None]:
+    """Close the connections that async code opened in asgiref's shared sync thread.
+
+    Async tests reach the ORM through database_sync_to_async, which runs in one executor
+    thread; its connection would otherwise stay open and block dropping the test database.
+    """
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
 @pytest.fixture
 def opamp_server(tmp_path: Path) -> Iterator[LiveOpampServer]:
     """A running server process with its own database; stopped and dropped afterwards."""

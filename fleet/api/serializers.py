@@ -55,7 +55,7 @@ class AgentSerializer(serializers.ModelSerializer):
     def to_representation(self, instance: Agent) -> dict[str, Any]:
         data = super().to_representation(instance)
         # uint64 exceeds JSON's safe integer range; keep it exact as a string.
-        data["last_sequence_num"] = str(int(instance.last_sequence_num))
+        data["last_sequence_num"] = str(instance.sequence_num)
         return data
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async as sync_to_async
 
 from fleet.models import Agent
 from fleet.session import SERVER_CAPABILITIES, reset_runtime
@@ -134,7 +134,7 @@ async def test_agent_disconnect_marks_the_agent_disconnected():
         row = await agent_row(uid)
         assert row.connected is False
         assert row.disconnected_at is not None
-        assert row.last_sequence_num == 2
+        assert row.sequence_num == 2
 
 
 async def test_closing_the_socket_marks_the_agent_disconnected():
