@@ -37,6 +37,7 @@ class ServerDatabase:
     """A database that lives as long as the server fixture."""
 
     def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.name = ""
         if production_profile():
             base = urlsplit(os.environ["DATABASE_URL"])
@@ -76,6 +77,9 @@ class LiveOpampServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.token = ""
         self.log_path = workdir / "server.log"
+        self._prepare()
+
+    def _prepare(self) -> None:
         self._manage("migrate", "--noinput", "-v0")
         output = self._manage("ensure_admin")
         self.token = output.split("API token:")[1].split()[0]
@@ -131,8 +135,14 @@ class LiveOpampServer:
                 self.process.wait()
         self.process = None
 
-    def restart(self) -> None:
+    def restart(self, *, fresh_database: bool = False) -> None:
+        """Restart the process; with `fresh_database`, it also loses everything it knew."""
         self.stop()
+        if fresh_database:
+            self.database.drop()
+            self.database = ServerDatabase(self.workdir / f"db-{secrets.token_hex(2)}")
+            self.env["DATABASE_URL"] = self.database.url
+            self._prepare()
         self.start()
 
     def close(self) -> None:
