@@ -41,6 +41,10 @@ class Agent(models.Model):
     identifying_attributes = models.JSONField(default=dict, blank=True)
     non_identifying_attributes = models.JSONField(default=dict, blank=True)
     # Only the capability bits defined by the protocol; undefined bits are dropped.
+    # Reported attributes merged with operator labels (fleet.labels); what selectors match.
+    labels = models.JSONField(default=dict, blank=True)
+    # Labels an operator set; they win over reported attributes with the same key.
+    operator_labels = models.JSONField(default=dict, blank=True)
     capabilities = models.BigIntegerField(default=0)
     custom_capabilities = models.JSONField(default=list, blank=True)
 

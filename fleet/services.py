@@ -8,6 +8,7 @@ from datetime import datetime
 
 from django.db import transaction
 
+from fleet.labels import merged_labels
 from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
 
@@ -83,6 +84,12 @@ def agent_record_report(
             setattr(agent, field, value)
     if report.identifying_attributes is not None:
         agent.description_received = True
+    if report.identifying_attributes is not None or report.non_identifying_attributes is not None:
+        agent.labels = merged_labels(
+            identifying=agent.identifying_attributes,
+            non_identifying=agent.non_identifying_attributes,
+            operator=agent.operator_labels,
+        )
     if report.health is not None:
         agent.healthy = bool(report.health.get("healthy"))
     agent.capabilities = report.capabilities
