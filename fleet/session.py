@@ -55,6 +55,31 @@ def error_reply(
     return reply
 
 
+# What a full report carries for each capability that promises it.
+_FULL_REPORT_PARTS = (
+    (AgentCapabilities.REPORTS_HEALTH, "health"),
+    (AgentCapabilities.REPORTS_EFFECTIVE_CONFIG, "effective_config"),
+    (AgentCapabilities.REPORTS_REMOTE_CONFIG, "remote_config_status"),
+    (AgentCapabilities.REPORTS_PACKAGE_STATUSES, "package_statuses"),
+    (AgentCapabilities.REPORTS_AVAILABLE_COMPONENTS, "available_components"),
+)
+
+
+def is_full_report(message: opamp_pb2.AgentToServer) -> bool:
+    """True when the message carries the description and every part its capabilities promise.
+
+    Such a message leaves nothing to ask for, so a new agent's first full report is not
+    answered with ReportFullState (which would double the work of a reconnect storm).
+    """
+    if not message.HasField("agent_description"):
+        return False
+    return all(
+        message.HasField(part)
+        for capability, part in _FULL_REPORT_PARTS
+        if has_capability(message.capabilities, capability)
+    )
+
+
 class ProtocolError(ValueError):
     """A well-formed protobuf that breaks a protocol rule; answered with BadRequest."""
 
@@ -194,6 +219,8 @@ class AgentSession:
 
     def _needs_full_state(self, message: opamp_pb2.AgentToServer, snapshot: AgentSnapshot | None) -> bool:
         """Ask for everything when our picture of the agent may be incomplete or stale."""
+        if is_full_report(message):
+            return False  # whatever we missed, this message replaces it
         if snapshot is None:
             return True  # an agent the server holds no state for
         if message.sequence_num != snapshot.last_sequence_num + 1:

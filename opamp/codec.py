@@ -22,7 +22,7 @@ class FrameError(ValueError):
 
 def encode_ws_frame(message: opamp_pb2.ServerToAgent | opamp_pb2.AgentToServer) -> bytes:
     """Header byte 0 + serialized message."""
-    return WS_HEADER + message.SerializeToString()
+    return WS_HEADER + bytes(message.SerializeToString())
 
 
 def _read_varint(data: bytes) -> int:

@@ -15,8 +15,12 @@ _DOMAIN = b"opamp-config-map/v1\x00"
 
 
 class ConfigFileLike(Protocol):
-    body: bytes
-    content_type: str
+    # Read-only members, so frozen dataclasses and protobuf messages both conform.
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def content_type(self) -> str: ...
 
 
 def _length_prefixed(data: bytes) -> bytes:

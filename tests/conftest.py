@@ -18,13 +18,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(autouse=True)
-def close_connections_of_async_tests() -> Iterator[None]:
+def close_connections_of_async_tests(request: pytest.FixtureRequest) -> Iterator[None]:
     """Close the connections that async code opened in asgiref's shared sync thread.
 
     Async tests reach the ORM through database_sync_to_async, which runs in one executor
     thread; its connection would otherwise stay open and block dropping the test database.
+    Tests without database access (the pure packages' tests) never touch Django here.
     """
     yield
+    uses_database = request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
+        request.fixturenames
+    )
+    if not uses_database:
+        return
     from asgiref.sync import SyncToAsync
     from django.db import connections
 

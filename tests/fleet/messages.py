@@ -36,6 +36,7 @@ def full_report(
     message.health.component_health_map["receiver/otlp"].healthy = healthy
     message.effective_config.config_map.config_map[""].body = b"receivers: {}\n"
     message.effective_config.config_map.config_map[""].content_type = "text/yaml"
+    message.remote_config_status.SetInParent()  # nothing applied yet: an UNSET status
     return message
 
 

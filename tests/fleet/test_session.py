@@ -30,10 +30,19 @@ async def test_every_reply_echoes_the_instance_uid_and_carries_capabilities():
     assert first.capabilities == SERVER_CAPABILITIES
 
 
-async def test_a_new_agent_is_asked_for_its_full_state_once():
+async def test_a_new_agent_whose_first_message_is_complete_is_not_asked_again():
     uid = uuid7().bytes
     async with WsAgent() as agent:
         first = await agent.exchange(full_report(uid, 1))
+    assert not first.flags & ServerToAgentFlags.REPORT_FULL_STATE
+
+
+async def test_a_new_agent_with_an_incomplete_first_report_is_asked_for_its_full_state_once():
+    uid = uuid7().bytes
+    incomplete = full_report(uid, 1)
+    incomplete.ClearField("health")  # it declares ReportsHealth
+    async with WsAgent() as agent:
+        first = await agent.exchange(incomplete)
         second = await agent.exchange(full_report(uid, 2))
         third = await agent.exchange(heartbeat(uid, 3))
     assert first.flags & ServerToAgentFlags.REPORT_FULL_STATE
@@ -48,8 +57,10 @@ async def test_a_sequence_gap_gets_report_full_state():
         await agent.exchange(full_report(uid, 2))
         gap = await agent.exchange(heartbeat(uid, 5))
         after = await agent.exchange(heartbeat(uid, 6))
+        full_after_gap = await agent.exchange(full_report(uid, 9))
     assert gap.flags & ServerToAgentFlags.REPORT_FULL_STATE
     assert not after.flags & ServerToAgentFlags.REPORT_FULL_STATE
+    assert not full_after_gap.flags & ServerToAgentFlags.REPORT_FULL_STATE
 
 
 async def test_the_inventory_holds_what_the_agent_reported():

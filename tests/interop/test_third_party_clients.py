@@ -60,10 +60,6 @@ def test_a_third_party_client_registers_and_recovers_after_the_server_loses_its_
     agent = start_client(command, opamp_server, tmp_path, name=name)
     try:
         registered = assert_registered_with_attributes(opamp_server, name)
-        agent.wait_for_event(
-            lambda e: e["event"] == "message" and e["flags"] & REPORT_FULL_STATE,
-            what="ReportFullState on first contact",
-        )
 
         # Restart with an empty database: the server knows nothing about the agent any more.
         seen = len(agent.events())

@@ -1,0 +1,56 @@
+"""A pure-Python OpAMP agent: library, command line (`python -m agent_client`) and fleet simulator.
+
+It depends on the standard library, `opamp` (protocol messages and codec), `websockets` and
+`httpx`, never on Django, so it runs anywhere an agent would.
+
+    agent = Agent(
+        transport=transport_for_url("ws://127.0.0.1:4320/v1/opamp"),
+        state=FileState("/var/lib/my-agent"),
+        settings=AgentSettings(identifying_attributes={"service.name": "edge"}),
+    )
+    await agent.run()  # until agent.stop()
+"""
+
+from __future__ import annotations
+
+from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.backoff import Backoff
+from agent_client.remote_config import ConfigFile, ConfigRejected
+from agent_client.simulator import Fleet, FleetStats
+from agent_client.state import (
+    AgentState,
+    FileState,
+    MemoryState,
+    RemoteConfigRecord,
+    StateError,
+)
+from agent_client.transport import (
+    HttpTransport,
+    Transport,
+    TransportError,
+    WebSocketTransport,
+    transport_for_url,
+)
+from agent_client.version import __version__
+
+__all__ = [
+    "Agent",
+    "AgentObserver",
+    "AgentSettings",
+    "AgentState",
+    "Backoff",
+    "ConfigFile",
+    "ConfigRejected",
+    "FileState",
+    "Fleet",
+    "FleetStats",
+    "HttpTransport",
+    "MemoryState",
+    "RemoteConfigRecord",
+    "StateError",
+    "Transport",
+    "TransportError",
+    "WebSocketTransport",
+    "__version__",
+    "transport_for_url",
+]

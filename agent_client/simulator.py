@@ -1,0 +1,148 @@
+"""A fleet of simulated agents in one asyncio loop, for load benchmarks and rollout drills.
+
+Each agent is a real `Agent` with its own transport and state (in memory by default, or a
+directory per agent under `state_root`), so the server sees N ordinary agents. `FleetStats`
+records what a benchmark needs: when each agent got its first reply and the round trip of
+every later (heartbeat) reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.state import AgentState, FileState, MemoryState
+from agent_client.transport import TransportKind, transport_for_url
+from opamp.proto import opamp_pb2 as pb
+
+
+class FleetStats(AgentObserver):
+    """What the fleet's agents saw, timed with `time.monotonic()` (the event loop's clock)."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.started_at = time.monotonic()
+        self.first_reply_at: dict[Agent, float] = {}
+        # (when the reply arrived, round trip in seconds) for every reply after a
+        # session's first: in steady state those answer heartbeats.
+        self.round_trips: list[tuple[float, float]] = []
+        self.replies = 0
+        self.connections = 0
+        self.disconnects = 0
+        self.errors: Counter[str] = Counter()
+        self.all_answered = asyncio.Event()
+        self._awaiting_first: set[Agent] = set()
+
+    def on_connected(self, agent: Agent) -> None:
+        self.connections += 1
+        self._awaiting_first.add(agent)
+
+    def on_reply(self, agent: Agent, reply: pb.ServerToAgent, round_trip: float | None) -> None:
+        now = time.monotonic()
+        self.replies += 1
+        if agent in self._awaiting_first:
+            self._awaiting_first.discard(agent)
+            self.first_reply_at.setdefault(agent, now)
+            if len(self.first_reply_at) >= self.expected:
+                self.all_answered.set()
+        elif round_trip is not None:
+            self.round_trips.append((now, round_trip))
+
+    def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
+        self.disconnects += 1
+        self.errors[str(error)[:120]] += 1
+
+
+class Fleet:
+    """N agents against one server; `async with Fleet(...)` starts and stops them all."""
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        count: int,
+        settings: AgentSettings | None = None,
+        settings_for: Callable[[int], AgentSettings] | None = None,
+        transport: TransportKind | None = None,
+        headers: Mapping[str, str] | None = None,
+        state_root: Path | None = None,
+        connect_rate: float = 0.0,
+        ws_ping_interval: float | None = None,
+    ) -> None:
+        """`settings_for(index)` overrides `settings` per agent (e.g. a failing cohort);
+        `connect_rate` is agents started per second (0: all at once); keepalive pings are
+        off by default because heartbeats already prove liveness."""
+        if count < 1:
+            raise ValueError("a fleet needs at least one agent")
+        self.server = server
+        self.connect_rate = connect_rate
+        self.stats = FleetStats(count)
+        shared = settings or AgentSettings()
+        self.agents: list[Agent] = []
+        for index in range(count):
+            state: AgentState = FileState(state_root / f"agent-{index:05d}") if state_root else MemoryState()
+            self.agents.append(
+                Agent(
+                    transport=transport_for_url(
+                        server,
+                        kind=transport,
+                        headers=headers,
+                        trust_env=False,
+                        ping_interval=ws_ping_interval,
+                    ),
+                    state=state,
+                    settings=settings_for(index) if settings_for else shared,
+                    observer=self.stats,
+                    name=f"agent-{index:05d}",
+                )
+            )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start every agent; with a connect rate this returns when the last one started."""
+        self.stats.started_at = time.monotonic()
+        for index, agent in enumerate(self.agents):
+            self._tasks.append(asyncio.create_task(agent.run(), name=agent.name))
+            if self.connect_rate > 0:
+                # Sleep to the agent's slot rather than a fixed gap, so timer lateness
+                # does not add up over thousands of agents.
+                slot = self.stats.started_at + (index + 1) / self.connect_rate
+                await asyncio.sleep(max(0.0, slot - time.monotonic()))
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once every agent has had a first reply; False after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.stats.all_answered.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop every agent (each sends agent_disconnect); cancel what is left at `timeout`."""
+        for agent in self.agents:
+            agent.stop()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def __aenter__(self) -> Fleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,83 @@
+"""The fleet simulator and the connect benchmark built on it, against a fake server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from agent_client import Fleet
+from agent_client.testing import FakeWebSocketServer
+from tests.agent_client.helpers import FAST, is_full_report
+
+BENCH_PATH = Path(__file__).resolve().parents[2] / "bench" / "agents_connect.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("agents_connect", BENCH_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_a_fleet_connects_every_agent_with_its_own_instance_uid(ws_server: FakeWebSocketServer) -> None:
+    async with Fleet(server=ws_server.url, count=10, settings=FAST) as fleet:
+        assert await fleet.wait_connected(timeout=2)
+    full_reports = [message for message in ws_server.messages if is_full_report(message)]
+    assert len({message.instance_uid for message in full_reports}) == 10
+    disconnects = [message for message in ws_server.messages if message.HasField("agent_disconnect")]
+    assert len(disconnects) == 10
+
+
+async def test_settings_for_gives_chosen_agents_their_own_behaviour(ws_server: FakeWebSocketServer) -> None:
+    failing = replace(FAST, fail_apply=True)
+    fleet = Fleet(server=ws_server.url, count=4, settings=FAST, settings_for=lambda i: failing if i == 0 else FAST)
+    assert [agent.settings.fail_apply for agent in fleet.agents] == [True, False, False, False]
+
+
+async def test_fleet_agents_can_keep_state_in_a_directory_each(ws_server: FakeWebSocketServer, tmp_path: Path) -> None:
+    async with Fleet(server=ws_server.url, count=3, settings=FAST, state_root=tmp_path) as fleet:
+        assert await fleet.wait_connected(timeout=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["agent-00000", "agent-00001", "agent-00002"]
+
+
+async def test_the_bench_reports_connect_time_throughput_and_latency(
+    ws_server: FakeWebSocketServer, bench: ModuleType
+) -> None:
+    summary = await bench.run_bench(
+        server=ws_server.url, agents=20, heartbeat=0.1, duration=0.5, warmup=0.1, connect_timeout=2
+    )
+
+    assert summary["all_connected"] is True
+    assert summary["connected_agents"] == 20
+    assert 0 < summary["connect_seconds"] < 2
+    # 20 agents at 10 heartbeats/s for 0.5 s: about 100 replies.
+    assert summary["heartbeat_replies"] >= 40
+    assert summary["replies_per_second"] > 0
+    latency = summary["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert summary["reconnects"] == 0
+    json.dumps(summary)  # the CLI prints it as JSON
+    assert sum(message.HasField("agent_disconnect") for message in ws_server.messages) == 20
+
+
+def test_the_bench_refuses_a_server_that_is_not_on_loopback(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--server", "ws://192.0.2.10:4320/v1/opamp", "--agents", "1", "--duration", "0"])
+    bench.require_loopback("ws://127.0.0.1:4320/v1/opamp")
+    bench.require_loopback("http://localhost:4320/v1/opamp")
+
+
+def test_percentiles_use_the_nearest_rank(bench: ModuleType) -> None:
+    values = [float(value) for value in range(1, 101)]
+    assert bench.percentile(values, 50) == 50.0
+    assert bench.percentile(values, 99) == 99.0
+    assert bench.percentile([3.0], 90) == 3.0
