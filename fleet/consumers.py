@@ -8,6 +8,7 @@ import logging
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from fleet.notify import agent_group
 from fleet.session import AgentSession, error_reply
 from opamp.codec import FrameError, decode_agent_ws_frame, encode_ws_frame
 from opamp.proto import opamp_pb2
@@ -29,6 +30,7 @@ class OpampConsumer(AsyncWebsocketConsumer):
     """Thin: size check and decode, one session call, encode. The session decides."""
 
     session: AgentSession
+    agent_group: str | None = None
 
     async def connect(self) -> None:
         self.session = AgentSession(transport="websocket", remote_address=client_address(self.scope))
@@ -56,9 +58,29 @@ class OpampConsumer(AsyncWebsocketConsumer):
             return
         reply = await self.session.handle(message)
         await self.send_message(reply)
+        await self._follow_agent_group()
+
+    async def _follow_agent_group(self) -> None:
+        """Subscribe to hints for the agent this socket speaks for (and only that one)."""
+        group = agent_group(self.session.instance_uid) if self.session.instance_uid else None
+        if group == self.agent_group or self.channel_layer is None:
+            return
+        if self.agent_group:
+            await self.channel_layer.group_discard(self.agent_group, self.channel_name)
+        if group:
+            await self.channel_layer.group_add(group, self.channel_name)
+        self.agent_group = group
+
+    async def desired_state_changed(self, event: dict[str, object]) -> None:
+        """Channel-layer hint: the agent's desired state may have changed; push if so."""
+        reply = await self.session.push_desired_state()
+        if reply is not None:
+            await self.send_message(reply)
 
     async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
+        if self.agent_group and self.channel_layer is not None:
+            await self.channel_layer.group_discard(self.agent_group, self.channel_name)
         await self.session.close()

@@ -32,9 +32,10 @@ def offline_after() -> timedelta:
     )
 
 
-def presence_q(now: datetime | None = None) -> Q:
+def presence_q(now: datetime | None = None, *, prefix: str = "") -> Q:
+    """Connected and heard from recently; `prefix` (e.g. "agent__") filters a related model."""
     cutoff = (now or timezone.now()) - offline_after()
-    return Q(connected=True, last_seen__gte=cutoff)
+    return Q(**{f"{prefix}connected": True, f"{prefix}last_seen__gte": cutoff})
 
 
 def status_q(status: str, now: datetime | None = None) -> Q:

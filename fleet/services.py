@@ -11,12 +11,14 @@ from django.db import transaction
 from fleet.labels import merged_labels
 from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
+from rollouts.desired_state import resolve_agent
 
 
 @dataclass
 class AgentSnapshot:
     """What a server process keeps in memory about an agent between its messages."""
 
+    agent_id: int
     instance_uid: uuid.UUID
     last_sequence_num: int
     capabilities: int
@@ -24,10 +26,12 @@ class AgentSnapshot:
     identifying_attributes: dict[str, object]
     available_components_hash: str
     connected: bool
+    remote_config_hash: str
 
     @classmethod
     def of(cls, agent: Agent) -> AgentSnapshot:
         return cls(
+            agent_id=agent.pk,
             instance_uid=agent.instance_uid,
             last_sequence_num=agent.sequence_num,
             capabilities=agent.capabilities,
@@ -35,6 +39,7 @@ class AgentSnapshot:
             identifying_attributes=dict(agent.identifying_attributes or {}),
             available_components_hash=agent.available_components_hash,
             connected=agent.connected,
+            remote_config_hash=agent.remote_config_hash,
         )
 
 
@@ -84,6 +89,8 @@ def agent_record_report(
             setattr(agent, field, value)
     if report.identifying_attributes is not None:
         agent.description_received = True
+    created = agent.pk is None
+    labels_before = agent.labels
     if report.identifying_attributes is not None or report.non_identifying_attributes is not None:
         agent.labels = merged_labels(
             identifying=agent.identifying_attributes,
@@ -102,6 +109,10 @@ def agent_record_report(
         agent.connected_at = seen_at
     agent.full_clean(validate_unique=False, validate_constraints=False)
     agent.save()
+    if created or agent.labels != labels_before:
+        # Labels decide which configuration applies: a new or relabelled agent is
+        # resolved now, in the same transaction, so its first reply can carry the offer.
+        resolve_agent(agent.pk)
     return AgentSnapshot.of(agent)
 
 

@@ -7,9 +7,10 @@ enforce size limits and encode; every protocol decision is made here, once.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from channels.db import database_sync_to_async
@@ -30,15 +31,20 @@ from opamp.capabilities import (
 )
 from opamp.identifiers import instance_uid_problem, uuid7
 from opamp.proto import opamp_pb2
+from rollouts.delivery import OfferContext, fill_remote_config, should_offer
+from rollouts.desired_state import DesiredConfig, current_generation, desired_config_for_agent, record_offer
 
 logger = logging.getLogger(__name__)
 
 # What this server offers today; later features add their bits here.
 SERVER_CAPABILITIES = int(
     ServerCapabilities.ACCEPTS_STATUS
+    | ServerCapabilities.OFFERS_REMOTE_CONFIG
     | ServerCapabilities.ACCEPTS_EFFECTIVE_CONFIG
     | ServerCapabilities.ACCEPTS_PACKAGES_STATUS
 )
+# How often a process re-reads the desired-state generation (one query, for all agents).
+GENERATION_CHECK_SECONDS = 1.0
 
 
 def error_reply(
@@ -110,12 +116,20 @@ class FleetRuntime:
         self.snapshots: dict[uuid.UUID, AgentSnapshot] = {}
         self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS)
         self.live = LiveConnections()
+        # Desired config per agent, tagged with the generation it was read at.
+        self.desired: dict[uuid.UUID, tuple[int, DesiredConfig | None]] = {}
+        self.generation = -1
+        self.generation_checked_at = 0.0
         self.limits = ReportLimits(
             max_value_chars=settings.OPAMP_MAX_ATTRIBUTE_VALUE_CHARS,
             max_attributes=settings.OPAMP_MAX_ATTRIBUTES,
             max_depth=settings.OPAMP_MAX_VALUE_DEPTH,
             max_config_bytes=settings.OPAMP_MAX_EFFECTIVE_CONFIG_BYTES,
         )
+
+    def expire_generation(self) -> None:
+        """Make the next desired-state read re-check the generation counter."""
+        self.generation_checked_at = 0.0
 
 
 _runtime: FleetRuntime | None = None
@@ -146,6 +160,7 @@ class AgentSession:
         # Set by the WebSocket consumer: how to drop this socket when superseded.
         self.on_superseded: Callable[[], None] | None = None
         self.last_sequence_num: int | None = None
+        self.last_offered_hash = ""
 
     async def handle(self, message: opamp_pb2.AgentToServer) -> opamp_pb2.ServerToAgent:
         """Apply one AgentToServer and build the reply; never raises for agent mistakes."""
@@ -205,6 +220,7 @@ class AgentSession:
                 seen_at=now,
             )
             self.fleet.heartbeats.forget(instance_uid)
+            self.fleet.desired.pop(instance_uid, None)  # labels may have changed
         else:
             self.fleet.heartbeats.note(instance_uid, now, message.sequence_num)
             snapshot.last_sequence_num = message.sequence_num
@@ -215,7 +231,55 @@ class AgentSession:
             reply.flags |= ServerToAgentFlags.REPORT_FULL_STATE
         if self._should_ask_for_components(capabilities, report.available_components_hash, report.available_components):
             reply.flags |= ServerToAgentFlags.REPORT_AVAILABLE_COMPONENTS
+        await self._offer_desired_config(reply, snapshot)
         return reply
+
+    async def push_desired_state(self) -> opamp_pb2.ServerToAgent | None:
+        """A hint arrived: re-check now and return a message worth pushing, if any."""
+        instance_uid = self.instance_uid
+        if instance_uid is None or self.closed:
+            return None
+        snapshot = self.fleet.snapshots.get(instance_uid)
+        if snapshot is None:
+            return None
+        self.fleet.desired.pop(instance_uid, None)
+        reply = opamp_pb2.ServerToAgent(instance_uid=instance_uid.bytes, capabilities=SERVER_CAPABILITIES)
+        return reply if await self._offer_desired_config(reply, snapshot) else None
+
+    async def _offer_desired_config(self, reply: opamp_pb2.ServerToAgent, snapshot: AgentSnapshot) -> bool:
+        if not has_capability(snapshot.capabilities, AgentCapabilities.ACCEPTS_REMOTE_CONFIG):
+            return False
+        desired = await self._desired_config(snapshot)
+        context = OfferContext(
+            capabilities=snapshot.capabilities,
+            reported_hash=snapshot.remote_config_hash,
+            last_offered_on_connection=self.last_offered_hash,
+            persistent_connection=self.transport == "websocket",
+            now_timestamp=time.time(),
+            reoffer_after_seconds=settings.OPAMP_REMOTE_CONFIG_REOFFER_SECONDS,
+        )
+        if desired is None or not should_offer(desired, context):
+            return False
+        fill_remote_config(reply, desired)
+        self.last_offered_hash = desired.config_hash
+        await database_sync_to_async(record_offer)(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
+        self.fleet.desired[snapshot.instance_uid] = (
+            self.fleet.generation,
+            replace(desired, offered_hash=desired.config_hash, offered_at_timestamp=context.now_timestamp),
+        )
+        return True
+
+    async def _desired_config(self, snapshot: AgentSnapshot) -> DesiredConfig | None:
+        fleet = self.fleet
+        if time.monotonic() - fleet.generation_checked_at > GENERATION_CHECK_SECONDS:
+            fleet.generation = await database_sync_to_async(current_generation)()
+            fleet.generation_checked_at = time.monotonic()
+        cached = fleet.desired.get(snapshot.instance_uid)
+        if cached is not None and cached[0] == fleet.generation:
+            return cached[1]
+        desired = await database_sync_to_async(desired_config_for_agent)(snapshot.agent_id)
+        fleet.desired[snapshot.instance_uid] = (fleet.generation, desired)
+        return desired
 
     def _needs_full_state(self, message: opamp_pb2.AgentToServer, snapshot: AgentSnapshot | None) -> bool:
         """Ask for everything when our picture of the agent may be incomplete or stale."""
@@ -271,6 +335,7 @@ class AgentSession:
         # agents connected.
         self.fleet.heartbeats.forget(instance_uid)
         self.fleet.snapshots.pop(instance_uid, None)
+        self.fleet.desired.pop(instance_uid, None)
         self.fleet.live.release(instance_uid, self)
 
     def superseded(self) -> None:

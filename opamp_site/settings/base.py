@@ -137,6 +137,12 @@ OPAMP_HEARTBEAT_INTERVAL_SECONDS = env_float("OPAMP_HEARTBEAT_INTERVAL_SECONDS",
 OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS = env_float("OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS", 3.0)
 # How often buffered heartbeat facts (last_seen, sequence_num) are written in one batch.
 OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
+# A polling agent that has not acknowledged an offered config is offered it again after this.
+OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
+# Limits on published configuration versions.
+OPAMP_CONFIG_MAX_FILE_BYTES = env_int("OPAMP_CONFIG_MAX_FILE_BYTES", 1024 * 1024)
+OPAMP_CONFIG_MAX_TOTAL_BYTES = env_int("OPAMP_CONFIG_MAX_TOTAL_BYTES", 4 * 1024 * 1024)
+OPAMP_CONFIG_MAX_FILES = env_int("OPAMP_CONFIG_MAX_FILES", 64)
 # Caps applied to what agents report before it is stored.
 OPAMP_MAX_ATTRIBUTE_VALUE_CHARS = env_int("OPAMP_MAX_ATTRIBUTE_VALUE_CHARS", 4096)
 OPAMP_MAX_ATTRIBUTES = env_int("OPAMP_MAX_ATTRIBUTES", 256)

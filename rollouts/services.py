@@ -1,0 +1,268 @@
+"""Writes for configurations, versions and agent labels. Each is one transaction, audited,
+and re-resolves the desired state of exactly the agents it can affect."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.db.models import Max
+
+from fleet.labels import merged_labels
+from fleet.models import Agent
+from rollouts import desired_state
+from rollouts.config_files import ConfigLimits, files_hash, files_to_document, parse_config_files
+from rollouts.errors import (
+    CONFIGURATION_NAME_TAKEN,
+    LABEL_KEY_INVALID,
+    LABEL_VALUE_INVALID,
+    NO_SUCH_VERSION,
+    ROLLBACK_TO_CURRENT,
+    DomainError,
+)
+from rollouts.label_selectors import SelectorError, parse_selector
+from rollouts.models import AuditEvent, Configuration, ConfigVersion
+
+Actor: TypeAlias = AbstractBaseUser | AnonymousUser | None
+
+
+def _actor(actor: Actor) -> Any:
+    return actor if actor is not None and getattr(actor, "is_authenticated", False) else None
+
+
+def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str, Any] | None = None) -> AuditEvent:
+    return AuditEvent.objects.create(
+        actor=_actor(actor),
+        action=action,
+        target_type=type(target).__name__,
+        target_id=str(getattr(target, "pk", target)),
+        details=dict(details or {}),
+    )
+
+
+def config_limits() -> ConfigLimits:
+    return ConfigLimits(
+        max_file_bytes=settings.OPAMP_CONFIG_MAX_FILE_BYTES,
+        max_total_bytes=settings.OPAMP_CONFIG_MAX_TOTAL_BYTES,
+        max_files=settings.OPAMP_CONFIG_MAX_FILES,
+    )
+
+
+def _canonical_selector(selector: Any) -> dict[str, Any]:
+    try:
+        return parse_selector(selector).to_dict()
+    except SelectorError as error:
+        raise DomainError(str(error), field="selector") from None
+
+
+@transaction.atomic
+def configuration_create(
+    *, name: str, selector: Any = None, priority: int = 0, description: str = "", actor: Actor
+) -> Configuration:
+    if Configuration.objects.filter(name=name).exists():
+        raise DomainError(CONFIGURATION_NAME_TAKEN.format(name=name), field="name")
+    configuration = Configuration(
+        name=name,
+        selector=_canonical_selector(selector),
+        priority=priority,
+        description=description,
+        created_by=_actor(actor),
+    )
+    configuration.full_clean()
+    configuration.save()
+    audit_record(
+        actor=actor,
+        action="configuration.create",
+        target=configuration,
+        details={"name": name, "selector": configuration.selector, "priority": priority},
+    )
+    return configuration
+
+
+@transaction.atomic
+def configuration_update(
+    *,
+    configuration: Configuration,
+    actor: Actor,
+    name: str | None = None,
+    selector: Any = None,
+    priority: int | None = None,
+    description: str | None = None,
+) -> Configuration:
+    """Change the configuration's own fields; a new selector or priority re-resolves agents."""
+    configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    previous_selector = configuration.selector
+    changes: dict[str, Any] = {}
+    if name is not None and name != configuration.name:
+        if Configuration.objects.filter(name=name).exclude(pk=configuration.pk).exists():
+            raise DomainError(CONFIGURATION_NAME_TAKEN.format(name=name), field="name")
+        changes["name"] = name
+    if selector is not None:
+        canonical = _canonical_selector(selector)
+        if canonical != configuration.selector:
+            changes["selector"] = canonical
+    if priority is not None and priority != configuration.priority:
+        changes["priority"] = priority
+    if description is not None and description != configuration.description:
+        changes["description"] = description
+    if not changes:
+        return configuration
+    for field, value in changes.items():
+        setattr(configuration, field, value)
+    configuration.full_clean()
+    configuration.save()
+    audit_record(actor=actor, action="configuration.update", target=configuration, details=changes)
+    if "selector" in changes or "priority" in changes:
+        desired_state.resolve_for_configuration(configuration, previous_selector=previous_selector)
+    return configuration
+
+
+@transaction.atomic
+def configuration_delete(*, configuration: Configuration, actor: Actor) -> None:
+    """Remove a configuration; its agents fall to the next matching configuration, if any."""
+    configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    affected = list(configuration.assignments.values_list("agent_id", flat=True))
+    audit_record(actor=actor, action="configuration.delete", target=configuration, details={"name": configuration.name})
+    configuration.assignments.all().delete()
+    configuration.current_version = None
+    configuration.save(update_fields=["current_version"])
+    configuration.delete()
+    desired_state.resolve_agents(Agent.objects.filter(pk__in=affected))
+
+
+def _next_number(configuration: Configuration) -> int:
+    return int((configuration.versions.aggregate(top=Max("number"))["top"] or 0) + 1)
+
+
+def _create_version(
+    *,
+    configuration: Configuration,
+    files_document: dict[str, dict[str, str]],
+    config_hash: str,
+    size_bytes: int,
+    author: Actor,
+    note: str,
+    rolled_back_from: ConfigVersion | None = None,
+) -> ConfigVersion:
+    version = ConfigVersion(
+        configuration=configuration,
+        number=_next_number(configuration),
+        files=files_document,
+        config_hash=config_hash,
+        size_bytes=size_bytes,
+        author=_actor(author),
+        note=note,
+        rolled_back_from=rolled_back_from,
+    )
+    version.full_clean()
+    version.save()
+    configuration.current_version = version
+    configuration.save(update_fields=["current_version", "updated_at"])
+    return version
+
+
+@transaction.atomic
+def configuration_publish(
+    *, configuration: Configuration, files: Any, author: Actor, note: str = ""
+) -> tuple[ConfigVersion, bool]:
+    """Publish `files` as the next version and deliver it; (version, created).
+
+    Content identical to the current version creates nothing and returns it. Content equal
+    to an older version is a new version all the same: numbers only go up, so agents that
+    verify version order accept the change.
+    """
+    # The row lock serialises publishers of one configuration: numbers stay gapless.
+    configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    parsed = parse_config_files(files, limits=config_limits())
+    config_hash = files_hash(parsed)
+    current = configuration.current_version
+    if current is not None and current.config_hash == config_hash:
+        return current, False
+    version = _create_version(
+        configuration=configuration,
+        files_document=files_to_document(parsed),
+        config_hash=config_hash,
+        size_bytes=sum(len(f.body) for f in parsed.values()),
+        author=author,
+        note=note,
+    )
+    audit_record(
+        actor=author,
+        action="configuration.publish",
+        target=version,
+        details={"configuration": configuration.name, "number": version.number, "config_hash": config_hash},
+    )
+    desired_state.resolve_for_configuration(configuration)
+    return version, True
+
+
+@transaction.atomic
+def configuration_rollback(
+    *, configuration: Configuration, to_number: int, author: Actor, note: str = ""
+) -> ConfigVersion:
+    """Make version `to_number`'s content current again, as a new version."""
+    configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    target = configuration.versions.filter(number=to_number).first()
+    if target is None:
+        raise DomainError(NO_SUCH_VERSION.format(number=to_number, name=configuration.name), field="version")
+    if configuration.current_version_id == target.pk or (
+        configuration.current_version is not None and configuration.current_version.config_hash == target.config_hash
+    ):
+        raise DomainError(ROLLBACK_TO_CURRENT.format(number=to_number), field="version")
+    version = _create_version(
+        configuration=configuration,
+        files_document=target.files,
+        config_hash=target.config_hash,
+        size_bytes=target.size_bytes,
+        author=author,
+        note=note or f"rollback to version {target.number}",
+        rolled_back_from=target,
+    )
+    audit_record(
+        actor=author,
+        action="configuration.rollback",
+        target=version,
+        details={"configuration": configuration.name, "number": version.number, "restores": target.number},
+    )
+    desired_state.resolve_for_configuration(configuration)
+    return version
+
+
+def _check_labels(labels: Any) -> dict[str, str]:
+    if not isinstance(labels, Mapping):
+        raise DomainError("labels must be an object of string keys and string values", field="labels")
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not key or len(key) > 256 or "__" in key or any(c.isspace() for c in key):
+            raise DomainError(LABEL_KEY_INVALID.format(key=str(key)[:80]), field="labels")
+        if not isinstance(value, str) or len(value) > 256:
+            raise DomainError(LABEL_VALUE_INVALID.format(key=key), field="labels")
+        checked[key] = value
+    return checked
+
+
+@transaction.atomic
+def agent_labels_set(*, instance_uid: uuid.UUID, labels: Any, actor: Actor, replace: bool = True) -> Agent:
+    """Set (or, with replace=False, merge) the operator labels of an agent and re-resolve it."""
+    checked = _check_labels(labels)
+    agent = Agent.objects.select_for_update().get(instance_uid=instance_uid)
+    before = dict(agent.operator_labels)
+    agent.operator_labels = checked if replace else {**agent.operator_labels, **checked}
+    agent.labels = merged_labels(
+        identifying=agent.identifying_attributes,
+        non_identifying=agent.non_identifying_attributes,
+        operator=agent.operator_labels,
+    )
+    agent.save(update_fields=["operator_labels", "labels", "updated_at"])
+    audit_record(
+        actor=actor,
+        action="agent.labels.set",
+        target=agent,
+        details={"instance_uid": str(instance_uid), "before": before, "after": agent.operator_labels},
+    )
+    desired_state.resolve_agent(agent.pk)
+    return agent

@@ -1,0 +1,149 @@
+"""Desired configuration delivered over both transports, by hash, never in a loop."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+
+from fleet.models import Agent
+from opamp.identifiers import uuid7
+from opamp.proto import opamp_pb2
+from rollouts import services
+from rollouts.models import AgentDesiredConfig, Configuration
+from tests.fleet.asgi_clients import WsAgent, http_exchange
+from tests.fleet.messages import full_report, heartbeat
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+APPLIED = opamp_pb2.RemoteConfigStatuses_APPLIED
+FAILED = opamp_pb2.RemoteConfigStatuses_FAILED
+COLLECTOR_YAML = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n", "content_type": "text/yaml"}}
+
+
+@database_sync_to_async
+def publish(name: str = "edge", files: dict | None = None, selector: str = "service.name=checkout") -> str:
+    configuration = Configuration.objects.filter(name=name).first() or services.configuration_create(
+        name=name, selector=selector, actor=None
+    )
+    version, _ = services.configuration_publish(configuration=configuration, files=files or COLLECTOR_YAML, author=None)
+    return version.config_hash
+
+
+@database_sync_to_async
+def rollback(name: str, to_number: int) -> str:
+    configuration = Configuration.objects.get(name=name)
+    return services.configuration_rollback(configuration=configuration, to_number=to_number, author=None).config_hash
+
+
+def status(uid: bytes, seq: int, config_hash: str, state: int, error: str = "") -> opamp_pb2.AgentToServer:
+    message = heartbeat(uid, seq)
+    message.remote_config_status.last_remote_config_hash = bytes.fromhex(config_hash)
+    message.remote_config_status.status = state
+    message.remote_config_status.error_message = error
+    return message
+
+
+async def test_a_matching_agent_gets_the_current_version_in_its_first_reply():
+    config_hash = await publish()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        reply = await agent.exchange(full_report(uid, 1, service="checkout"))
+    assert reply.remote_config.config_hash.hex() == config_hash
+    body = reply.remote_config.config.config_map["collector.yaml"]
+    assert body.body == b"receivers:\n  otlp: {}\n"
+    assert body.content_type == "text/yaml"
+
+
+async def test_an_agent_outside_the_selector_gets_nothing():
+    await publish()
+    async with WsAgent() as agent:
+        reply = await agent.exchange(full_report(uuid7().bytes, 1, service="payments"))
+    assert not reply.HasField("remote_config")
+
+
+async def test_an_agent_without_accepts_remote_config_gets_nothing():
+    await publish()
+    async with WsAgent() as agent:
+        reply = await agent.exchange(full_report(uuid7().bytes, 1, service="checkout", capabilities=0x1 | 0x4 | 0x800))
+    assert not reply.HasField("remote_config")
+
+
+async def test_the_offer_is_not_repeated_while_the_agent_works_on_it_or_after_it_applied_it():
+    config_hash = await publish()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        assert (await agent.exchange(full_report(uid, 1, service="checkout"))).HasField("remote_config")
+        assert not (await agent.exchange(heartbeat(uid, 2))).HasField("remote_config")
+        assert not (await agent.exchange(status(uid, 3, config_hash, APPLIED))).HasField("remote_config")
+        assert not (await agent.exchange(heartbeat(uid, 4))).HasField("remote_config")
+
+
+async def test_a_failed_hash_is_not_resent_and_the_failure_is_visible():
+    config_hash = await publish()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        failed = await agent.exchange(status(uid, 2, config_hash, FAILED, "unknown receiver 'otlpx'"))
+        later = await agent.exchange(heartbeat(uid, 3))
+    assert not failed.HasField("remote_config") and not later.HasField("remote_config")
+    row = await Agent.objects.aget(instance_uid=uuid.UUID(bytes=uid))
+    assert (row.remote_config_state, row.remote_config_error) == (FAILED, "unknown receiver 'otlpx'")
+
+
+async def test_a_new_version_is_pushed_to_a_connected_agent_at_once():
+    first_hash = await publish()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(status(uid, 2, first_hash, APPLIED))
+        second_hash = await publish(files={"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}})
+        pushed = await agent.receive(timeout=5)
+    assert pushed.remote_config.config_hash.hex() == second_hash
+    assert pushed.instance_uid == uid
+
+
+async def test_a_rollback_offers_the_earlier_content_again():
+    first_hash = await publish()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(status(uid, 2, first_hash, APPLIED))
+        broken_hash = await publish(files={"collector.yaml": {"body": "broken: true\n", "content_type": "text/yaml"}})
+        await agent.receive()
+        await agent.exchange(status(uid, 3, broken_hash, FAILED, "bad config"))
+        restored_hash = await rollback("edge", 1)
+        pushed = await agent.receive()
+    assert restored_hash == first_hash
+    assert pushed.remote_config.config_hash.hex() == first_hash
+
+
+async def test_a_polling_agent_gets_the_offer_on_its_next_poll_and_not_on_every_poll():
+    uid = uuid7().bytes
+    first = await http_exchange(full_report(uid, 1, service="checkout"))
+    assert not first.HasField("remote_config")
+    config_hash = await publish()
+    offered = await http_exchange(heartbeat(uid, 2))
+    again = await http_exchange(heartbeat(uid, 3))
+    assert offered.remote_config.config_hash.hex() == config_hash
+    assert not again.HasField("remote_config")
+
+
+async def test_relabelling_an_agent_moves_it_to_the_matching_configuration():
+    await publish(
+        name="payments", selector="team=payments", files={"p.yaml": {"body": "p: 1\n", "content_type": "text/yaml"}}
+    )
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        reply = await agent.exchange(full_report(uid, 1, service="other"))
+        assert not reply.HasField("remote_config")
+        await database_sync_to_async(services.agent_labels_set)(
+            instance_uid=uuid.UUID(bytes=uid), labels={"team": "payments"}, actor=None
+        )
+        pushed = await agent.receive()
+    assert "p.yaml" in pushed.remote_config.config.config_map
+    desired = await AgentDesiredConfig.objects.select_related("configuration").aget(
+        agent__instance_uid=uuid.UUID(bytes=uid)
+    )
+    assert desired.configuration.name == "payments"
