@@ -17,6 +17,23 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"OPAMP_TEST_PROFILE=production needs {', '.join(missing)}")
 
 
+def uses_database(request: pytest.FixtureRequest) -> bool:
+    return bool(request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(request.fixturenames))
+
+
+@pytest.fixture(autouse=True)
+def fresh_fleet_runtime(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every database test starts like a freshly started server process."""
+    if not uses_database(request):
+        yield
+        return
+    from fleet.session import reset_runtime
+
+    reset_runtime()
+    yield
+    reset_runtime()
+
+
 @pytest.fixture(autouse=True)
 def close_connections_of_async_tests(request: pytest.FixtureRequest) -> Iterator[None]:
     """Close the connections that async code opened in asgiref's shared sync thread.
@@ -26,10 +43,7 @@ def close_connections_of_async_tests(request: pytest.FixtureRequest) -> Iterator
     Tests without database access (the pure packages' tests) never touch Django here.
     """
     yield
-    uses_database = request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
-        request.fixturenames
-    )
-    if not uses_database:
+    if not uses_database(request):
         return
     from asgiref.sync import SyncToAsync
     from django.db import connections

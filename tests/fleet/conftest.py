@@ -1,22 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from fleet.session import reset_runtime
 from tests.fleet import factories
-
-
-@pytest.fixture(autouse=True)
-def fresh_fleet_runtime() -> Iterator[None]:
-    """Every test starts like a freshly started server process."""
-    reset_runtime()
-    yield
-    reset_runtime()
 
 
 @pytest.fixture
