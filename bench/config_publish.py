@@ -26,9 +26,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_client.agent import AgentSettings  # noqa: E402
-from agent_client.simulator import Fleet  # noqa: E402
-from agents_connect import distribution_ms, raise_open_file_limit, require_loopback  # noqa: E402
+from agents_connect import distribution_ms, raise_open_file_limit, require_loopback
+
+from agent_client.agent import AgentSettings
+from agent_client.simulator import Fleet
 
 
 async def wait_applied(fleet: Fleet, config_hash: bytes, started: float, timeout: float) -> list[float]:
@@ -44,7 +45,9 @@ async def wait_applied(fleet: Fleet, config_hash: bytes, started: float, timeout
     return sorted(applied_at.values())
 
 
-async def wait_server_counts(client: httpx.AsyncClient, path: str, agents: int, started: float, timeout: float) -> float | None:
+async def wait_server_counts(
+    client: httpx.AsyncClient, path: str, agents: int, started: float, timeout: float
+) -> float | None:
     deadline = started + timeout
     while time.monotonic() < deadline:
         counts = (await client.get(path)).json()
@@ -73,7 +76,9 @@ async def run(*, server: str, api: str, token: str, agents: int, heartbeat: floa
             name = f"bench-{run_id}"
             response = await client.post("configurations/", json={"name": name, "selector": f"service.name={service}"})
             response.raise_for_status()
-            files = {"collector.yaml": {"body": f"# run {run_id}\nreceivers:\n  otlp: {{}}\n", "content_type": "text/yaml"}}
+            files = {
+                "collector.yaml": {"body": f"# run {run_id}\nreceivers:\n  otlp: {{}}\n", "content_type": "text/yaml"}
+            }
             started = time.monotonic()
             response = await client.post(f"configurations/{name}/versions/", json={"files": files, "note": "bench"})
             response.raise_for_status()
@@ -108,8 +113,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     options = parser.parse_args()
     result = asyncio.run(
-        run(server=options.server, api=options.api, token=options.token, agents=options.agents,
-            heartbeat=options.heartbeat, timeout=options.timeout)
+        run(
+            server=options.server,
+            api=options.api,
+            token=options.token,
+            agents=options.agents,
+            heartbeat=options.heartbeat,
+            timeout=options.timeout,
+        )
     )
     print(json.dumps(result, indent=2))
 

@@ -74,8 +74,14 @@ class OpampConsumer(AsyncWebsocketConsumer):
     async def desired_state_changed(self, event: dict[str, object]) -> None:
         """Channel-layer hint: the agent's desired state may have changed; push if so."""
         reply = await self.session.push_desired_state()
-        if reply is not None:
+        if reply is None:
+            return
+        try:
             await self.send_message(reply)
+        except Exception:
+            # The socket closed while the push was being prepared; the agent gets the
+            # same offer on its next connection.
+            logger.debug("push to %s dropped: connection closed", self.session.remote_address)
 
     async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
         await self.send(bytes_data=encode_ws_frame(reply))

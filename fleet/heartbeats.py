@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from channels.db import database_sync_to_async
 from django.db import connection, transaction
 
+from fleet.db import db
 from fleet.models import Agent, uint64_to_db
 
 logger = logging.getLogger(__name__)
@@ -108,4 +108,4 @@ class HeartbeatBuffer:
         batch, self._pending = self._pending, {}
         if not batch:
             return 0
-        return int(await database_sync_to_async(write_heartbeats)(batch))
+        return int(await db(write_heartbeats)(batch))

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from fleet import services
+from fleet.db import db
 from fleet.heartbeats import HeartbeatBuffer
 from fleet.reports import ReportLimits, report_from_message
 from fleet.services import AgentSnapshot
@@ -185,7 +185,7 @@ class AgentSession:
 
         snapshot = self.fleet.snapshots.get(instance_uid)
         if snapshot is None:
-            snapshot = await database_sync_to_async(services.agent_snapshot)(instance_uid=instance_uid)
+            snapshot = await db(services.agent_snapshot)(instance_uid=instance_uid)
 
         report = report_from_message(message, self.fleet.limits, capabilities)
 
@@ -193,7 +193,7 @@ class AgentSession:
         if new_uid is not None:
             reply.agent_identification.new_instance_uid = new_uid.bytes
             if message.flags & AgentToServerFlags.REQUEST_INSTANCE_UID and snapshot is not None:
-                await database_sync_to_async(services.agent_change_instance_uid)(old=instance_uid, new=new_uid)
+                await db(services.agent_change_instance_uid)(old=instance_uid, new=new_uid)
                 self.fleet.snapshots.pop(instance_uid, None)
                 snapshot = None
             # The agent switches to the new uid with its next message, which arrives as
@@ -210,8 +210,19 @@ class AgentSession:
             await self._disconnect(instance_uid, now, message.sequence_num)
             return reply
 
-        if report.has_status or snapshot is None or not snapshot.connected or snapshot.capabilities != capabilities:
-            snapshot = await database_sync_to_async(services.agent_record_report)(
+        if (
+            snapshot is not None
+            and snapshot.connected
+            and report.has_status
+            and report.identifying_attributes is None
+            and report.non_identifying_attributes is None
+        ):
+            snapshot = await db(services.agent_record_status)(
+                snapshot=snapshot, report=report, sequence_num=message.sequence_num, seen_at=now
+            )
+            self.fleet.heartbeats.forget(instance_uid)
+        elif report.has_status or snapshot is None or not snapshot.connected or snapshot.capabilities != capabilities:
+            snapshot = await db(services.agent_record_report)(
                 instance_uid=instance_uid,
                 report=report,
                 sequence_num=message.sequence_num,
@@ -262,7 +273,7 @@ class AgentSession:
             return False
         fill_remote_config(reply, desired)
         self.last_offered_hash = desired.config_hash
-        await database_sync_to_async(record_offer)(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
+        await db(record_offer)(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
         self.fleet.desired[snapshot.instance_uid] = (
             self.fleet.generation,
             replace(desired, offered_hash=desired.config_hash, offered_at_timestamp=context.now_timestamp),
@@ -272,12 +283,12 @@ class AgentSession:
     async def _desired_config(self, snapshot: AgentSnapshot) -> DesiredConfig | None:
         fleet = self.fleet
         if time.monotonic() - fleet.generation_checked_at > GENERATION_CHECK_SECONDS:
-            fleet.generation = await database_sync_to_async(current_generation)()
+            fleet.generation = await db(current_generation)()
             fleet.generation_checked_at = time.monotonic()
         cached = fleet.desired.get(snapshot.instance_uid)
         if cached is not None and cached[0] == fleet.generation:
             return cached[1]
-        desired = await database_sync_to_async(desired_config_for_agent)(snapshot.agent_id)
+        desired = await db(desired_config_for_agent)(snapshot.agent_id)
         fleet.desired[snapshot.instance_uid] = (fleet.generation, desired)
         return desired
 
@@ -325,9 +336,7 @@ class AgentSession:
 
     async def _disconnect(self, instance_uid: uuid.UUID, now: datetime, sequence_num: int) -> None:
         self._forget(instance_uid)
-        await database_sync_to_async(services.agent_mark_disconnected)(
-            instance_uid=instance_uid, at=now, sequence_num=sequence_num
-        )
+        await db(services.agent_mark_disconnected)(instance_uid=instance_uid, at=now, sequence_num=sequence_num)
         self.instance_uid = None
 
     def _forget(self, instance_uid: uuid.UUID) -> None:
@@ -353,6 +362,6 @@ class AgentSession:
         if self.fleet.live.by_uid.get(instance_uid) not in (self, None):
             return  # a newer connection of the same agent is live
         self._forget(instance_uid)
-        await database_sync_to_async(services.agent_mark_disconnected)(
+        await db(services.agent_mark_disconnected)(
             instance_uid=instance_uid, at=timezone.now(), sequence_num=self.last_sequence_num
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import transaction
 
 
@@ -16,6 +17,7 @@ class PeriodicTaskSpec:
 
 PERIODIC_TASKS = [
     PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30),
+    PeriodicTaskSpec("rollouts: advance", "rollouts.tasks.advance_rollouts", settings.OPAMP_ROLLOUT_TICK_SECONDS),
 ]
 
 

@@ -9,9 +9,11 @@ counter (DesiredStateGeneration) makes every server process converge without it.
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
@@ -19,7 +21,8 @@ from django.utils import timezone
 
 from fleet.models import Agent
 from rollouts.label_selectors import LabelSelector, parse_selector
-from rollouts.models import AgentDesiredConfig, Configuration, DesiredStateGeneration
+from rollouts.models import AgentDesiredConfig, Configuration, DesiredStateGeneration, RolloutTarget
+from rollouts.rollout_plans import RolloutPlan, active_rollout_plans
 from rollouts.selector_queries import selector_q
 
 # Rows read and written per statement; keeps parameter lists within every database's limits.
@@ -59,10 +62,35 @@ def choose_configuration(labels: dict[str, str], candidates: Sequence[CandidateC
     return None
 
 
-def version_for_agent(configuration: Configuration, agent_id: int, instance_uid: object) -> int:
-    """The version id an agent matched by `configuration` should run (rollouts plug in here)."""
-    assert configuration.current_version_id is not None
-    return configuration.current_version_id
+@dataclass(frozen=True)
+class TargetRow:
+    """An agent a rollout gives its candidate, to be recorded as a RolloutTarget."""
+
+    rollout_id: int
+    agent_id: int
+    stage_index: int
+    bucket: int
+    offered_hash: str
+
+
+def version_for_agent(
+    configuration: Configuration,
+    *,
+    agent_id: int,
+    instance_uid: uuid.UUID,
+    labels: dict[str, str],
+    plans: dict[int, RolloutPlan],
+) -> tuple[int, TargetRow | None]:
+    """The version id an agent matched by `configuration` runs: the current version, or
+    what its cohort of an active rollout gives it (with the target row to record)."""
+    plan = plans.get(configuration.pk)
+    if plan is None:
+        assert configuration.current_version_id is not None
+        return configuration.current_version_id, None
+    version_id, cohort, bucket = plan.version_for(instance_uid.bytes, labels)
+    if cohort is None:
+        return version_id, None
+    return version_id, TargetRow(plan.rollout_id, agent_id, cohort, bucket, plan.candidate_hash)
 
 
 def bump_generation() -> None:
@@ -84,6 +112,8 @@ def _chunks(items: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
 def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
     """Recompute the desired version of `agents`; return the ids whose assignment changed."""
     candidates = active_configurations()
+    plans = active_rollout_plans()
+    targets: list[TargetRow] = []
     changed_to: dict[tuple[int, int], list[int]] = defaultdict(list)  # (configuration, version) -> agent ids
     cleared: list[int] = []
     rows = list(agents.values_list("id", "instance_uid", "labels"))
@@ -100,8 +130,12 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
                 if agent_id in current:
                     cleared.append(agent_id)
                 continue
-            version_id = version_for_agent(configuration, agent_id, instance_uid)
+            version_id, target = version_for_agent(
+                configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=plans
+            )
             if current.get(agent_id) != version_id:
+                if target is not None:
+                    targets.append(target)
                 changed_to[(configuration.pk, version_id)].append(agent_id)
 
     now = timezone.now()
@@ -120,12 +154,32 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
             )
     for ids in _chunks(cleared):
         AgentDesiredConfig.objects.filter(agent_id__in=ids).delete()
+    _record_targets(targets, now)
 
     changed = [i for ids in changed_to.values() for i in ids] + cleared
     if changed:
         bump_generation()
         transaction.on_commit(lambda: notify_agents(changed))
     return changed
+
+
+def _record_targets(targets: list[TargetRow], now: datetime) -> None:
+    """Insert the rollout targets not yet recorded (an agent keeps its first assignment)."""
+    for start in range(0, len(targets), BATCH):
+        RolloutTarget.objects.bulk_create(
+            [
+                RolloutTarget(
+                    rollout_id=t.rollout_id,
+                    agent_id=t.agent_id,
+                    stage_index=t.stage_index,
+                    bucket=t.bucket,
+                    offered_hash=t.offered_hash,
+                    assigned_at=now,
+                )
+                for t in targets[start : start + BATCH]
+            ],
+            ignore_conflicts=True,
+        )
 
 
 def resolve_for_configuration(configuration: Configuration, *, previous_selector: dict | None = None) -> list[int]:
@@ -176,7 +230,12 @@ def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
 
 
 def record_offer(*, agent_id: int, config_hash: str) -> None:
-    AgentDesiredConfig.objects.filter(agent_id=agent_id).update(offered_hash=config_hash, offered_at=timezone.now())
+    now = timezone.now()
+    AgentDesiredConfig.objects.filter(agent_id=agent_id).update(offered_hash=config_hash, offered_at=now)
+    # A rollout target notes when its candidate actually went out (first offer only).
+    RolloutTarget.objects.filter(agent_id=agent_id, offered_hash=config_hash, offered_at__isnull=True).update(
+        offered_at=now
+    )
 
 
 def notify_agents(agent_ids: Sequence[int]) -> None:

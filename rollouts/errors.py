@@ -16,5 +16,8 @@ class DomainError(Exception):
 CONFIGURATION_NAME_TAKEN = "a configuration named {name!r} already exists"
 NO_SUCH_VERSION = "configuration {name!r} has no version {number}"
 ROLLBACK_TO_CURRENT = "version {number} already has the current content; nothing to roll back"
-LABEL_KEY_INVALID = "label key {key!r} must be 1-256 characters without whitespace or '__'"
-LABEL_VALUE_INVALID = "label {key!r}: values must be strings of at most 256 characters"
+LABELS_NOT_A_MAP = "labels must be an object of string keys and string values"
+ROLLOUT_IN_PROGRESS = (
+    "configuration {name!r} has an active rollout ({rollout_id}); finish or abort it before making another "
+    "version current, or publish the version as a rollout candidate"
+)

@@ -119,6 +119,11 @@ def _check_key(key: Any, where: str) -> str:
     raise SelectorError(ERR_KEY_NUMBER.format(where=where, key=_show(key)))
 
 
+def check_label(key: Any, value: Any, *, where: str = "label") -> tuple[str, str]:
+    """A label an operator sets must be one a selector can select: same key and value rules."""
+    return _check_key(key, where), _check_value(value, f"{where} {key!r}")
+
+
 def _check_value(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise SelectorError(ERR_VALUE_TYPE.format(where=where, value=_show(value), type=type(value).__name__))

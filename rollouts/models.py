@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
 
 from fleet.models import Agent
@@ -15,7 +16,16 @@ class Configuration(models.Model):
     `current_version` is what matching agents are given; publishing moves it forward.
     """
 
-    name = models.CharField(max_length=200, unique=True)
+    # One URL path segment (configurations/{name}/): no slash, no leading whitespace.
+    name = models.CharField(
+        max_length=200,
+        unique=True,
+        validators=[
+            RegexValidator(
+                r"^[^/\s][^/]*$", "a configuration name must not be empty, start with a space or contain '/'"
+            )
+        ],
+    )
     description = models.TextField(blank=True)
     # Canonical dict form of a Kubernetes-style label selector (rollouts.label_selectors).
     selector = models.JSONField(default=dict, blank=True)
@@ -122,3 +132,151 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target_type}:{self.target_id}"
+
+
+class RolloutState(models.TextChoices):
+    DRAFT = "draft", "draft"
+    RUNNING = "running", "running"
+    PAUSED = "paused", "paused"
+    SUCCEEDED = "succeeded", "succeeded"
+    ROLLING_BACK = "rolling_back", "rolling back"
+    ROLLED_BACK = "rolled_back", "rolled back"
+    ABORTED = "aborted", "aborted"
+
+
+# States in which a rollout decides what its configuration's agents run.
+ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
+
+
+class Rollout(models.Model):
+    """Moves a configuration's agents from `stable_version` to `candidate_version` in stages.
+
+    State changes happen only in rollouts.rollout_engine, each as a conditional UPDATE on
+    (state, stage_index), so a duplicated or stale Celery task cannot repeat one.
+    """
+
+    configuration = models.ForeignKey(Configuration, on_delete=models.CASCADE, related_name="rollouts")
+    stable_version = models.ForeignKey(ConfigVersion, on_delete=models.PROTECT, related_name="+")
+    candidate_version = models.ForeignKey(ConfigVersion, on_delete=models.PROTECT, related_name="+")
+    state = models.CharField(max_length=16, choices=RolloutState.choices, default=RolloutState.DRAFT)
+    stage_index = models.IntegerField(default=0)
+    stage_started_at = models.DateTimeField(null=True, blank=True)
+    # Failed (or unhealthy after applying) / reported agents above this rolls back.
+    max_failure_rate = models.FloatField(default=0.001)
+    # An agent that has not answered this long after the offer no longer holds the stage.
+    apply_timeout_seconds = models.FloatField(default=300)
+    # Fewer reports than this is "no data": the stage holds, never promotes.
+    min_reporting = models.PositiveIntegerField(default=1)
+    auto_rollback = models.BooleanField(default=True)
+    # Mixed into every agent's bucket, so each rollout draws its own cohorts.
+    salt = models.CharField(max_length=64)
+    note = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["configuration"],
+                condition=models.Q(state__in=["running", "paused", "rolling_back"]),
+                name="one_active_rollout_per_configuration",
+            )
+        ]
+
+    def __str__(self) -> str:
+        versions = f"v{self.stable_version.number} -> v{self.candidate_version.number}"
+        return f"rollout {self.pk} of {self.configuration.name}: {versions}"
+
+
+class RolloutStage(models.Model):
+    """One step: a cumulative share of the fleet (percent or count), a hold, an optional gate."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="stages")
+    index = models.PositiveIntegerField()
+    percent = models.FloatField(null=True, blank=True)
+    count = models.PositiveIntegerField(null=True, blank=True)
+    selector = models.JSONField(default=dict, blank=True)
+    hold_seconds = models.FloatField(default=0)
+    requires_approval = models.BooleanField(default=False)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    approved_at = models.DateTimeField(null=True, blank=True)
+    # Agents whose bucket (0..9999) is below this belong to this stage or an earlier one;
+    # fixed when the rollout starts (count stages need the population then).
+    bucket_threshold = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["rollout", "index"]
+        constraints = [models.UniqueConstraint(fields=["rollout", "index"], name="rollout_stage_index_unique")]
+
+    def __str__(self) -> str:
+        size = f"{self.percent}%" if self.percent is not None else f"{self.count} agents"
+        return f"stage {self.index} ({size})"
+
+
+class RolloutTarget(models.Model):
+    """An agent given the candidate by a rollout: its cohort, the offer and its answer."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="targets")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="rollout_targets")
+    stage_index = models.PositiveIntegerField()
+    bucket = models.PositiveIntegerField()
+    assigned_at = models.DateTimeField()
+    offered_hash = models.CharField(max_length=64, blank=True)
+    offered_at = models.DateTimeField(null=True, blank=True)
+    answer = models.CharField(max_length=16, blank=True)  # applying / applied / failed
+    answered_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    reverted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["rollout", "agent"], name="rollout_target_unique")]
+        indexes = [models.Index(fields=["rollout", "stage_index"], name="rollout_target_stage_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} in stage {self.stage_index} of rollout {self.rollout_id}"
+
+
+class RolloutEvent(models.Model):
+    """A rollout's timeline: every transition and notable decision, with the counts behind it."""
+
+    class Kind(models.TextChoices):
+        CREATED = "created"
+        STARTED = "started"
+        STAGE_STARTED = "stage_started"
+        AWAITING_APPROVAL = "awaiting_approval"
+        APPROVED = "approved"
+        PAUSED = "paused"
+        RESUMED = "resumed"
+        PROMOTED = "promoted"
+        BUDGET_EXCEEDED = "budget_exceeded"
+        ROLLBACK_STARTED = "rollback_started"
+        ROLLED_BACK = "rolled_back"
+        SUCCEEDED = "succeeded"
+        ABORTED = "aborted"
+        RETRIED = "retried"
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    from_state = models.CharField(max_length=16, blank=True)
+    to_state = models.CharField(max_length=16, blank=True)
+    stage_index = models.IntegerField(null=True, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    message = models.TextField(blank=True)
+    counts = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["rollout", "at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%H:%M:%S} {self.kind} ({self.from_state} -> {self.to_state})"

@@ -18,13 +18,13 @@ from rollouts import desired_state
 from rollouts.config_files import ConfigLimits, files_hash, files_to_document, parse_config_files
 from rollouts.errors import (
     CONFIGURATION_NAME_TAKEN,
-    LABEL_KEY_INVALID,
-    LABEL_VALUE_INVALID,
+    LABELS_NOT_A_MAP,
     NO_SUCH_VERSION,
     ROLLBACK_TO_CURRENT,
+    ROLLOUT_IN_PROGRESS,
     DomainError,
 )
-from rollouts.label_selectors import SelectorError, parse_selector
+from rollouts.label_selectors import SelectorError, check_label, parse_selector
 from rollouts.models import AuditEvent, Configuration, ConfigVersion
 
 Actor: TypeAlias = AbstractBaseUser | AnonymousUser | None
@@ -125,7 +125,10 @@ def configuration_update(
 def configuration_delete(*, configuration: Configuration, actor: Actor) -> None:
     """Remove a configuration; its agents fall to the next matching configuration, if any."""
     configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    _refuse_while_rolling_out(configuration)
     affected = list(configuration.assignments.values_list("agent_id", flat=True))
+    # Finished rollouts go with their configuration (they reference its versions).
+    configuration.rollouts.all().delete()
     audit_record(actor=actor, action="configuration.delete", target=configuration, details={"name": configuration.name})
     configuration.assignments.all().delete()
     configuration.current_version = None
@@ -147,6 +150,7 @@ def _create_version(
     author: Actor,
     note: str,
     rolled_back_from: ConfigVersion | None = None,
+    activate: bool = True,
 ) -> ConfigVersion:
     version = ConfigVersion(
         configuration=configuration,
@@ -160,20 +164,33 @@ def _create_version(
     )
     version.full_clean()
     version.save()
-    configuration.current_version = version
-    configuration.save(update_fields=["current_version", "updated_at"])
+    if activate:
+        configuration.current_version = version
+        configuration.save(update_fields=["current_version", "updated_at"])
     return version
+
+
+def _refuse_while_rolling_out(configuration: Configuration) -> None:
+    """A new current version under an active rollout would silently change its stable side."""
+    from rollouts.models import ACTIVE_ROLLOUT_STATES
+
+    active = configuration.rollouts.filter(state__in=ACTIVE_ROLLOUT_STATES).first()
+    if active is not None:
+        raise DomainError(
+            ROLLOUT_IN_PROGRESS.format(name=configuration.name, rollout_id=active.pk), field="configuration", status=409
+        )
 
 
 @transaction.atomic
 def configuration_publish(
-    *, configuration: Configuration, files: Any, author: Actor, note: str = ""
+    *, configuration: Configuration, files: Any, author: Actor, note: str = "", activate: bool = True
 ) -> tuple[ConfigVersion, bool]:
-    """Publish `files` as the next version and deliver it; (version, created).
+    """Publish `files` as the next version; (version, created).
 
-    Content identical to the current version creates nothing and returns it. Content equal
-    to an older version is a new version all the same: numbers only go up, so agents that
-    verify version order accept the change.
+    With `activate` (the default) the version becomes current and is delivered at once;
+    without it, it is stored as a candidate for a rollout. Content identical to the current
+    version creates nothing and returns it. Content equal to an older version is a new
+    version all the same: numbers only go up, so agents that verify version order accept it.
     """
     # The row lock serialises publishers of one configuration: numbers stay gapless.
     configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
@@ -182,6 +199,8 @@ def configuration_publish(
     current = configuration.current_version
     if current is not None and current.config_hash == config_hash:
         return current, False
+    if activate:
+        _refuse_while_rolling_out(configuration)
     version = _create_version(
         configuration=configuration,
         files_document=files_to_document(parsed),
@@ -189,14 +208,16 @@ def configuration_publish(
         size_bytes=sum(len(f.body) for f in parsed.values()),
         author=author,
         note=note,
+        activate=activate,
     )
     audit_record(
         actor=author,
-        action="configuration.publish",
+        action="configuration.publish" if activate else "configuration.publish_candidate",
         target=version,
         details={"configuration": configuration.name, "number": version.number, "config_hash": config_hash},
     )
-    desired_state.resolve_for_configuration(configuration)
+    if activate:
+        desired_state.resolve_for_configuration(configuration)
     return version, True
 
 
@@ -206,6 +227,7 @@ def configuration_rollback(
 ) -> ConfigVersion:
     """Make version `to_number`'s content current again, as a new version."""
     configuration = Configuration.objects.select_for_update().get(pk=configuration.pk)
+    _refuse_while_rolling_out(configuration)
     target = configuration.versions.filter(number=to_number).first()
     if target is None:
         raise DomainError(NO_SUCH_VERSION.format(number=to_number, name=configuration.name), field="version")
@@ -232,15 +254,16 @@ def configuration_rollback(
     return version
 
 
-def _check_labels(labels: Any) -> dict[str, str]:
+def check_labels(labels: Any) -> dict[str, str]:
+    """Operator labels, each one a selector can select; DomainError names the first bad one."""
     if not isinstance(labels, Mapping):
-        raise DomainError("labels must be an object of string keys and string values", field="labels")
+        raise DomainError(LABELS_NOT_A_MAP, field="labels")
     checked: dict[str, str] = {}
     for key, value in labels.items():
-        if not isinstance(key, str) or not key or len(key) > 256 or "__" in key or any(c.isspace() for c in key):
-            raise DomainError(LABEL_KEY_INVALID.format(key=str(key)[:80]), field="labels")
-        if not isinstance(value, str) or len(value) > 256:
-            raise DomainError(LABEL_VALUE_INVALID.format(key=key), field="labels")
+        try:
+            key, value = check_label(key, value)
+        except SelectorError as error:
+            raise DomainError(str(error), field="labels") from None
         checked[key] = value
     return checked
 
@@ -248,7 +271,7 @@ def _check_labels(labels: Any) -> dict[str, str]:
 @transaction.atomic
 def agent_labels_set(*, instance_uid: uuid.UUID, labels: Any, actor: Actor, replace: bool = True) -> Agent:
     """Set (or, with replace=False, merge) the operator labels of an agent and re-resolve it."""
-    checked = _check_labels(labels)
+    checked = check_labels(labels)
     agent = Agent.objects.select_for_update().get(instance_uid=instance_uid)
     before = dict(agent.operator_labels)
     agent.operator_labels = checked if replace else {**agent.operator_labels, **checked}

@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "channels",
     "fleet",
     "rollouts",
+    "signing",
 ]
 
 MIDDLEWARE = [
@@ -100,6 +101,9 @@ REST_FRAMEWORK = {
         "rest_framework.filters.OrderingFilter",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Domain errors (rollouts.errors.DomainError and the validation errors of config files
+    # and selectors) become 400s with one body shape; everything else is DRF's default.
+    "EXCEPTION_HANDLER": "rollouts.api.exceptions.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -139,6 +143,8 @@ OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS = env_float("OPAMP_OFFLINE_AFTER_MISSED_HE
 OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
 # A polling agent that has not acknowledged an offered config is offered it again after this.
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
+# How often Celery beat checks the gates of running rollouts.
+OPAMP_ROLLOUT_TICK_SECONDS = env_int("OPAMP_ROLLOUT_TICK_SECONDS", 5)
 # Limits on published configuration versions.
 OPAMP_CONFIG_MAX_FILE_BYTES = env_int("OPAMP_CONFIG_MAX_FILE_BYTES", 1024 * 1024)
 OPAMP_CONFIG_MAX_TOTAL_BYTES = env_int("OPAMP_CONFIG_MAX_TOTAL_BYTES", 4 * 1024 * 1024)
@@ -154,3 +160,20 @@ OPAMP_SERVE_STATIC = env_bool("OPAMP_SERVE_STATIC", True)
 OPAMP_REQUIRE_UPB = env_bool("OPAMP_REQUIRE_UPB", True)
 # Server-process garbage collector thresholds for many long-lived connections.
 OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["100000", "50", "1000"]))
+
+# --- Signing and identity ---------------------------------------------------------------
+# Private keys live only in these files (0600), never in the database or API output.
+# Ed25519 key that signs configuration versions; empty = configs are not signed.
+OPAMP_SIGNING_KEY_FILE = env_str("OPAMP_SIGNING_KEY_FILE", "")
+# Further trusted public keys (*.pem), e.g. the next key published ahead of a rotation.
+OPAMP_SIGNING_EXTRA_PUBLIC_KEYS_DIR = env_str("OPAMP_SIGNING_EXTRA_PUBLIC_KEYS_DIR", "")
+# The agents' certificate authority (manage.py create_ca / import_ca); empty = no CSR flow.
+OPAMP_CA_KEY_FILE = env_str("OPAMP_CA_KEY_FILE", "")
+OPAMP_CA_CERT_FILE = env_str("OPAMP_CA_CERT_FILE", "")
+# Validity of issued agent certificates, capped by the maximum (and by the CA's own expiry).
+OPAMP_CERT_VALIDITY_DAYS = env_int("OPAMP_CERT_VALIDITY_DAYS", 90)
+OPAMP_CERT_MAX_VALIDITY_DAYS = env_int("OPAMP_CERT_MAX_VALIDITY_DAYS", 90)
+# CSRs accepted from one agent per hour (refused ones count too).
+OPAMP_CSR_MAX_PER_HOUR = env_int("OPAMP_CSR_MAX_PER_HOUR", 10)
+# How far ahead a CRL's nextUpdate is set.
+OPAMP_CRL_NEXT_UPDATE_HOURS = env_int("OPAMP_CRL_NEXT_UPDATE_HOURS", 24)

@@ -1,0 +1,134 @@
+"""Shapes of the rollouts API: input validation only; no side effects live here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from rollouts.models import Rollout, RolloutEvent, RolloutStage
+
+
+class StageInputSerializer(serializers.Serializer):
+    percent = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=100)
+    count = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    selector = serializers.JSONField(required=False, allow_null=True, help_text="dict or short string form")
+    hold_seconds = serializers.FloatField(default=0, min_value=0)
+    requires_approval = serializers.BooleanField(default=False)
+
+
+class RolloutInputSerializer(serializers.Serializer):
+    configuration = serializers.CharField(help_text="configuration name")
+    candidate_version = serializers.IntegerField(min_value=1, help_text="version number to roll out")
+    stages = StageInputSerializer(many=True)
+    max_failure_rate = serializers.FloatField(default=0.001, min_value=0, max_value=1)
+    apply_timeout_seconds = serializers.FloatField(default=300, min_value=1)
+    min_reporting = serializers.IntegerField(default=1, min_value=1)
+    auto_rollback = serializers.BooleanField(default=True)
+    salt = serializers.CharField(required=False, allow_blank=False, max_length=64)
+    note = serializers.CharField(default="", allow_blank=True)
+    dry_run = serializers.BooleanField(default=False, help_text="show each stage's agents; create nothing")
+
+
+class ApproveSerializer(serializers.Serializer):
+    stage = serializers.IntegerField(min_value=0)
+
+
+class StageCountsSerializer(serializers.Serializer):
+    targeted = serializers.IntegerField()
+    applied = serializers.IntegerField()
+    unhealthy = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    timed_out = serializers.IntegerField()
+    offline = serializers.IntegerField()
+    reported = serializers.IntegerField()
+    reachable = serializers.IntegerField()
+    failure_rate = serializers.FloatField()
+
+
+class StageSerializer(serializers.ModelSerializer):
+    approved_by = serializers.CharField(source="approved_by.username", read_only=True, allow_null=True)
+    counts = serializers.SerializerMethodField()
+
+    class Meta:
+        model = RolloutStage
+        fields = [
+            "index",
+            "percent",
+            "count",
+            "selector",
+            "hold_seconds",
+            "requires_approval",
+            "approved_by",
+            "approved_at",
+            "bucket_threshold",
+            "counts",
+        ]
+        read_only_fields = fields
+
+    def get_counts(self, stage: RolloutStage) -> dict[str, Any] | None:
+        counts = self.context.get("counts", {}).get(stage.index)
+        return counts.as_dict() if counts is not None else None
+
+
+class RolloutSerializer(serializers.ModelSerializer):
+    configuration = serializers.CharField(source="configuration.name", read_only=True)
+    stable_version = serializers.IntegerField(source="stable_version.number", read_only=True)
+    candidate_version = serializers.IntegerField(source="candidate_version.number", read_only=True)
+    stable_hash = serializers.CharField(source="stable_version.config_hash", read_only=True)
+    candidate_hash = serializers.CharField(source="candidate_version.config_hash", read_only=True)
+    created_by = serializers.CharField(source="created_by.username", read_only=True, allow_null=True)
+    stages = serializers.SerializerMethodField()
+    rollback = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Rollout
+        fields = [
+            "id",
+            "configuration",
+            "state",
+            "stage_index",
+            "stage_started_at",
+            "stable_version",
+            "candidate_version",
+            "stable_hash",
+            "candidate_hash",
+            "max_failure_rate",
+            "apply_timeout_seconds",
+            "min_reporting",
+            "auto_rollback",
+            "salt",
+            "note",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "stages",
+            "rollback",
+        ]
+        read_only_fields = fields
+
+    def get_stages(self, rollout: Rollout) -> list[dict[str, Any]]:
+        return list(StageSerializer(rollout.stages.all(), many=True, context=self.context).data)
+
+    def get_rollback(self, rollout: Rollout) -> dict[str, int] | None:
+        return self.context.get("rollback")
+
+
+class RolloutEventSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor.username", read_only=True, allow_null=True)
+
+    class Meta:
+        model = RolloutEvent
+        fields = ["kind", "from_state", "to_state", "stage_index", "actor", "message", "counts", "at"]
+        read_only_fields = fields
+
+
+class DryRunStageSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    percent = serializers.FloatField(allow_null=True)
+    count = serializers.IntegerField(allow_null=True)
+    cohort_size = serializers.IntegerField()
+    cumulative = serializers.IntegerField()
+    sample = serializers.ListField(child=serializers.CharField())

@@ -1,0 +1,125 @@
+"""The rollouts API: create (or dry-run), the verbs, status per stage, the event timeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from rollouts import rollout_engine as engine
+from rollouts.api import rollout_serializers as rs
+from rollouts.api.views import RolloutsAPIMixin, _configuration, _valid, _version
+from rollouts.models import Rollout, RolloutState
+
+
+def _stage_specs(stages: list[dict[str, Any]]) -> list[engine.StageSpec]:
+    return [engine.StageSpec(**stage) for stage in stages]
+
+
+class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
+    """Timed canary rollouts of a configuration's candidate version."""
+
+    serializer_class = rs.RolloutSerializer
+    filterset_fields = ["state"]
+    ordering_fields = ["created_at", "id"]
+    ordering = ["-created_at", "-id"]
+
+    def get_queryset(self) -> QuerySet[Rollout]:
+        return Rollout.objects.select_related(
+            "configuration", "stable_version", "candidate_version", "created_by"
+        ).prefetch_related("stages__approved_by")
+
+    def _encode(self, rollout: Rollout, *, code: int = status.HTTP_200_OK) -> Response:
+        rollout = self.get_queryset().get(pk=rollout.pk)
+        context: dict[str, Any] = {"counts": engine.stage_counts(rollout)}
+        if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
+            context["rollback"] = engine.rollback_progress(rollout)
+        return Response(rs.RolloutSerializer(rollout, context=context).data, status=code)
+
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        return self.get_paginated_response(rs.RolloutSerializer(page, many=True, context={"counts": {}}).data)
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return self._encode(self.get_object())
+
+    @extend_schema(
+        request=rs.RolloutInputSerializer,
+        responses={201: rs.RolloutSerializer, 200: rs.DryRunStageSerializer(many=True)},
+        description="Create a draft rollout, or with dry_run=true show which agents each stage would take.",
+    )
+    def create(self, request: Request) -> Response:
+        data = _valid(rs.RolloutInputSerializer, request.data)
+        configuration = _configuration(data["configuration"])
+        stages = _stage_specs(data["stages"])
+        if data["dry_run"]:
+            result = engine.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
+            return Response(rs.DryRunStageSerializer(result, many=True).data)
+        rollout = engine.rollout_create(
+            configuration=configuration,
+            candidate=_version(configuration, data["candidate_version"], field="candidate_version"),
+            stages=stages,
+            actor=request.user,
+            max_failure_rate=data["max_failure_rate"],
+            apply_timeout_seconds=data["apply_timeout_seconds"],
+            min_reporting=data["min_reporting"],
+            auto_rollback=data["auto_rollback"],
+            salt=data.get("salt"),
+            note=data["note"],
+        )
+        return self._encode(rollout, code=status.HTTP_201_CREATED)
+
+    def _verb(self, request: Request, pk: str, verb: str) -> Response:
+        rollout = get_object_or_404(Rollout, pk=pk)
+        getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user)
+        return self._encode(rollout)
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "start")
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "pause")
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "resume")
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer, description="Skip to the last stage.")
+    @action(detail=True, methods=["post"])
+    def promote(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "promote")
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer, description="Roll back (or cancel a draft).")
+    @action(detail=True, methods=["post"])
+    def abort(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "abort")
+
+    @extend_schema(request=None, responses=rs.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str) -> Response:
+        return self._verb(request, pk, "retry")
+
+    @extend_schema(request=rs.ApproveSerializer, responses=rs.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str) -> Response:
+        data = _valid(rs.ApproveSerializer, request.data)
+        rollout = get_object_or_404(Rollout, pk=pk)
+        engine.rollout_approve_stage(rollout=rollout, stage_index=data["stage"], actor=request.user)
+        return self._encode(rollout)
+
+    @extend_schema(responses=rs.RolloutEventSerializer(many=True))
+    @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])
+    def events(self, request: Request, pk: str) -> Response:
+        rollout = get_object_or_404(Rollout, pk=pk)
+        return Response(rs.RolloutEventSerializer(rollout.events.select_related("actor"), many=True).data)

@@ -1,0 +1,407 @@
+"""Ed25519 signatures over configuration versions: signing, verification, key files.
+
+Pure (the standard library and `cryptography` only) so the agent client can verify what
+the server signs with the very same code. What is signed is a small canonical envelope,
+not the config map itself: the envelope names the canonical config-map hash
+(`opamp.hashing.config_map_hash`, hex), the configuration, a version number that only
+goes up, the issue time and the signing key's id. The verifier recomputes the hash of
+the files it received, so a changed body, a swapped key or an older version is refused.
+
+On the wire the signature travels next to the files it covers, as the extra config-map
+file `SIGNATURE_FILE_NAME` (JSON), to agents that declared `CUSTOM_CAPABILITY`. The hash
+in the envelope is computed over the map WITHOUT that file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+SIGNATURE_FILE_NAME = "opamp-signature.json"
+SIGNATURE_CONTENT_TYPE = "application/json"
+CUSTOM_CAPABILITY = "io.opamp.signed-config/v1"
+# A different domain per signed thing: a signature made for one purpose can never be
+# replayed as another (e.g. a package signature passed off as a config signature).
+SIGNED_CONFIG_DOMAIN = b"opamp-signed-config/v1\n"
+ENVELOPE_FIELDS = frozenset({"config_hash", "configuration", "version", "issued_at", "key_id"})
+# A signature document is a few hundred bytes; anything far larger is not one of ours and
+# is refused before json.loads spends memory on it.
+MAX_SIGNATURE_DOCUMENT_BYTES = 16 * 1024
+MAX_CONFIGURATION_NAME_CHARS = 200
+
+KEY_ID_HEX_CHARS = 16
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_RFC3339_UTC_SECONDS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+MALFORMED_DOCUMENT = "the config signature is malformed: {problem}"
+UNKNOWN_KEY = "the config is signed with key {key_id}, which this agent does not trust"
+BAD_SIGNATURE = "the config signature does not verify with key {key_id}"
+HASH_MISMATCH = "the config does not match its signature: signed hash {signed}, received content hashes to {actual}"
+CONFIGURATION_MISMATCH = "the signature is for configuration {signed!r}, not {expected!r}"
+VERSION_ROLLBACK = "the signed config is version {version}, older than version {min_version} already in use"
+KEY_FILE_EXISTS = "refusing to overwrite the existing key file {path}"
+KEY_FILE_NOT_ED25519 = "the key file {path} does not hold an Ed25519 private key"
+KEY_FILE_UNREADABLE = "cannot load a private key from {path}: {problem}"
+PUBLIC_KEY_NOT_ED25519 = "the public key is not an Ed25519 key"
+PUBLIC_KEY_UNREADABLE = "cannot load a public key: {problem}"
+VERSION_INVALID = "the version must be a positive integer"
+CONFIG_HASH_INVALID = "the config hash must be 64 lowercase hex characters (SHA-256)"
+CONFIGURATION_NAME_INVALID = "the configuration name must be 1-200 characters"
+
+
+class SignatureError(Exception):
+    """A signed config the verifier refuses. The message is safe to report to the server."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class MalformedSignature(SignatureError):
+    """The signature document is not a well-formed v1 signature."""
+
+
+class UnknownSigningKey(SignatureError):
+    """Signed with a key id that is not among the trusted keys."""
+
+
+class BadSignature(SignatureError):
+    """The signature does not verify over the envelope."""
+
+
+class ConfigHashMismatch(SignatureError):
+    """The files received are not the ones that were signed (tampered body)."""
+
+
+class ConfigurationMismatch(SignatureError):
+    """A valid signature made for another configuration."""
+
+
+class VersionRollback(SignatureError):
+    """A valid signature for a version older than the one already in use (replay/rollback)."""
+
+
+class SigningKeyError(Exception):
+    """A key file that cannot be created or loaded."""
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def public_key_raw(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id_for(public_key: Ed25519PublicKey) -> str:
+    """First 16 hex characters of the SHA-256 of the raw 32-byte public key."""
+    return hashlib.sha256(public_key_raw(public_key)).hexdigest()[:KEY_ID_HEX_CHARS]
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> str:
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode(
+        "ascii"
+    )
+
+
+def load_public_key_pem(pem: bytes | str) -> Ed25519PublicKey:
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as error:
+        raise SigningKeyError(PUBLIC_KEY_UNREADABLE.format(problem=error)) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningKeyError(PUBLIC_KEY_NOT_ED25519)
+    return key
+
+
+@dataclass(frozen=True)
+class SigningKeyPair:
+    """An Ed25519 private key and its key id. The repr never shows the private key."""
+
+    private_key: Ed25519PrivateKey = field(repr=False)
+    key_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_id", key_id_for(self.private_key.public_key()))
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+    @property
+    def public_key_pem(self) -> str:
+        return public_key_pem(self.public_key)
+
+    @classmethod
+    def generate(cls) -> SigningKeyPair:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> SigningKeyPair:
+        return cls(load_private_key(path))
+
+
+def write_new_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` with mode 0600 and write `data`; refuse if it exists.
+
+    O_EXCL makes "refuse to overwrite" atomic, and the mode is given to open() so the file
+    is never readable by others, not even between create and chmod. fchmod then removes any
+    doubt about the process umask.
+    """
+    target = Path(path)
+    try:
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SigningKeyError(KEY_FILE_EXISTS.format(path=target)) from None
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            descriptor = -1
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        if descriptor != -1:
+            os.close(descriptor)
+        target.unlink(missing_ok=True)
+        raise
+
+
+def private_key_pem_pkcs8(private_key: Any) -> bytes:
+    return bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def generate_signing_key(path: str | os.PathLike[str]) -> SigningKeyPair:
+    """A new Ed25519 key written to `path` as unencrypted PKCS#8 PEM, mode 0600."""
+    pair = SigningKeyPair.generate()
+    write_new_private_file(path, private_key_pem_pkcs8(pair.private_key))
+    return pair
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    try:
+        data = Path(path).read_bytes()
+        key = serialization.load_pem_private_key(data, password=None)
+    except (OSError, ValueError, TypeError) as error:
+        # The problem text never includes the file's content.
+        raise SigningKeyError(KEY_FILE_UNREADABLE.format(path=path, problem=type(error).__name__)) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(KEY_FILE_NOT_ED25519.format(path=path))
+    return key
+
+
+def load_public_keys_dir(path: str | os.PathLike[str]) -> dict[str, Ed25519PublicKey]:
+    """Every `*.pem` Ed25519 public key in a directory, by key id (others are skipped)."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    directory = Path(path)
+    if not directory.is_dir():
+        return keys
+    for entry in sorted(directory.glob("*.pem")):
+        try:
+            key = load_public_key_pem(entry.read_bytes())
+        except (OSError, SigningKeyError):
+            continue
+        keys[key_id_for(key)] = key
+    return keys
+
+
+# --- the signed envelope ----------------------------------------------------------------
+
+
+def rfc3339_utc(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError("issued_at must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class SignedEnvelope:
+    """What a config signature says; `version` only goes up within one configuration."""
+
+    config_hash: str
+    configuration: str
+    version: int
+    issued_at: str
+    key_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config_hash": self.config_hash,
+            "configuration": self.configuration,
+            "version": self.version,
+            "issued_at": self.issued_at,
+            "key_id": self.key_id,
+        }
+
+    @property
+    def issued_at_datetime(self) -> datetime:
+        return datetime.strptime(self.issued_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def canonical_envelope_bytes(envelope: SignedEnvelope) -> bytes:
+    """The exact bytes signed: domain string + sorted, whitespace-free JSON."""
+    body = json.dumps(envelope.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return SIGNED_CONFIG_DOMAIN + body.encode("ascii")
+
+
+@dataclass(frozen=True)
+class SignedConfig:
+    """An envelope and its Ed25519 signature (standard base64)."""
+
+    envelope: SignedEnvelope
+    signature: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"envelope": self.envelope.to_dict(), "signature": self.signature}
+
+    def to_json_bytes(self) -> bytes:
+        """Deterministic bytes, so the same signature is the same config-map file everywhere."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes | str) -> SignedConfig:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if len(raw) > MAX_SIGNATURE_DOCUMENT_BYTES:
+            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="larger than expected"))
+        try:
+            document = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="not JSON")) from None
+        return cls.from_dict(document)
+
+    @classmethod
+    def from_dict(cls, document: Any) -> SignedConfig:
+        if not isinstance(document, dict) or set(document) != {"envelope", "signature"}:
+            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="expected keys 'envelope' and 'signature'"))
+        signature = document["signature"]
+        if not isinstance(signature, str):
+            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="signature must be a base64 string"))
+        return cls(envelope=_parse_envelope(document["envelope"]), signature=signature)
+
+
+def _parse_envelope(document: Any) -> SignedEnvelope:
+    # Strict on purpose: unknown fields are refused rather than ignored, because an
+    # ignored field would be unsigned data the agent might still act on. A v2 envelope
+    # comes with a new domain string.
+    def bad(problem: str) -> MalformedSignature:
+        return MalformedSignature(MALFORMED_DOCUMENT.format(problem=problem))
+
+    if not isinstance(document, dict) or set(document) != ENVELOPE_FIELDS:
+        raise bad("the envelope must have exactly the fields " + ", ".join(sorted(ENVELOPE_FIELDS)))
+    config_hash, configuration = document["config_hash"], document["configuration"]
+    version, issued_at, key_id = document["version"], document["issued_at"], document["key_id"]
+    if not isinstance(config_hash, str) or not _SHA256_HEX.match(config_hash):
+        raise bad("config_hash must be 64 lowercase hex characters")
+    if not isinstance(configuration, str) or not 0 < len(configuration) <= MAX_CONFIGURATION_NAME_CHARS:
+        raise bad("configuration must be a non-empty string")
+    # bool is an int in Python; a JSON `true` is not a version.
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad("version must be a positive integer")
+    if not isinstance(issued_at, str) or not _RFC3339_UTC_SECONDS.match(issued_at):
+        raise bad("issued_at must be an RFC 3339 UTC time such as 2025-01-31T12:00:00Z")
+    if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
+        raise bad("key_id must be 16 lowercase hex characters")
+    return SignedEnvelope(
+        config_hash=config_hash, configuration=configuration, version=version, issued_at=issued_at, key_id=key_id
+    )
+
+
+def sign_config(
+    *,
+    key: SigningKeyPair,
+    config_hash_hex: str,
+    configuration: str,
+    version: int,
+    issued_at: datetime | None = None,
+) -> SignedConfig:
+    """Sign one configuration version.
+
+    Pass a fixed `issued_at` (e.g. when the version was published) to get byte-identical
+    output from every server process; the signature file is then stable and never causes
+    a config-map hash to change between offers.
+    """
+    if not isinstance(config_hash_hex, str) or not _SHA256_HEX.match(config_hash_hex):
+        raise ValueError(CONFIG_HASH_INVALID)
+    if not isinstance(configuration, str) or not 0 < len(configuration) <= MAX_CONFIGURATION_NAME_CHARS:
+        raise ValueError(CONFIGURATION_NAME_INVALID)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(VERSION_INVALID)
+    envelope = SignedEnvelope(
+        config_hash=config_hash_hex,
+        configuration=configuration,
+        version=version,
+        issued_at=rfc3339_utc(issued_at or datetime.now(UTC)),
+        key_id=key.key_id,
+    )
+    signature = key.private_key.sign(canonical_envelope_bytes(envelope))
+    return SignedConfig(envelope=envelope, signature=base64.b64encode(signature).decode("ascii"))
+
+
+def verify_signed_config(
+    signed: SignedConfig | bytes | str,
+    *,
+    trusted_keys: Mapping[str, Ed25519PublicKey],
+    config_hash_hex: str,
+    min_version: int,
+    configuration: str | None = None,
+) -> SignedEnvelope:
+    """The verified envelope, or a `SignatureError` subclass saying why not.
+
+    Order matters: nothing in the envelope is believed before its signature verifies, so
+    the hash and version checks come after the signature check.
+    `config_hash_hex` is the hash the agent computed itself over the files it received
+    (without the signature file). `min_version` is the version it runs now (0 for none);
+    the same version again is accepted (a re-delivery), a lower one is not.
+    """
+    parsed = signed if isinstance(signed, SignedConfig) else SignedConfig.from_json_bytes(signed)
+    envelope = parsed.envelope
+    public_key = trusted_keys.get(envelope.key_id)
+    if public_key is None:
+        raise UnknownSigningKey(UNKNOWN_KEY.format(key_id=envelope.key_id))
+    try:
+        signature = base64.b64decode(parsed.signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="signature is not base64")) from None
+    try:
+        public_key.verify(signature, canonical_envelope_bytes(envelope))
+    except InvalidSignature:
+        raise BadSignature(BAD_SIGNATURE.format(key_id=envelope.key_id)) from None
+    if envelope.config_hash != config_hash_hex.lower():
+        raise ConfigHashMismatch(HASH_MISMATCH.format(signed=envelope.config_hash, actual=config_hash_hex.lower()))
+    if configuration is not None and envelope.configuration != configuration:
+        raise ConfigurationMismatch(
+            CONFIGURATION_MISMATCH.format(signed=envelope.configuration, expected=configuration)
+        )
+    if envelope.version < min_version:
+        raise VersionRollback(VERSION_ROLLBACK.format(version=envelope.version, min_version=min_version))
+    return envelope
+
+
+FileT = TypeVar("FileT")
+
+
+def split_signature_file(files: Mapping[str, FileT]) -> tuple[dict[str, FileT], FileT | None]:
+    """The config map without the signature file, and that file (None when absent).
+
+    The agent hashes the first part and verifies the second against that hash.
+    """
+    rest = {name: file for name, file in files.items() if name != SIGNATURE_FILE_NAME}
+    return rest, files.get(SIGNATURE_FILE_NAME)

@@ -1,0 +1,143 @@
+"""Signing keys in the database: public halves only, one active, rotation without re-enrolment."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from django.apps import apps
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from rollouts.models import AuditEvent
+from signing import selectors, services
+from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config, verify_signed_config
+from signing.errors import SIGNING_KEY_RETIRED, SigningError
+from signing.models import SigningKey
+
+pytestmark = pytest.mark.django_db
+
+HASH = hashlib.sha256(b"receivers: {}").hexdigest()
+PUBLISHED = datetime(2025, 5, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def key_file(settings, tmp_path) -> Path:
+    path = tmp_path / "signing.key"
+    generate_signing_key(path)
+    settings.OPAMP_SIGNING_KEY_FILE = str(path)
+    return path
+
+
+def test_without_a_configured_key_versions_are_not_signed(settings):
+    settings.OPAMP_SIGNING_KEY_FILE = ""
+    assert services.sign_version(configuration_name="edge", version_number=1, config_hash=HASH) is None
+    assert services.signing_key_register_active() is None
+
+
+def test_a_signed_version_verifies_with_the_trusted_keys_the_server_publishes(key_file):
+    signed = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
+    assert signed is not None
+    envelope = verify_signed_config(
+        signed.to_json_bytes(), trusted_keys=selectors.trusted_public_keys(), config_hash_hex=HASH, min_version=1
+    )
+    assert (envelope.configuration, envelope.version, envelope.issued_at) == ("edge", 2, "2025-05-01T08:00:00Z")
+
+
+def test_signing_the_same_version_twice_gives_the_same_bytes(key_file):
+    first = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
+    second = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
+    assert first is not None and second is not None
+    assert first.to_json_bytes() == second.to_json_bytes()
+
+
+def test_the_configured_key_becomes_the_single_active_key_and_the_previous_one_stays_accepted(settings, tmp_path):
+    old_path, new_path = tmp_path / "old.key", tmp_path / "new.key"
+    old, new = generate_signing_key(old_path), generate_signing_key(new_path)
+    settings.OPAMP_SIGNING_KEY_FILE = str(old_path)
+    services.signing_key_register_active()
+    settings.OPAMP_SIGNING_KEY_FILE = str(new_path)
+    services.signing_key_register_active()
+
+    assert list(SigningKey.objects.filter(active=True).values_list("key_id", flat=True)) == [new.key_id]
+    trusted = selectors.trusted_public_keys()
+    assert set(trusted) == {old.key_id, new.key_id}
+    # What the old key signed before the rotation still verifies, and so does the new key's work.
+    for pair, version in ((old, 1), (new, 2)):
+        signed = sign_config(key=pair, config_hash_hex=HASH, configuration="edge", version=version)
+        assert verify_signed_config(signed, trusted_keys=trusted, config_hash_hex=HASH, min_version=0).key_id == (
+            pair.key_id
+        )
+
+
+def test_a_retired_key_is_no_longer_trusted_and_refuses_to_sign(key_file, operator):
+    key = services.signing_key_register_active()
+    assert key is not None
+    assert services.signing_key_retire(key=key, actor=operator) is True
+    assert services.signing_key_retire(key=key, actor=operator) is False
+    assert key.key_id not in selectors.trusted_public_keys()
+    with pytest.raises(SigningError) as refused:
+        services.sign_version(configuration_name="edge", version_number=3, config_hash=HASH)
+    assert refused.value.message == SIGNING_KEY_RETIRED.format(key_id=key.key_id)
+    assert AuditEvent.objects.filter(action="signing_key.retire").count() == 1
+
+
+def test_an_extra_public_key_directory_adds_trusted_keys(settings, tmp_path, key_file):
+    extra = SigningKeyPair.generate()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "next.pem").write_text(extra.public_key_pem)
+    settings.OPAMP_SIGNING_EXTRA_PUBLIC_KEYS_DIR = str(tmp_path / "keys")
+    services.signing_key_register_active()
+    assert extra.key_id in selectors.trusted_public_keys()
+
+
+def test_registering_private_material_as_a_public_key_is_refused(tmp_path):
+    path = tmp_path / "k.key"
+    generate_signing_key(path)
+    with pytest.raises(SigningError):
+        services.signing_key_register(public_key_pem=path.read_text(), actor=None)
+    assert not SigningKey.objects.exists()
+
+
+def test_a_public_key_pasted_together_with_its_private_key_is_stored_without_it(tmp_path):
+    path = tmp_path / "k.key"
+    pair = generate_signing_key(path)
+    key = services.signing_key_register(public_key_pem=pair.public_key_pem + path.read_text(), actor=None)
+    assert key.key_id == pair.key_id
+    assert key.public_key_pem == pair.public_key_pem
+    assert "PRIVATE" not in SigningKey.objects.get().public_key_pem
+
+
+def test_create_signing_key_prints_the_key_id_and_public_key_and_stores_no_private_material(tmp_path, capsys):
+    path = tmp_path / "signing.key"
+    call_command("create_signing_key", str(path))
+    output = capsys.readouterr().out
+    pair = SigningKeyPair.from_file(path)
+    assert f"key id: {pair.key_id}" in output
+    assert pair.public_key_pem.strip() in output
+    assert "PRIVATE" not in output
+    assert SigningKey.objects.get().key_id == pair.key_id
+
+    private_body = "".join(line for line in path.read_text().splitlines() if not line.startswith("-----"))
+    raw_private = pair.private_key.private_bytes_raw().hex()
+    stored: list[str] = []
+    for model in [*apps.get_app_config("signing").get_models(), AuditEvent]:
+        for row in model.objects.values():
+            stored += [str(value) for value in row.values()]
+    assert stored
+    for value in stored:
+        assert "PRIVATE KEY" not in value
+        assert private_body not in value
+        assert raw_private not in value
+        assert not re.search(r"BEGIN (EC |RSA |ENCRYPTED )?PRIVATE", value)
+
+
+def test_create_signing_key_refuses_to_overwrite_a_file(tmp_path):
+    path = tmp_path / "signing.key"
+    path.write_text("keep me")
+    with pytest.raises(CommandError):
+        call_command("create_signing_key", str(path))
+    assert path.read_text() == "keep me"
