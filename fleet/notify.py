@@ -8,11 +8,12 @@ next message.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,25 @@ async def send_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> int:
     return sent
 
 
-def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> int:
-    """Synchronous entry point for services (runs in on_commit callbacks)."""
+def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> None:
+    """Entry point for services (runs in on_commit callbacks); returns at once.
+
+    With a network channel layer the sends run in a thread of their own: from a request
+    thread they would otherwise run on the server's event loop, behind the very pushes
+    they cause, and hold the operator's request for as long as the fleet takes to update
+    (20 s for 2,000 agents, measured). The in-process layer of the embedded default is
+    not thread-safe and costs nothing per send, so it stays inline.
+    """
     from fleet.session import runtime
 
     # This process learns at once; other processes within a generation re-check.
     runtime().expire_generation()
-    return int(async_to_sync(send_desired_state_changed)(list(instance_uids)))
+    uids = list(instance_uids)
+    if not uids:
+        return
+    if isinstance(get_channel_layer(), InMemoryChannelLayer):
+        async_to_sync(send_desired_state_changed)(uids)
+        return
+    threading.Thread(
+        target=async_to_sync(send_desired_state_changed), args=(uids,), name="desired-state-hints", daemon=True
+    ).start()
