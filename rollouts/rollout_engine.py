@@ -54,6 +54,9 @@ STAGE_SIZE = "stage {index}: give exactly one of percent (0-100] or count (>= 1)
 STAGES_NOT_NESTED = "stage {index}: stages are cumulative, so each must be at least as large as the one before"
 BAD_FAILURE_RATE = "max_failure_rate must be between 0 and 1"
 NOT_IN_STATE = "rollout {rollout_id} is {state}; {verb} needs it {wanted}"
+NO_SUCH_STAGE = "rollout {rollout_id} has no stage {index}"
+STAGE_NEEDS_NO_APPROVAL = "stage {index} does not require approval"
+LOST_RACE = "rollout {rollout_id} was changed by another request at the same time; nothing was done"
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def _check_stages(stages: Sequence[StageSpec]) -> list[dict[str, Any]]:
         last_percent = float(stage.percent) if has_percent else last_percent
         last_count = int(stage.count) if has_count else last_count
         try:
-            selector = parse_selector(stage.selector).to_dict() if stage.selector else {}
+            selector = parse_selector(stage.selector).to_dict() if stage.selector is not None else {}
         except SelectorError as error:
             raise DomainError(f"stage {index}: {error}", field="stages") from None
         checked.append(
@@ -274,6 +277,14 @@ def _require(rollout: Rollout, verb: str, states: Sequence[str]) -> None:
         )
 
 
+def _fix_thresholds(rollout: Rollout) -> None:
+    """Cohort thresholds from the population now (count stages depend on it)."""
+    stages = list(rollout.stages.all())
+    thresholds = _thresholds(stages, rollout.salt, _population(rollout.configuration))
+    for stage, threshold in zip(stages, thresholds, strict=True):
+        RolloutStage.objects.filter(pk=stage.pk).update(bucket_threshold=threshold)
+
+
 def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
     """draft -> running at stage 0; cohort thresholds are fixed from the population now."""
     _require(rollout, "start", [RolloutState.DRAFT])
@@ -285,10 +296,7 @@ def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
     if other is not None:
         raise DomainError(ROLLOUT_ACTIVE.format(name=rollout.configuration.name, rollout_id=other.pk), status=409)
     with transaction.atomic():
-        stages = list(rollout.stages.all())
-        thresholds = _thresholds(stages, rollout.salt, _population(rollout.configuration))
-        for stage, threshold in zip(stages, thresholds, strict=True):
-            RolloutStage.objects.filter(pk=stage.pk).update(bucket_threshold=threshold)
+        _fix_thresholds(rollout)
         now = timezone.now()
         started = _transition(
             rollout,
@@ -417,6 +425,8 @@ def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
         )
     with transaction.atomic():
         RolloutTarget.objects.filter(rollout=rollout).delete()
+        # A draft aborted before it started never had its thresholds fixed.
+        _fix_thresholds(rollout)
         now = timezone.now()
         done = _transition(
             rollout,
@@ -435,9 +445,15 @@ def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
 
 def rollout_approve_stage(*, rollout: Rollout, stage_index: int, actor: Actor) -> bool:
     """Approve a stage that requires it; the next tick may then start it."""
-    approved = RolloutStage.objects.filter(
-        rollout=rollout, index=stage_index, requires_approval=True, approved_at__isnull=True
-    ).update(approved_by=_actor(actor), approved_at=timezone.now())
+    _require(rollout, "approve", [RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED])
+    stage = rollout.stages.filter(index=stage_index).first()
+    if stage is None:
+        raise DomainError(NO_SUCH_STAGE.format(rollout_id=rollout.pk, index=stage_index), field="stage")
+    if not stage.requires_approval:
+        raise DomainError(STAGE_NEEDS_NO_APPROVAL.format(index=stage_index), field="stage")
+    approved = RolloutStage.objects.filter(pk=stage.pk, approved_at__isnull=True).update(
+        approved_by=_actor(actor), approved_at=timezone.now()
+    )
     if approved:
         RolloutEvent.objects.create(
             rollout=rollout,

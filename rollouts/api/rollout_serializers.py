@@ -9,7 +9,18 @@ from rest_framework import serializers
 from rollouts.models import Rollout, RolloutEvent, RolloutStage
 
 
-class StageInputSerializer(serializers.Serializer):
+class StrictSerializer(serializers.Serializer):
+    """Unknown keys are an error: a misspelt `requires_approval` must not silently vanish."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({key: ["unknown field"] for key in unknown})
+        return super().to_internal_value(data)
+
+
+class StageInputSerializer(StrictSerializer):
     percent = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=100)
     count = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     selector = serializers.JSONField(required=False, allow_null=True, help_text="dict or short string form")
@@ -17,7 +28,7 @@ class StageInputSerializer(serializers.Serializer):
     requires_approval = serializers.BooleanField(default=False)
 
 
-class RolloutInputSerializer(serializers.Serializer):
+class RolloutInputSerializer(StrictSerializer):
     configuration = serializers.CharField(help_text="configuration name")
     candidate_version = serializers.IntegerField(min_value=1, help_text="version number to roll out")
     stages = StageInputSerializer(many=True)

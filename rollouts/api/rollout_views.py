@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rollouts import rollout_engine as engine
 from rollouts.api import rollout_serializers as rs
 from rollouts.api.views import RolloutsAPIMixin, _configuration, _valid, _version
+from rollouts.errors import DomainError
 from rollouts.models import Rollout, RolloutState
 
 
@@ -77,7 +78,8 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     def _verb(self, request: Request, pk: str, verb: str) -> Response:
         rollout = get_object_or_404(Rollout, pk=pk)
-        getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user)
+        if not getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user):
+            raise DomainError(engine.LOST_RACE.format(rollout_id=rollout.pk), status=409)
         return self._encode(rollout)
 
     @extend_schema(request=None, responses=rs.RolloutSerializer)
