@@ -24,9 +24,12 @@ from collections.abc import Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from agent_client import report
 from agent_client.backoff import Backoff
 from agent_client.remote_config import ConfigFile, ConfigRejected, check_remote_config
+from agent_client.signed_config import CUSTOM_CAPABILITY, content_hash, record_version, verify_remote_config
 from agent_client.state import AgentState, RemoteConfigRecord
 from agent_client.transport import Transport, TransportError
 from agent_client.version import __version__
@@ -34,6 +37,7 @@ from opamp.capabilities import AgentCapabilities, ServerToAgentFlags
 from opamp.hashing import config_map_hash
 from opamp.identifiers import instance_uid_problem, new_instance_uid
 from opamp.proto import opamp_pb2 as pb
+from signing.config_signing import key_id_for
 
 logger = logging.getLogger("agent_client")
 
@@ -71,10 +75,26 @@ class AgentSettings:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     shutdown_timeout: float = 5.0
+    # Key id -> Ed25519 public key. None: signatures are not required. Otherwise the agent
+    # declares the signed-config custom capability and applies only configs signed by one
+    # of these keys (an empty mapping refuses every config).
+    trusted_keys: Mapping[str, Ed25519PublicKey] | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
+        for key_id, key in (self.trusted_keys or {}).items():
+            if key_id != key_id_for(key):
+                raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")
+
+    @property
+    def requires_signed_config(self) -> bool:
+        return self.trusted_keys is not None
+
+    @property
+    def custom_capabilities(self) -> list[str]:
+        """The custom capabilities declared in full reports."""
+        return [CUSTOM_CAPABILITY] if self.requires_signed_config else []
 
     @property
     def capabilities(self) -> int:
@@ -314,6 +334,8 @@ class Agent:
         message.health.CopyFrom(report.component_health(start_time_unix_nano=self._start_time_unix_nano))
         message.effective_config.CopyFrom(report.effective_config(self._remote.files))
         message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
+        if custom := self.settings.custom_capabilities:
+            message.custom_capabilities.capabilities.extend(custom)
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -399,12 +421,17 @@ class Agent:
             return
         # The server always sets config_hash; hashing here keeps an unhashed offer from
         # matching the empty hash of an agent that never received a config.
-        config_hash = remote.config_hash or config_map_hash(remote.config.config_map)
+        files = report.config_files(remote.config)
+        if remote.config_hash:
+            config_hash = remote.config_hash
+        elif self.settings.requires_signed_config:
+            config_hash = content_hash(files)  # what the signature covers
+        else:
+            config_hash = config_map_hash(files)
         # Compared with the last hash received, not the last applied: a config that failed
         # is not retried in a loop, and a rollback to the applied one is applied again.
         if config_hash == self._remote.last_hash:
             return
-        files = report.config_files(remote.config)
         previous = self._remote
         self._remote = replace(
             previous,
@@ -438,9 +465,23 @@ class Agent:
     async def _apply(
         self, files: Mapping[str, ConfigFile], config_hash: bytes, previous: RemoteConfigRecord
     ) -> RemoteConfigRecord:
-        """Check and install `files`; the outcome is APPLIED, or FAILED with the reason."""
+        """Check and install `files`; the outcome is APPLIED, or FAILED with the reason.
+
+        With trusted keys, the signature is checked first and only the files it covers
+        (never the signature file) are checked, installed and reported as effective.
+        """
         failed = replace(previous, last_hash=config_hash, status=pb.RemoteConfigStatuses_FAILED)
+        signed_versions = previous.signed_versions
         try:
+            if self.settings.trusted_keys is not None:
+                verified = verify_remote_config(
+                    files,
+                    offered_hash=config_hash,
+                    trusted_keys=self.settings.trusted_keys,
+                    applied_versions=previous.signed_versions,
+                )
+                files = verified.files
+                signed_versions = record_version(previous.signed_versions, verified.envelope)
             check_remote_config(
                 files,
                 fail_if_contains=self.settings.fail_if_contains,
@@ -456,4 +497,5 @@ class Agent:
             status=pb.RemoteConfigStatuses_APPLIED,
             applied_hash=config_hash,
             files=files,
+            signed_versions=signed_versions,
         )

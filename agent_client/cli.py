@@ -6,6 +6,10 @@
 One log line per notable event (connected, disconnected and when it retries, config
 applying/applied/failed, new instance_uid, heartbeat interval changed, shut down). On a
 signal the agent sends agent_disconnect, closes the connection and exits with status 0.
+
+With `--trusted-key PATH` (repeatable) or `--trusted-keys-dir DIR` (every `*.pem` in it) the
+agent requires signed configs: it declares `io.opamp.signed-config/v1` and applies only a
+config whose `opamp-signature.json` verifies with one of those Ed25519 public keys.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from agent_client.agent import DEFAULT_HEARTBEAT_INTERVAL, Agent, AgentSettings
+from agent_client.signed_config import trusted_keys_by_id
 from agent_client.state import FileState, StateError
 from agent_client.transport import transport_for_url
+from signing.config_signing import SigningKeyError, load_public_key_pem, load_public_keys_dir
 
 logger = logging.getLogger("agent_client")
 
@@ -54,6 +62,26 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
+
+
+def public_key_file(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file."""
+    try:
+        return load_public_key_pem(Path(text).read_bytes())
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {error.strerror or error}") from None
+    except SigningKeyError as error:
+        raise argparse.ArgumentTypeError(f"{text}: {error}") from None
+
+
+def public_keys_dir(text: str) -> list[Ed25519PublicKey]:
+    """Every Ed25519 public key in the `*.pem` files of a directory; at least one."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    keys = list(load_public_keys_dir(text).values())
+    if not keys:
+        raise argparse.ArgumentTypeError(f"no Ed25519 public key (*.pem) in {text}")
+    return keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,12 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="HTTP header sent with every request or upgrade, e.g. 'Authorization: Bearer X'",
     )
+    run.add_argument(
+        "--trusted-key",
+        action="append",
+        type=public_key_file,
+        default=[],
+        metavar="PATH",
+        help="PEM Ed25519 public key trusted to sign configs (repeatable); makes signatures required",
+    )
+    run.add_argument(
+        "--trusted-keys-dir",
+        type=public_keys_dir,
+        metavar="DIR",
+        help="directory of PEM Ed25519 public keys (*.pem) trusted to sign configs; makes signatures required",
+    )
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
 
 def settings_from_options(options: argparse.Namespace) -> AgentSettings:
     marker: str | None = options.fail_if_contains
+    keys: list[Ed25519PublicKey] = [*options.trusted_key, *(options.trusted_keys_dir or [])]
     return AgentSettings(
         identifying_attributes=dict(options.attr),
         non_identifying_attributes=dict(options.label),
@@ -123,6 +166,7 @@ def settings_from_options(options: argparse.Namespace) -> AgentSettings:
         accept_remote_config=options.accept_remote_config,
         fail_if_contains=marker.encode("utf-8") if marker else None,
         fail_apply=options.fail_apply,
+        trusted_keys=trusted_keys_by_id(keys) if keys else None,
     )
 
 
@@ -170,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent.identifying_attributes()["service.instance.id"],
         "HTTP polling" if transport.polls else "WebSocket",
     )
+    if agent.settings.trusted_keys is not None:
+        logger.info(
+            "requiring signed configs, trusted keys: %s", ", ".join(sorted(agent.settings.trusted_keys)) or "none"
+        )
     asyncio.run(run_until_signalled(agent))
     logger.info("stopped")
     return EXIT_OK

@@ -3,7 +3,8 @@
 `FileState` lays it out under a state directory:
 
     <state-dir>/instance_uid         the instance_uid as a canonical UUID string
-    <state-dir>/remote_config.json   last received hash, status, error, applied hash, file list
+    <state-dir>/remote_config.json   last received hash, status, error, applied hash, file list,
+                                     highest signed version applied per configuration
     <state-dir>/config/<name>        the applied config files, and nothing else
 
 `MemoryState` keeps the same facts in memory, for simulated fleets.
@@ -55,6 +56,8 @@ class RemoteConfigRecord:
 
     `last_hash` is the last `config_hash` received, whatever came of it (the spec's
     `last_remote_config_hash`); `applied_hash` and `files` describe the config in effect.
+    `signed_versions` is the highest signed version applied per configuration name: a
+    signed config older than that is a replay and refused.
     """
 
     last_hash: bytes = b""
@@ -62,6 +65,7 @@ class RemoteConfigRecord:
     error_message: str = ""
     applied_hash: bytes = b""
     files: Mapping[str, ConfigFile] = field(default_factory=dict)
+    signed_versions: Mapping[str, int] = field(default_factory=dict)
 
 
 class AgentState(Protocol):
@@ -150,6 +154,8 @@ class FileState:
                 error_message=str(document["error_message"]),
                 applied_hash=bytes.fromhex(document["applied_config_hash"]),
                 files=self._read_config_files(content_types),
+                # Absent from records written before signed configs existed.
+                signed_versions=_parse_signed_versions(document.get("signed_config_versions", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError, ConfigRejected) as error:
             raise StateError(f"{path}: malformed remote config record: {error!r}") from error
@@ -192,10 +198,22 @@ class FileState:
             "error_message": record.error_message,
             "applied_config_hash": record.applied_hash.hex(),
             "files": {name: file.content_type for name, file in sorted(record.files.items())},
+            "signed_config_versions": dict(sorted(record.signed_versions.items())),
         }
         data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         write_atomically(self.directory / REMOTE_CONFIG_FILE, data)
         fsync_directory(self.directory)
+
+
+def _parse_signed_versions(document: object) -> dict[str, int]:
+    if not isinstance(document, dict):
+        raise TypeError("signed_config_versions must be an object")
+    versions: dict[str, int] = {}
+    for name, version in document.items():
+        if not isinstance(name, str) or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"bad signed config version {name!r}: {version!r}")
+        versions[name] = version
+    return versions
 
 
 class MemoryState:

@@ -28,6 +28,7 @@ class AgentSnapshot:
     available_components_hash: str
     connected: bool
     remote_config_hash: str
+    custom_capabilities: list[str]
 
     @classmethod
     def of(cls, agent: Agent) -> AgentSnapshot:
@@ -41,6 +42,7 @@ class AgentSnapshot:
             available_components_hash=agent.available_components_hash,
             connected=agent.connected,
             remote_config_hash=agent.remote_config_hash,
+            custom_capabilities=list(agent.custom_capabilities or []),
         )
 
 
@@ -153,6 +155,8 @@ def agent_record_status(
             error=report.remote_config_error or "",
         )
         snapshot.remote_config_hash = report.remote_config_hash
+    if report.custom_capabilities is not None:
+        snapshot.custom_capabilities = report.custom_capabilities
     snapshot.last_sequence_num = sequence_num
     snapshot.capabilities = report.capabilities
     return snapshot

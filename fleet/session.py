@@ -31,7 +31,7 @@ from opamp.capabilities import (
 )
 from opamp.identifiers import instance_uid_problem, uuid7
 from opamp.proto import opamp_pb2
-from rollouts.delivery import OfferContext, fill_remote_config, should_offer
+from rollouts.delivery import OfferContext, fill_remote_config, should_offer, wants_signature
 from rollouts.desired_state import DesiredConfig, current_generation, desired_config_for_agent, record_offer
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class AgentSession:
         )
         if desired is None or not should_offer(desired, context):
             return False
-        fill_remote_config(reply, desired)
+        fill_remote_config(reply, desired, with_signature=wants_signature(snapshot.custom_capabilities))
         self.last_offered_hash = desired.config_hash
         await db(record_offer)(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
         self.fleet.desired[snapshot.instance_uid] = (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from opamp.capabilities import AgentCapabilities, has_capability
 from opamp.proto import opamp_pb2
 from rollouts.desired_state import DesiredConfig
+from signing.config_signing import CUSTOM_CAPABILITY, SIGNATURE_FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,22 @@ def should_offer(desired: DesiredConfig | None, context: OfferContext) -> bool:
     return not recently_offered
 
 
-def fill_remote_config(reply: opamp_pb2.ServerToAgent, desired: DesiredConfig) -> None:
-    """The operator's files, byte for byte, and the version's config hash."""
+def fill_remote_config(reply: opamp_pb2.ServerToAgent, desired: DesiredConfig, *, with_signature: bool) -> None:
+    """The operator's files, byte for byte, and the version's config hash.
+
+    Agents that declared the signed-config capability also get the signature as one more
+    file; the config hash still covers only the operator's files, which is what the
+    signature's envelope names.
+    """
     config_map = reply.remote_config.config.config_map
     for name, entry in desired.files.items():
         config_map[name].body = entry["body"].encode("utf-8")
         config_map[name].content_type = entry.get("content_type", "")
+    if with_signature and desired.signature:
+        config_map[SIGNATURE_FILE_NAME].body = desired.signature.encode("utf-8")
+        config_map[SIGNATURE_FILE_NAME].content_type = "application/json"
     reply.remote_config.config_hash = bytes.fromhex(desired.config_hash)
+
+
+def wants_signature(custom_capabilities: list[str] | None) -> bool:
+    return CUSTOM_CAPABILITY in (custom_capabilities or [])

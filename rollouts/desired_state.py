@@ -39,6 +39,7 @@ class DesiredConfig:
     version_number: int
     config_hash: str
     files: dict[str, dict[str, str]]
+    signature: str
     offered_hash: str
     offered_at_timestamp: float | None
 
@@ -212,6 +213,7 @@ def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
             "version__number",
             "version__config_hash",
             "version__files",
+            "version__signature",
         )
         .first()
     )
@@ -224,6 +226,7 @@ def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
         version_number=row.version.number,
         config_hash=row.version.config_hash,
         files=row.version.files,
+        signature=row.version.signature,
         offered_hash=row.offered_hash,
         offered_at_timestamp=row.offered_at.timestamp() if row.offered_at else None,
     )

@@ -63,6 +63,9 @@ class ConfigVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     note = models.TextField(blank=True)
+    # The Ed25519-signed envelope (signing.config_signing.SignedConfig as JSON), made at
+    # publish time; empty when no signing key is configured.
+    signature = models.TextField(blank=True)
     rolled_back_from = models.ForeignKey(
         "self",
         null=True,

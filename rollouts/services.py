@@ -164,6 +164,18 @@ def _create_version(
     )
     version.full_clean()
     version.save()
+    # Imported here: signing's services use this module's audit and label helpers.
+    from signing.services import sign_version
+
+    signed = sign_version(
+        configuration_name=configuration.name,
+        version_number=version.number,
+        config_hash=config_hash,
+        issued_at=version.created_at,
+    )
+    if signed is not None:
+        version.signature = signed.to_json_bytes().decode("utf-8")
+        version.save(update_fields=["signature"])
     if activate:
         configuration.current_version = version
         configuration.save(update_fields=["current_version", "updated_at"])
