@@ -4,7 +4,10 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
+from fleet.views import fleet_overview
+
 urlpatterns = [
+    path("", fleet_overview, name="fleet-overview"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("fleet.api.urls")),
     path("api/v1/", include("rollouts.api.urls")),
