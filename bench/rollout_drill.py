@@ -128,11 +128,18 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             f"stage {stage}": round((marks[i + 1][1] if i + 1 < len(marks) else end) - t, 1)
             for i, (stage, t) in enumerate(marks)
         }
-        counts = [s["counts"] for s in detail["stages"] if s["counts"]]
-        failed = sum(c["failed"] + c["unhealthy"] for c in counts)
-        reached = sum(c["reachable"] for c in counts)
-        result["failure_rate_observed"] = round(failed / reached, 6) if reached else None
-        result["failed_agents_observed"] = failed
+        breach_event = next((e for e in events if e["kind"] == "budget_exceeded"), None)
+        if breach_event is not None:
+            # After a rollback the agents report the stable hash again, so the rate the gate
+            # acted on is the one recorded with the breach.
+            result["failure_rate_observed"] = breach_event["counts"]["failure_rate"]
+            result["failed_agents_observed"] = breach_event["counts"]["failed"] + breach_event["counts"]["unhealthy"]
+        else:
+            counts = [s["counts"] for s in detail["stages"] if s["counts"]]
+            failed = sum(c["failed"] + c["unhealthy"] for c in counts)
+            reached = sum(c["reachable"] for c in counts)
+            result["failure_rate_observed"] = round(failed / reached, 6) if reached else None
+            result["failed_agents_observed"] = failed
         if detail["state"] == "rolled_back" or any(kind == "budget_exceeded" for kind, _, _ in times):
             breach = next(t for kind, _, t in times if kind == "budget_exceeded")
             result["breach_stage"] = next(stage for kind, stage, _ in times if kind == "budget_exceeded")
