@@ -7,53 +7,22 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db.models import ProtectedError
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from fleet.labels import merged_labels
 from fleet.models import Agent, RemoteConfigState
 from rollouts import desired_state, services
 from rollouts.api.exceptions import CONFIG_FILES_INVALID, STILL_REFERENCED
-from rollouts.api.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED, grant_role
+from rollouts.api.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED
 from rollouts.errors import CONFIGURATION_NAME_TAKEN, NO_SUCH_VERSION, DomainError
 from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
 from tests.fleet.factories import AgentFactory, UserFactory
+from tests.rollouts.conftest import token_client
 
 pytestmark = pytest.mark.django_db
 
 COLLECTOR_V1 = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n", "content_type": "text/yaml"}}
 COLLECTOR_V2 = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n  prometheus: {}\n", "content_type": "text/yaml"}}
-
-
-def token_client(user: Any) -> APIClient:
-    client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
-
-
-@pytest.fixture
-def operator() -> Any:
-    user = UserFactory(username="olivia")
-    grant_role(user=user, role=OPERATOR)
-    return user
-
-
-@pytest.fixture
-def viewer() -> Any:
-    user = UserFactory(username="victor")
-    grant_role(user=user, role=VIEWER)
-    return user
-
-
-@pytest.fixture
-def api(operator: Any) -> APIClient:
-    return token_client(operator)
-
-
-@pytest.fixture
-def viewer_api(viewer: Any) -> APIClient:
-    return token_client(viewer)
 
 
 @pytest.fixture

@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from rollouts.api.roles import OPERATOR, VIEWER, WRITE_DENIED, grant_role
+from rollouts.api.roles import WRITE_DENIED
 from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import AuditEvent, Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
 from rollouts.rollout_engine import (
@@ -21,7 +20,6 @@ from rollouts.rollout_engine import (
     STAGES_NOT_NESTED,
     rollout_tick,
 )
-from tests.fleet.factories import UserFactory
 from tests.rollouts.rollout_helpers import answer_all, configuration_with_candidate, make_fleet
 
 pytestmark = pytest.mark.django_db
@@ -30,37 +28,6 @@ Kind = RolloutEvent.Kind
 FLEET_SIZE = 200
 STAGES = [{"percent": 10}, {"percent": 50}, {"percent": 100}]
 VERBS = ("start", "pause", "resume", "promote", "abort", "retry")
-
-
-def token_client(user: Any) -> APIClient:
-    client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
-
-
-@pytest.fixture
-def operator() -> Any:
-    user = UserFactory(username="olivia")
-    grant_role(user=user, role=OPERATOR)
-    return user
-
-
-@pytest.fixture
-def viewer() -> Any:
-    user = UserFactory(username="victor")
-    grant_role(user=user, role=VIEWER)
-    return user
-
-
-@pytest.fixture
-def api(operator: Any) -> APIClient:
-    return token_client(operator)
-
-
-@pytest.fixture
-def viewer_api(viewer: Any) -> APIClient:
-    return token_client(viewer)
 
 
 @pytest.fixture
