@@ -8,7 +8,7 @@ length-prefixed sequence over files sorted by name: name, content type, body.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 _DOMAIN = b"opamp-config-map/v1\x00"
@@ -40,10 +40,3 @@ def canonical_config_map_bytes(files: Mapping[str, ConfigFileLike]) -> bytes:
 def config_map_hash(files: Mapping[str, ConfigFileLike]) -> bytes:
     """32-byte SHA-256 over the canonical encoding of a name -> file mapping."""
     return hashlib.sha256(canonical_config_map_bytes(files)).digest()
-
-
-def sha256_of_chunks(chunks: Iterable[bytes]) -> bytes:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.digest()

@@ -712,7 +712,3 @@ def _tick_rollback(rollout: Rollout, now: datetime) -> str:
         resolve=False,
     )
     return "rolled back" if done else "raced"
-
-
-def active_rollout_for(configuration: Configuration) -> Rollout | None:
-    return Rollout.objects.filter(configuration=configuration, state__in=ACTIVE_ROLLOUT_STATES).first()

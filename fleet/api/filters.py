@@ -22,10 +22,13 @@ class AgentFilter(django_filters.FilterSet):
     transport = django_filters.ChoiceFilter(choices=Transport.choices)
     connected = django_filters.BooleanFilter()
     seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
+    drift = django_filters.BooleanFilter(
+        method="filter_drift", help_text="true: agents whose effective config differs from their desired version"
+    )
 
     class Meta:
         model = Agent
-        fields = ["status", "capability", "attribute", "transport", "connected", "seen_after"]
+        fields = ["status", "capability", "attribute", "transport", "connected", "seen_after", "drift"]
 
     def filter_status(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
         return queryset.filter(selectors.status_q(value))
@@ -35,6 +38,12 @@ class AgentFilter(django_filters.FilterSet):
             return selectors.with_capability(queryset, value)
         except ValueError as error:
             raise ValidationError({"capability": [str(error)]}) from None
+
+    def filter_drift(self, queryset: QuerySet[Agent], name: str, value: bool) -> QuerySet[Agent]:
+        from rollouts.selectors import drifting_agents  # the desired state lives in rollouts
+
+        drifting = drifting_agents().values("pk")
+        return queryset.filter(pk__in=drifting) if value else queryset.exclude(pk__in=drifting)
 
     def filter_attribute(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
         key, sep, wanted = value.partition("=")

@@ -6,6 +6,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from fleet.models import Agent, RemoteConfigState
 from opamp.identifiers import uuid7
@@ -13,7 +14,7 @@ from rollouts import services
 from rollouts.desired_state import current_generation, resolve_agents
 from rollouts.models import AgentDesiredConfig, ConfigVersion
 from rollouts.selectors import agent_config_state, drifting_agents, version_status_counts
-from tests.fleet.factories import AgentFactory
+from tests.fleet.factories import AgentFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -170,6 +171,10 @@ def test_drift_is_flagged_when_the_effective_config_differs_from_the_desired_one
     assert list(drifting_agents()) == [drifted]
     drifted.refresh_from_db()
     assert agent_config_state(drifted).drift is True
+    client = APIClient()
+    client.force_authenticate(UserFactory(username="reader"))
+    listed = client.get("/api/v1/agents/", {"drift": "true"}).json()["results"]
+    assert [a["instance_uid"] for a in listed] == [str(drifted.instance_uid)]
 
 
 def test_a_rollback_is_a_new_higher_version_with_the_old_content():
