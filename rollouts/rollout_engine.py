@@ -236,8 +236,13 @@ def _transition(
     message: str = "",
     counts: Mapping[str, Any] | None = None,
     resolve: bool = True,
+    audit: str | None = None,
 ) -> bool:
-    """The one place a rollout changes state. False when another caller got there first."""
+    """The one place a rollout changes state. False when another caller got there first.
+
+    `audit` names the audit action of an operator's verb; it is written in the same
+    transaction as the transition, and only when the transition happened.
+    """
     with transaction.atomic():
         guard = Rollout.objects.filter(pk=rollout.pk, state__in=list(from_states))
         if from_stage is not None:
@@ -263,6 +268,8 @@ def _transition(
             message=message,
             counts=dict(counts or {}),
         )
+        if audit:
+            audit_record(actor=actor, action=audit, target=rollout)
         if resolve:
             desired_state.resolve_for_configuration(rollout.configuration)
     return True
@@ -305,17 +312,16 @@ def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
             kind=Kind.STARTED,
             actor=actor,
             changes={"stage_index": 0, "stage_started_at": now, "started_at": now},
+            audit="rollout.start",
         )
         if not started:
             transaction.set_rollback(True)
-            return False
-        audit_record(actor=actor, action="rollout.start", target=rollout)
     return started
 
 
 def rollout_pause(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
     _require(rollout, "pause", [RolloutState.RUNNING])
-    done = _transition(
+    return _transition(
         rollout,
         from_states=[RolloutState.RUNNING],
         to_state=RolloutState.PAUSED,
@@ -323,42 +329,36 @@ def rollout_pause(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
         actor=actor,
         message=message,
         resolve=False,
+        audit="rollout.pause",
     )
-    if done:
-        audit_record(actor=actor, action="rollout.pause", target=rollout)
-    return done
 
 
 def rollout_resume(*, rollout: Rollout, actor: Actor) -> bool:
     _require(rollout, "resume", [RolloutState.PAUSED])
-    done = _transition(
+    return _transition(
         rollout,
         from_states=[RolloutState.PAUSED],
         to_state=RolloutState.RUNNING,
         kind=Kind.RESUMED,
         actor=actor,
         resolve=False,
+        audit="rollout.resume",
     )
-    if done:
-        audit_record(actor=actor, action="rollout.resume", target=rollout)
-    return done
 
 
 def rollout_promote(*, rollout: Rollout, actor: Actor) -> bool:
     """Skip to the last stage: every agent gets the candidate; the gate then finishes it."""
     _require(rollout, "promote", [RolloutState.RUNNING, RolloutState.PAUSED])
     last = rollout.stages.count() - 1
-    done = _transition(
+    return _transition(
         rollout,
         from_states=[RolloutState.RUNNING, RolloutState.PAUSED],
         to_state=RolloutState.RUNNING,
         kind=Kind.PROMOTED,
         actor=actor,
         changes={"stage_index": last, "stage_started_at": timezone.now()},
+        audit="rollout.promote",
     )
-    if done:
-        audit_record(actor=actor, action="rollout.promote", target=rollout)
-    return done
 
 
 def _start_rollback(
@@ -370,6 +370,7 @@ def _start_rollback(
     message: str,
     counts: Mapping[str, Any] | None = None,
     from_stage: int | None = None,
+    audit: str | None = None,
 ) -> bool:
     with transaction.atomic():
         done = _transition(
@@ -382,6 +383,7 @@ def _start_rollback(
             counts=counts,
             from_stage=from_stage,
             changes={"stage_started_at": timezone.now()},
+            audit=audit,
         )
         if done:
             RolloutTarget.objects.filter(rollout=rollout, reverted_at__isnull=True).update(reverted_at=timezone.now())
@@ -392,7 +394,7 @@ def rollout_abort(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
     """Roll back: every agent that got the candidate is offered the stable version again."""
     _require(rollout, "abort", [RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED])
     if rollout.state == RolloutState.DRAFT:
-        done = _transition(
+        return _transition(
             rollout,
             from_states=[RolloutState.DRAFT],
             to_state=RolloutState.ABORTED,
@@ -401,18 +403,16 @@ def rollout_abort(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
             message=message,
             changes={"finished_at": timezone.now()},
             resolve=False,
+            audit="rollout.abort",
         )
-    else:
-        done = _start_rollback(
-            rollout,
-            from_states=[RolloutState.RUNNING, RolloutState.PAUSED],
-            kind=Kind.ROLLBACK_STARTED,
-            actor=actor,
-            message=message or "aborted by operator",
-        )
-    if done:
-        audit_record(actor=actor, action="rollout.abort", target=rollout)
-    return done
+    return _start_rollback(
+        rollout,
+        from_states=[RolloutState.RUNNING, RolloutState.PAUSED],
+        kind=Kind.ROLLBACK_STARTED,
+        actor=actor,
+        message=message or "aborted by operator",
+        audit="rollout.abort",
+    )
 
 
 def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
@@ -435,11 +435,10 @@ def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
             kind=Kind.RETRIED,
             actor=actor,
             changes={"stage_index": 0, "stage_started_at": now, "finished_at": None},
+            audit="rollout.retry",
         )
         if not done:
             transaction.set_rollback(True)
-    if done:
-        audit_record(actor=actor, action="rollout.retry", target=rollout)
     return done
 
 
