@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Case, CharField, F, Q, QuerySet, Value, When
+from django.db.models import Case, CharField, Count, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from fleet.models import Agent
@@ -60,6 +60,12 @@ def agent_list(*, now: datetime | None = None) -> QuerySet[Agent]:
             output_field=CharField(),
         )
     )
+
+
+def counts_by(queryset: QuerySet[Agent], field: str) -> dict[Any, int]:
+    """{value of `field`: number of agents} in one grouped query (annotations allowed)."""
+    rows = queryset.order_by().values_list(field).annotate(n=Count("pk")).values_list(field, "n")
+    return dict(rows)
 
 
 def with_capability(queryset: QuerySet[Agent], name: str) -> QuerySet[Agent]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
@@ -16,10 +15,8 @@ RECENT_AGENTS = 50
 def fleet_overview(request: HttpRequest) -> HttpResponse:
     """Counts by status and transport, and the most recently seen agents."""
     agents = selectors.agent_list()
-    by_status = dict(agents.order_by().values_list("status").annotate(n=Count("pk")).values_list("status", "n"))
-    by_transport = dict(
-        agents.order_by().values_list("transport").annotate(n=Count("pk")).values_list("transport", "n")
-    )
+    by_status = selectors.counts_by(agents, "status")
+    by_transport = selectors.counts_by(agents, "transport")
     context = {
         "total": sum(by_status.values()),
         "by_status": [(status, by_status.get(status, 0)) for status, _ in selectors.AgentStatus.CHOICES],

@@ -9,7 +9,7 @@ from typing import Any
 from django.db.models import Count, F, Q, QuerySet
 
 from fleet.models import Agent, RemoteConfigState
-from fleet.selectors import agent_list, presence_q
+from fleet.selectors import agent_list, counts_by, presence_q
 from rollouts.label_selectors import parse_selector
 from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
 from rollouts.selector_queries import selector_q
@@ -114,7 +114,7 @@ def selector_preview(selector: Any, *, limit: int = 100) -> dict[str, Any]:
     """Which agents a selector picks: total, by status, and the first `limit` of them."""
     parsed = parse_selector(selector)
     agents = agent_list().filter(selector_q(parsed))
-    by_status = dict(agents.order_by().values_list("status").annotate(n=Count("pk")).values_list("status", "n"))
+    by_status = counts_by(agents, "status")
     sample = list(agents.order_by("-last_seen")[:limit])
     return {
         "selector": parsed.to_dict(),
