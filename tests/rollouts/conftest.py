@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -41,3 +42,16 @@ def api(operator: Any) -> APIClient:
 def viewer_api(viewer: Any) -> APIClient:
     """An API client with the viewer role (read only)."""
     return token_client(viewer)
+
+
+@pytest.fixture
+def root(db: Any) -> Any:
+    """A superuser, for the admin pages."""
+    return factories.UserFactory(username="root", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def admin_client(root: Any) -> Client:
+    client = Client()
+    client.force_login(root)
+    return client

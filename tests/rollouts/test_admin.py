@@ -21,18 +21,6 @@ COLLECTOR_V2 = {"collector.yaml": {"body": "receivers:\n  otlp: {}\n  prometheus
 
 
 @pytest.fixture
-def root() -> Any:
-    return UserFactory(username="root", is_staff=True, is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(root: Any) -> Client:
-    client = Client()
-    client.force_login(root)
-    return client
-
-
-@pytest.fixture
 def edge(root: Any) -> Configuration:
     configuration = services.configuration_create(name="edge", selector="service.name=checkout", actor=root)
     services.configuration_publish(configuration=configuration, files=COLLECTOR_V1, author=root, note="first")

@@ -43,18 +43,6 @@ CHANGELIST = "/admin/rollouts/rollout/"
 
 
 @pytest.fixture
-def root() -> Any:
-    return UserFactory(username="root", is_staff=True, is_superuser=True)
-
-
-@pytest.fixture
-def admin_client(root: Any) -> Client:
-    client = Client()
-    client.force_login(root)
-    return client
-
-
-@pytest.fixture
 def fleet() -> tuple[Configuration, ConfigVersion, ConfigVersion]:
     """1,000 agents of the configuration `fleet`: stable version 1, candidate version 2."""
     make_fleet(1000)
