@@ -8,22 +8,19 @@ import logging
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from fleet.connection import authenticate, connection_info
 from fleet.notify import agent_group
 from fleet.session import AgentSession, error_reply
 from opamp.codec import FrameError, decode_agent_ws_frame, encode_ws_frame
 from opamp.proto import opamp_pb2
+from signing.agent_credentials import CredentialRefused
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
-
-
-def client_address(scope: dict[str, object]) -> str:
-    client = scope.get("client")
-    if isinstance(client, (list, tuple)) and client:
-        return str(client[0])
-    return ""
+# The connection's certificate was revoked while it was open.
+CLOSE_POLICY_VIOLATION = 1008
 
 
 class OpampConsumer(AsyncWebsocketConsumer):
@@ -33,7 +30,18 @@ class OpampConsumer(AsyncWebsocketConsumer):
     agent_group: str | None = None
 
     async def connect(self) -> None:
-        self.session = AgentSession(transport="websocket", remote_address=client_address(self.scope))
+        try:
+            info = connection_info(self.scope)
+            credential = await authenticate(info)
+        except CredentialRefused as error:
+            # Closing before accept refuses the handshake (daphne answers 403; ASGI servers
+            # cannot send 401 on a WebSocket upgrade). The reason goes to the log only.
+            logger.info("refused a WebSocket from %s: %s", self.scope.get("client"), error.message)
+            await self.close()
+            return
+        self.session = AgentSession(
+            transport="websocket", remote_address=info.agent_address, credential=credential, endpoint=info.endpoint
+        )
         self.session.on_superseded = self._close_superseded
         await self.accept()
 
@@ -83,10 +91,18 @@ class OpampConsumer(AsyncWebsocketConsumer):
             # same offer on its next connection.
             logger.debug("push to %s dropped: connection closed", self.session.remote_address)
 
+    async def credentials_revoked(self, event: dict[str, object]) -> None:
+        """Channel-layer hint: a certificate of this agent was revoked; drop the socket if it was ours."""
+        if await self.session.credential_revoked():
+            logger.info("closing %s: its client certificate was revoked", self.session.remote_address)
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+
     async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
         if self.agent_group and self.channel_layer is not None:
             await self.channel_layer.group_discard(self.agent_group, self.channel_name)
-        await self.session.close()
+        session = getattr(self, "session", None)  # absent when the handshake was refused
+        if session is not None:
+            await session.close()

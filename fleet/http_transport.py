@@ -15,10 +15,11 @@ from typing import Any
 
 from django.conf import settings
 
-from fleet.consumers import client_address
+from fleet.connection import authenticate, connection_info
 from fleet.session import AgentSession, error_reply
 from opamp.codec import FrameError, decode_agent_to_server
 from opamp.proto import opamp_pb2
+from signing.agent_credentials import CredentialRefused
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["method"] != "POST":
         await respond_text(send, 405, "OpAMP over HTTP uses POST\n", [(b"allow", b"POST")])
         return
+    try:
+        info = connection_info(scope)
+        credential = await authenticate(info)
+    except CredentialRefused as error:
+        # Before the body is read: an unauthenticated sender costs us no parsing.
+        logger.info("refused an OpAMP request from %s: %s", scope.get("client"), error.message)
+        await respond_text(send, 401, f"{error.message}\n", [(b"www-authenticate", b'Bearer realm="opamp"')])
+        return
     limit = settings.OPAMP_MAX_MESSAGE_BYTES
     declared = header(scope, b"content-length")
     if declared.isdigit() and int(declared) > limit:
@@ -117,7 +126,9 @@ async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
         # 400 with a BadRequest ServerToAgent, so protobuf clients can read the reason too.
         await respond_message(scope, send, error_reply(instance_uid=b"", message=str(error)), status=400)
         return
-    session = AgentSession(transport="http", remote_address=client_address(scope))
+    session = AgentSession(
+        transport="http", remote_address=info.agent_address, credential=credential, endpoint=info.endpoint
+    )
     reply = await session.handle(message)
     rejected = reply.error_response.type == opamp_pb2.ServerErrorResponseType_BadRequest and reply.HasField(
         "error_response"

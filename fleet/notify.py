@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -18,6 +18,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 logger = logging.getLogger(__name__)
 
 DESIRED_STATE_CHANGED = "desired.state.changed"  # handler: OpampConsumer.desired_state_changed
+CREDENTIALS_REVOKED = "credentials.revoked"  # handler: OpampConsumer.credentials_revoked
 
 
 def agent_group(instance_uid: uuid.UUID) -> str:
@@ -25,13 +26,21 @@ def agent_group(instance_uid: uuid.UUID) -> str:
 
 
 async def send_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> int:
+    return await _send_to_agents(instance_uids, DESIRED_STATE_CHANGED)
+
+
+async def send_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> int:
+    return await _send_to_agents(instance_uids, CREDENTIALS_REVOKED)
+
+
+async def _send_to_agents(instance_uids: Iterable[uuid.UUID], message_type: str) -> int:
     layer = get_channel_layer()
     if layer is None:
         return 0
     sent = 0
     for instance_uid in instance_uids:
         try:
-            await layer.group_send(agent_group(instance_uid), {"type": DESIRED_STATE_CHANGED})
+            await layer.group_send(agent_group(instance_uid), {"type": message_type})
             sent += 1
         except Exception:
             # The channel layer being down must not fail the operator's change.
@@ -53,12 +62,20 @@ def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> None:
 
     # This process learns at once; other processes within a generation re-check.
     runtime().expire_generation()
-    uids = list(instance_uids)
+    _dispatch(send_desired_state_changed, list(instance_uids))
+
+
+def notify_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> None:
+    """After a revocation commits: live sessions of these agents re-check their certificate
+    and close when it no longer holds (any server process holding one; lost hints are
+    covered by the re-check every new connection and HTTP request makes)."""
+    _dispatch(send_credentials_revoked, list(instance_uids))
+
+
+def _dispatch(send: Callable[[list[uuid.UUID]], Awaitable[int]], uids: list[uuid.UUID]) -> None:
     if not uids:
         return
     if isinstance(get_channel_layer(), InMemoryChannelLayer):
-        async_to_sync(send_desired_state_changed)(uids)
+        async_to_sync(send)(uids)
         return
-    threading.Thread(
-        target=async_to_sync(send_desired_state_changed), args=(uids,), name="desired-state-hints", daemon=True
-    ).start()
+    threading.Thread(target=async_to_sync(send), args=(uids,), name="agent-hints", daemon=True).start()

@@ -33,6 +33,23 @@ from opamp.identifiers import instance_uid_problem, uuid7
 from opamp.proto import opamp_pb2
 from rollouts.delivery import OfferContext, fill_remote_config, should_offer, wants_signature
 from rollouts.desired_state import DesiredConfig, current_generation, desired_config_for_agent, record_offer
+from signing.agent_credentials import (
+    ANONYMOUS,
+    CERTIFICATE_CAPABILITY,
+    RENEW_MESSAGE_TYPE,
+    AgentCredential,
+    CredentialKind,
+    CredentialRefused,
+    ca_configured,
+    certificate_offer_for,
+    certificate_request_from_agent,
+    credential_still_valid,
+    enrollment_labels_apply,
+    enrollment_record,
+    fill_certificate_offer,
+)
+from signing.ca import CsrRejected
+from signing.errors import SigningError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +60,14 @@ SERVER_CAPABILITIES = int(
     | ServerCapabilities.ACCEPTS_EFFECTIVE_CONFIG
     | ServerCapabilities.ACCEPTS_PACKAGES_STATUS
 )
+# With a certificate authority configured: the CSR flow and certificate offers.
+CERTIFICATE_CAPABILITIES = int(
+    ServerCapabilities.OFFERS_CONNECTION_SETTINGS | ServerCapabilities.ACCEPTS_CONNECTION_SETTINGS_REQUEST
+)
+
+
+def server_capabilities() -> int:
+    return SERVER_CAPABILITIES | (CERTIFICATE_CAPABILITIES if ca_configured() else 0)
 # How often a process re-reads the desired-state generation (one query, for all agents).
 GENERATION_CHECK_SECONDS = 1.0
 
@@ -118,6 +143,13 @@ class FleetRuntime:
         self.live = LiveConnections()
         # Desired config per agent, tagged with the generation it was read at.
         self.desired: dict[uuid.UUID, tuple[int, DesiredConfig | None]] = {}
+        # (token id, agent) pairs already counted as enrolled: no write per message.
+        self.enrolled: set[tuple[int, uuid.UUID]] = set()
+        # The last connection-settings hash each agent reported (applied or failed), so
+        # an offer is not repeated to an agent that already answered it.
+        self.settings_reported: dict[uuid.UUID, bytes] = {}
+        # Certificates (by fingerprint) whose renewal this process already asked for.
+        self.renewal_asked: set[str] = set()
         self.generation = -1
         self.generation_checked_at = 0.0
         self.limits = ReportLimits(
@@ -151,10 +183,24 @@ def reset_runtime() -> None:
 class AgentSession:
     """One agent's conversation: a WebSocket connection, or one HTTP request."""
 
-    def __init__(self, *, transport: str, remote_address: str, fleet: FleetRuntime | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        transport: str,
+        remote_address: str,
+        fleet: FleetRuntime | None = None,
+        credential: AgentCredential = ANONYMOUS,
+        endpoint: str = "",
+    ) -> None:
         self.transport = transport
         self.remote_address = remote_address
         self.fleet = fleet or runtime()
+        # Checked by the transport before the first message; binds a certificate's uid.
+        self.credential = credential
+        self.endpoint = endpoint
+        # Look for a certificate to offer on the first message, after a CSR and on hints.
+        self.certificate_check_due = True
+        self.offered_settings_hash = b""
         self.instance_uid: uuid.UUID | None = None
         self.closed = False
         # Set by the WebSocket consumer: how to drop this socket when superseded.
@@ -174,9 +220,13 @@ class AgentSession:
         if problem:
             raise ProtocolError(problem)
         instance_uid = uuid.UUID(bytes=message.instance_uid)
+        problem = self.credential.identity_problem(instance_uid)
+        if problem:
+            logger.warning("refused a message from %s: %s", self.remote_address, problem)
+            raise ProtocolError(problem)
         now = timezone.now()
         capabilities = known_agent_capabilities(message.capabilities)
-        reply = opamp_pb2.ServerToAgent(instance_uid=message.instance_uid, capabilities=SERVER_CAPABILITIES)
+        reply = opamp_pb2.ServerToAgent(instance_uid=message.instance_uid, capabilities=server_capabilities())
 
         if self.instance_uid is not None and self.instance_uid != instance_uid:
             # An agent adopting a server-assigned uid mid-connection; follow it.
@@ -201,6 +251,8 @@ class AgentSession:
             self.fleet.live.release(instance_uid, self)
             self.instance_uid = new_uid
             return reply
+
+        enrollment_labels = await self._enroll(instance_uid)
 
         if self.transport == "websocket":
             self.fleet.live.claim(instance_uid, self)
@@ -237,13 +289,105 @@ class AgentSession:
             snapshot.last_sequence_num = message.sequence_num
         self.fleet.snapshots[instance_uid] = snapshot
         self.last_sequence_num = message.sequence_num
+        if enrollment_labels:
+            await db(enrollment_labels_apply)(instance_uid=instance_uid, labels=enrollment_labels)
+            self.fleet.desired.pop(instance_uid, None)
+
+        self._note_connection_settings_status(instance_uid, message)
+        csr = message.connection_settings_request.opamp.certificate_request.csr
+        if csr:
+            await self._submit_csr(instance_uid, csr)
 
         if needs_full_state:
             reply.flags |= ServerToAgentFlags.REPORT_FULL_STATE
         if self._should_ask_for_components(capabilities, report.available_components_hash, report.available_components):
             reply.flags |= ServerToAgentFlags.REPORT_AVAILABLE_COMPONENTS
         await self._offer_desired_config(reply, snapshot)
+        await self._offer_certificate(reply, snapshot)
+        self._ask_for_renewal(reply, snapshot, now)
         return reply
+
+    async def _enroll(self, instance_uid: uuid.UUID) -> dict[str, str]:
+        """Count the agent against its enrollment token, once per process and agent.
+
+        Returns labels still to apply (the token's, for an agent not yet inventoried).
+        """
+        credential = self.credential
+        if credential.kind is not CredentialKind.TOKEN or credential.token_id is None:
+            return {}
+        key = (credential.token_id, instance_uid)
+        if key in self.fleet.enrolled:
+            return {}
+        try:
+            labels = await db(enrollment_record)(credential, instance_uid)
+        except CredentialRefused as error:
+            raise ProtocolError(error.message) from None
+        self.fleet.enrolled.add(key)
+        return labels
+
+    async def _submit_csr(self, instance_uid: uuid.UUID, csr: bytes) -> None:
+        try:
+            request = await db(certificate_request_from_agent)(self.credential, instance_uid, csr)
+        except CsrRejected as error:
+            logger.info("refused a CSR from %s (%s): %s", instance_uid, self.remote_address, error.message)
+            raise ProtocolError(error.message) from None
+        except SigningError as error:
+            raise ProtocolError(error.message) from None
+        logger.info("CSR from %s is %s (request %s)", instance_uid, request.state, request.pk)
+        self.certificate_check_due = True
+
+    def _note_connection_settings_status(self, instance_uid: uuid.UUID, message: opamp_pb2.AgentToServer) -> None:
+        if not message.HasField("connection_settings_status"):
+            return
+        status = message.connection_settings_status
+        if status.last_connection_settings_hash:
+            self.fleet.settings_reported[instance_uid] = bytes(status.last_connection_settings_hash)
+        if status.status == opamp_pb2.ConnectionSettingsStatuses_FAILED:
+            logger.warning("agent %s could not apply connection settings: %s", instance_uid, status.error_message)
+
+    async def _offer_certificate(self, reply: opamp_pb2.ServerToAgent, snapshot: AgentSnapshot) -> bool:
+        """Offer the agent's newest certificate when this connection does not use it yet.
+
+        Checked on a connection's first message, after a CSR and on hints (issuance sends
+        one), not on every heartbeat. Never repeated for a hash the agent already answered.
+        """
+        if not self.certificate_check_due or not has_capability(
+            snapshot.capabilities, AgentCapabilities.ACCEPTS_OPAMP_CONNECTION_SETTINGS
+        ):
+            return False
+        self.certificate_check_due = False
+        offer = await db(certificate_offer_for)(snapshot.instance_uid, self.credential)
+        if offer is None:
+            return False
+        offers = opamp_pb2.ConnectionSettingsOffers()
+        digest = fill_certificate_offer(
+            offers,
+            offer,
+            endpoint=self.endpoint or "/v1/opamp",
+            heartbeat_seconds=int(settings.OPAMP_HEARTBEAT_INTERVAL_SECONDS),
+        )
+        if digest in (self.offered_settings_hash, self.fleet.settings_reported.get(snapshot.instance_uid)):
+            return False
+        reply.connection_settings.CopyFrom(offers)
+        self.offered_settings_hash = digest
+        return True
+
+    def _ask_for_renewal(self, reply: opamp_pb2.ServerToAgent, snapshot: AgentSnapshot, now: datetime) -> None:
+        """Ask an agent whose certificate has a third of its validity left for a new CSR.
+
+        Over the custom capability the project defines for it, once per certificate and
+        process; agents that renew on their own schedule simply send the CSR first.
+        """
+        credential = self.credential
+        if credential.renew_after is None or now < credential.renew_after:
+            return
+        if CERTIFICATE_CAPABILITY not in snapshot.custom_capabilities or reply.HasField("custom_message"):
+            return
+        if credential.fingerprint_sha256 in self.fleet.renewal_asked:
+            return
+        self.fleet.renewal_asked.add(credential.fingerprint_sha256)
+        reply.custom_message.capability = CERTIFICATE_CAPABILITY
+        reply.custom_message.type = RENEW_MESSAGE_TYPE
 
     async def push_desired_state(self) -> opamp_pb2.ServerToAgent | None:
         """A hint arrived: re-check now and return a message worth pushing, if any."""
@@ -254,8 +398,17 @@ class AgentSession:
         if snapshot is None:
             return None
         self.fleet.desired.pop(instance_uid, None)
-        reply = opamp_pb2.ServerToAgent(instance_uid=instance_uid.bytes, capabilities=SERVER_CAPABILITIES)
-        return reply if await self._offer_desired_config(reply, snapshot) else None
+        self.certificate_check_due = True  # the hint may be a newly issued certificate
+        reply = opamp_pb2.ServerToAgent(instance_uid=instance_uid.bytes, capabilities=server_capabilities())
+        offered_config = await self._offer_desired_config(reply, snapshot)
+        offered_certificate = await self._offer_certificate(reply, snapshot)
+        return reply if offered_config or offered_certificate else None
+
+    async def credential_revoked(self) -> bool:
+        """A revocation hint arrived: True when this connection's certificate no longer holds."""
+        if not self.credential.is_certificate:
+            return False
+        return not await db(credential_still_valid)(self.credential)
 
     async def _offer_desired_config(self, reply: opamp_pb2.ServerToAgent, snapshot: AgentSnapshot) -> bool:
         if not has_capability(snapshot.capabilities, AgentCapabilities.ACCEPTS_REMOTE_CONFIG):
@@ -312,12 +465,17 @@ class AgentSession:
         snapshot: AgentSnapshot | None,
         identifying: dict[str, object] | None,
     ) -> uuid.UUID | None:
-        if message.flags & AgentToServerFlags.REQUEST_INSTANCE_UID:
+        bound = self.credential.bound_uid is not None
+        if message.flags & AgentToServerFlags.REQUEST_INSTANCE_UID and not bound:
             return uuid7()
         if self.transport != "websocket":
             return None
         other = self.fleet.live.by_uid.get(instance_uid)
         if other is None or other is self or other.closed:
+            return None
+        if bound:
+            # The certificate proves who this is: the older socket is the stale one.
+            other.superseded()
             return None
         # Two live sockets with one uid: the same agent reconnecting leaves the old socket
         # to be dropped; a different agent (other identifying attributes) gets a new uid.

@@ -303,9 +303,14 @@ def issue_certificate(
     return builder.sign(ca_key, _signing_hash(ca_key))
 
 
+def renewal_due_at(*, not_before: datetime, not_after: datetime) -> datetime:
+    """The moment a third of the certificate's validity is left: renew from then on."""
+    return not_after - (not_after - not_before) / 3
+
+
 def needs_renewal(*, not_before: datetime, not_after: datetime, now: datetime) -> bool:
     """True once less than a third of the certificate's validity is left (or it expired)."""
-    return (not_after - now) < (not_after - not_before) / 3
+    return now > renewal_due_at(not_before=not_before, not_after=not_after)
 
 
 # --- revocation -------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
@@ -26,7 +28,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from fleet.models import Agent
-from fleet.notify import notify_desired_state_changed
+from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
 from rollouts.errors import DomainError
 from rollouts.services import Actor, agent_labels_set, audit_record, check_labels
 from signing import ca as ca_module
@@ -67,6 +69,8 @@ from signing.models import (
     IssuedCertificate,
     SigningKey,
 )
+
+logger = logging.getLogger(__name__)
 
 RATE_LIMIT_WINDOW = timedelta(hours=1)
 SUPERSEDED_REASON = "superseded by a newer request from the same agent"
@@ -531,8 +535,39 @@ def certificate_revoke(
             target=certificate,
             details={"instance_uid": str(certificate.instance_uid), "serial": certificate.serial_hex, "reason": reason},
         )
-        _hint_agent(certificate.instance_uid)
+        instance_uid = certificate.instance_uid
+        transaction.on_commit(_publish_revocation)
+        transaction.on_commit(lambda: notify_credentials_revoked([instance_uid]))
     return bool(moved)
+
+
+def _publish_revocation() -> None:
+    """Rewrite OPAMP_CRL_FILE (when set) so the TLS terminator's next reload refuses the
+    certificate; until then the app's own re-check refuses it. A failure here must not
+    undo the revocation, which is already committed: it is logged, and `write_crl` or the
+    next revocation writes the file again."""
+    if not settings.OPAMP_CRL_FILE:
+        return
+    try:
+        crl_write(settings.OPAMP_CRL_FILE)
+    except (OSError, SigningError):
+        logger.exception("could not write the CRL to %s after a revocation", settings.OPAMP_CRL_FILE)
+
+
+def crl_write(path: str | Path) -> Path:
+    """Sign a fresh CRL and replace `path` with it atomically (a reader never sees half)."""
+    pem = crl_pem()
+    target = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(pem)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def crl_pem(*, now: datetime | None = None) -> bytes:

@@ -177,3 +177,20 @@ OPAMP_CERT_MAX_VALIDITY_DAYS = env_int("OPAMP_CERT_MAX_VALIDITY_DAYS", 90)
 OPAMP_CSR_MAX_PER_HOUR = env_int("OPAMP_CSR_MAX_PER_HOUR", 10)
 # How far ahead a CRL's nextUpdate is set.
 OPAMP_CRL_NEXT_UPDATE_HOURS = env_int("OPAMP_CRL_NEXT_UPDATE_HOURS", 24)
+# Where a fresh CRL is written after every revocation (the TLS terminator reads it);
+# empty = only on demand (`manage.py write_crl`, GET /api/v1/ca/crl/).
+OPAMP_CRL_FILE = env_str("OPAMP_CRL_FILE", "")
+
+# --- Agent credentials on the OpAMP endpoints -------------------------------------------
+# "required": every OpAMP connection presents an enrollment token (Authorization: Bearer)
+# or a client certificate issued by our CA; anything else gets 401 (HTTP) or a refused
+# handshake (WebSocket). "open": agents without a credential are admitted too (a presented
+# credential is still checked). The embedded default is open so that a fresh clone works
+# with any OpAMP client; the production profile requires credentials.
+OPAMP_AGENT_AUTH = env_str("OPAMP_AGENT_AUTH", "open")
+# Proxies (IPs or CIDRs) whose X-Client-Cert / X-Client-Verify headers are believed: the
+# TLS terminator that verified the client certificate. From anyone else they are ignored.
+OPAMP_TRUSTED_PROXIES = env_list("OPAMP_TRUSTED_PROXIES", [])
+# The OpAMP URL agents are told to use in connection settings offers; empty = the URL the
+# agent reached us on (scheme and host as forwarded by a trusted proxy).
+OPAMP_AGENT_ENDPOINT = env_str("OPAMP_AGENT_ENDPOINT", "")

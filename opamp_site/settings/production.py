@@ -29,6 +29,9 @@ CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 
 OPAMP_SERVE_STATIC = env_bool("OPAMP_SERVE_STATIC", False)
 
+# Agents must present an enrollment token or a client certificate (see base.py).
+OPAMP_AGENT_AUTH = env_str("OPAMP_AGENT_AUTH", "required")
+
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)
 CSRF_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", True)

@@ -206,13 +206,22 @@ def test_concurrent_approvals_of_one_request_issue_one_certificate(configured_ca
 
 
 def test_issuing_and_revoking_hint_the_agents_live_session_after_commit(
-    configured_ca, uid, operator, monkeypatch, django_capture_on_commit_callbacks
+    configured_ca, uid, operator, monkeypatch, django_capture_on_commit_callbacks, tmp_path, settings
 ):
-    hinted: list[list[uuid.UUID]] = []
-    monkeypatch.setattr(services, "notify_desired_state_changed", lambda uids: hinted.append(list(uids)) or 1)
+    settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
+    hinted: list[tuple[str, list[uuid.UUID]]] = []
+    monkeypatch.setattr(services, "notify_desired_state_changed", lambda uids: hinted.append(("issued", list(uids))))
+    monkeypatch.setattr(services, "notify_credentials_revoked", lambda uids: hinted.append(("revoked", list(uids))))
     request = submit(uid)
     with django_capture_on_commit_callbacks(execute=True):
         services.certificate_request_approve(request=request, actor=operator)
-    with django_capture_on_commit_callbacks(execute=True):
+    assert hinted == [("issued", [uid])]
+    with django_capture_on_commit_callbacks(execute=False) as pending:
         services.certificate_revoke(certificate=request.certificate, actor=operator)
-    assert hinted == [[uid], [uid]]
+    # Nothing leaves the transaction before it commits: no hint, no CRL file.
+    assert hinted == [("issued", [uid])] and not (tmp_path / "agents.crl.pem").exists()
+    for callback in pending:
+        callback()
+    assert hinted == [("issued", [uid]), ("revoked", [uid])]
+    crl = x509.load_pem_x509_crl((tmp_path / "agents.crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(request.certificate.serial) is not None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from signing import services
@@ -14,29 +12,23 @@ from signing.errors import SigningError
 
 
 class Command(BaseCommand):
-    help = "Sign a fresh CRL with the configured CA and write it (PEM) to --output, or stdout."
+    help = (
+        "Sign a fresh CRL with the configured CA and write it (PEM) to --output "
+        "(default: OPAMP_CRL_FILE), or to stdout when neither is set or --output - is given."
+    )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--output", help="file to replace atomically; stdout when omitted")
+        parser.add_argument("--output", help="file to replace atomically; '-' for stdout")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        output = options.get("output") or settings.OPAMP_CRL_FILE
         try:
-            pem = services.crl_pem()
+            if not output or output == "-":
+                self.stdout.write(services.crl_pem().decode("ascii"), ending="")
+                return
+            target = services.crl_write(output)
         except SigningError as error:
             raise CommandError(error.message) from None
-        output = options.get("output")
-        if not output:
-            self.stdout.write(pem.decode("ascii"), ending="")
-            return
-        target = Path(output)
-        # Rename over the old file, so the terminator never reads a half-written CRL.
-        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(pem)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        except OSError as error:
+            raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
         self.stdout.write(f"wrote {target}")

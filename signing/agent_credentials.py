@@ -1,0 +1,324 @@
+"""Who is speaking on an OpAMP connection: the credential check both transports share.
+
+An agent proves itself with one of two credentials:
+
+- a client certificate issued by our CA, verified by the TLS terminator (nginx, see
+  deploy/) and forwarded in `X-Client-Cert` / `X-Client-Verify`. Those headers are believed
+  only from OPAMP_TRUSTED_PROXIES: sent straight to the app they are ignored, so a client
+  cannot claim a certificate it does not hold. The app re-checks the certificate against
+  the database (revoked or expired since the proxy's last CRL reload -> refused) and binds
+  the connection to the certificate's instance_uid;
+- an enrollment token (`Authorization: Bearer opamp_et_...`), which admits any agent until
+  it expires, is revoked or has been used by `max_uses` distinct agents.
+
+With OPAMP_AGENT_AUTH = "open" (the embedded default) an agent without either is admitted
+as anonymous; a credential that is presented is checked all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from functools import lru_cache
+from urllib.parse import unquote_to_bytes
+
+from cryptography import x509
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils import timezone
+
+from opamp.proto import opamp_pb2
+from rollouts.services import agent_labels_set
+from signing import ca as ca_module
+from signing.errors import EnrollmentTokenRefused, SigningError
+from signing.models import CertificateRequest, EnrollmentToken
+from signing.selectors import agent_current_certificate, certificate_for_fingerprint
+from signing.services import (
+    ca_certificate_pem,
+    certificate_request_submit,
+    enrollment_token_authenticate,
+    enrollment_token_use,
+)
+
+logger = logging.getLogger(__name__)
+
+OPEN = "open"
+REQUIRED = "required"
+AUTH_MODES = (OPEN, REQUIRED)
+
+CLIENT_CERT_HEADER = b"x-client-cert"
+CLIENT_VERIFY_HEADER = b"x-client-verify"
+VERIFIED = b"SUCCESS"
+
+CREDENTIAL_REQUIRED = (
+    "this server requires an agent credential: an enrollment token (Authorization: Bearer ...) "
+    "or a client certificate issued by its certificate authority"
+)
+CERTIFICATE_UNREADABLE = "the forwarded client certificate is not a readable PEM certificate"
+CERTIFICATE_NOT_CURRENT = (
+    "the client certificate is not a current certificate of this server (revoked, expired or unknown)"
+)
+AUTHORIZATION_MALFORMED = "the Authorization header must be 'Bearer <enrollment token>'"
+SPEAKS_FOR_OTHER = "the client certificate belongs to agent {bound}; this connection may not speak for {claimed}"
+
+
+class CredentialRefused(Exception):
+    """The connection's credential is missing or not acceptable; `message` says which."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class CredentialKind(Enum):
+    ANONYMOUS = "anonymous"
+    TOKEN = "token"
+    CERTIFICATE = "certificate"
+
+
+@dataclass(frozen=True)
+class PresentedCredentials:
+    """What a connection brought, before anything is looked up."""
+
+    bearer: str = ""
+    client_cert_pem: bytes = b""
+
+
+@dataclass(frozen=True)
+class AgentCredential:
+    """An accepted credential. A certificate binds the connection to one instance_uid."""
+
+    kind: CredentialKind
+    token_id: int | None = None
+    token_auto_approve: bool = False
+    bound_uid: uuid.UUID | None = None
+    fingerprint_sha256: str = ""
+    # From this moment the certificate is due for renewal (a third of its validity left).
+    renew_after: datetime | None = None
+
+    @property
+    def is_certificate(self) -> bool:
+        return self.kind is CredentialKind.CERTIFICATE
+
+    def identity_problem(self, instance_uid: uuid.UUID) -> str | None:
+        """Why this credential may not speak for `instance_uid`, or None when it may."""
+        if self.bound_uid is not None and self.bound_uid != instance_uid:
+            return SPEAKS_FOR_OTHER.format(bound=self.bound_uid, claimed=instance_uid)
+        return None
+
+
+ANONYMOUS = AgentCredential(kind=CredentialKind.ANONYMOUS)
+
+
+def auth_mode() -> str:
+    mode = str(settings.OPAMP_AGENT_AUTH).strip().lower()
+    if mode not in AUTH_MODES:
+        raise ImproperlyConfigured(f"OPAMP_AGENT_AUTH must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    return mode
+
+
+@lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(proxy.strip(), strict=False) for proxy in proxies if proxy.strip())
+    except ValueError as error:
+        raise ImproperlyConfigured(f"OPAMP_TRUSTED_PROXIES: {error}") from None
+
+
+def is_trusted_proxy(address: str, proxies: Sequence[str]) -> bool:
+    """Whether `address` (the TCP peer) is one of the configured TLS terminators."""
+    networks = _networks(tuple(proxies))
+    if not networks or not address:
+        return False
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # a unix socket peer or garbage: never a configured proxy
+    return any(peer in network for network in networks)
+
+
+def presented_credentials(
+    headers: Iterable[tuple[bytes, bytes]], peer_address: str, *, trusted_proxies: Sequence[str]
+) -> PresentedCredentials:
+    """Read the credential headers of an ASGI scope. Raises CredentialRefused if malformed."""
+    authorization = b""
+    forwarded_cert = b""
+    verify = b""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"authorization":
+            authorization = value.strip()
+        elif lowered == CLIENT_CERT_HEADER:
+            forwarded_cert = value.strip()
+        elif lowered == CLIENT_VERIFY_HEADER:
+            verify = value.strip()
+
+    bearer = ""
+    if authorization:
+        scheme, _, secret = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not secret.strip():
+            raise CredentialRefused(AUTHORIZATION_MALFORMED)
+        bearer = secret.strip().decode("ascii", "replace")
+
+    client_cert_pem = b""
+    if forwarded_cert or verify:
+        if is_trusted_proxy(peer_address, trusted_proxies):
+            if verify == VERIFIED and forwarded_cert:
+                client_cert_pem = unquote_to_bytes(forwarded_cert)
+        else:
+            # Not from our TLS terminator: whoever sent it may not choose who they are.
+            logger.info("ignoring client-certificate headers from %s: not a trusted proxy", peer_address or "?")
+    return PresentedCredentials(bearer=bearer, client_cert_pem=client_cert_pem)
+
+
+def authenticate_agent(presented: PresentedCredentials, *, now: datetime | None = None) -> AgentCredential:
+    """The credential a connection may proceed with, or CredentialRefused (-> 401).
+
+    A certificate wins over a token: it is the stronger, per-agent credential, and an
+    agent that enrolled keeps its token configured for a while. Database reads only.
+    """
+    moment = now or timezone.now()
+    if presented.client_cert_pem:
+        try:
+            cert = x509.load_pem_x509_certificate(presented.client_cert_pem)
+        except ValueError:
+            raise CredentialRefused(CERTIFICATE_UNREADABLE) from None
+        issued = certificate_for_fingerprint(ca_module.certificate_fingerprint(cert), moment)
+        if issued is None:
+            raise CredentialRefused(CERTIFICATE_NOT_CURRENT)
+        return AgentCredential(
+            kind=CredentialKind.CERTIFICATE,
+            bound_uid=issued.instance_uid,
+            fingerprint_sha256=issued.fingerprint_sha256,
+            renew_after=ca_module.renewal_due_at(not_before=issued.not_before, not_after=issued.not_after),
+        )
+    if presented.bearer:
+        try:
+            token = enrollment_token_authenticate(presented.bearer, now=moment)
+        except EnrollmentTokenRefused as error:
+            raise CredentialRefused(error.message) from None
+        return AgentCredential(kind=CredentialKind.TOKEN, token_id=token.pk, token_auto_approve=token.auto_approve)
+    if auth_mode() == REQUIRED:
+        raise CredentialRefused(CREDENTIAL_REQUIRED)
+    return ANONYMOUS
+
+
+def credential_still_valid(credential: AgentCredential, *, now: datetime | None = None) -> bool:
+    """Re-check a live connection's certificate (after a revocation hint).
+
+    Tokens are checked at connection time only: revoking a token stops new enrolments,
+    and agents already admitted keep working until they reconnect.
+    """
+    if not credential.is_certificate:
+        return True
+    return certificate_for_fingerprint(credential.fingerprint_sha256, now or timezone.now()) is not None
+
+
+def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> dict[str, str]:
+    """Count `instance_uid` as enrolled by the connection's token.
+
+    The same agent enrolling again is not a new use. Returns the token's labels when the
+    agent has no inventory row yet (they are applied once the first report created it, by
+    `enrollment_labels_apply`); an existing agent gets them here. Raises CredentialRefused
+    when the token was used up by other agents or revoked since the connection began.
+    """
+    if credential.kind is not CredentialKind.TOKEN or credential.token_id is None:
+        return {}
+    token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
+    if token is None:
+        raise CredentialRefused("the enrollment token no longer exists")
+    from fleet.models import Agent
+
+    known = Agent.objects.filter(instance_uid=instance_uid).exists()
+    try:
+        enrollment_token_use(token=token, instance_uid=instance_uid)
+    except EnrollmentTokenRefused as error:
+        raise CredentialRefused(error.message) from None
+    return {} if known else dict(token.labels or {})
+
+
+def enrollment_labels_apply(*, instance_uid: uuid.UUID, labels: dict[str, str]) -> None:
+    """Apply an enrollment token's labels to a newly inventoried agent (merged, not replaced)."""
+    if labels:
+        agent_labels_set(instance_uid=instance_uid, labels=labels, actor=None, replace=False)
+
+
+# --- the CSR flow: agent -> CSR, server -> connection_settings.opamp.certificate ---------
+
+CSR_NOT_ACCEPTED = "this server does not issue client certificates (no certificate authority is configured)"
+# The custom capability over which the server asks an agent to renew its certificate.
+CERTIFICATE_CAPABILITY = "io.opamp.certificate/v1"
+RENEW_MESSAGE_TYPE = "renew"
+
+
+def ca_configured() -> bool:
+    """Whether a CA is configured (no file I/O: decides the advertised capabilities)."""
+    return bool(settings.OPAMP_CA_KEY_FILE and settings.OPAMP_CA_CERT_FILE)
+
+
+def certificate_request_from_agent(
+    credential: AgentCredential, instance_uid: uuid.UUID, csr_pem: bytes
+) -> CertificateRequest:
+    """Submit a CSR that arrived on an OpAMP connection.
+
+    Auto-approved when the enrollment token says so, or when a valid certificate of the
+    same agent authenticates the connection (a renewal: the agent already proved who it
+    is); otherwise it waits for an operator. Raises `CsrRejected` (policy, rate limit) or
+    `SigningError` (no usable CA): the session answers BadRequest with the message.
+    """
+    if not ca_configured():
+        raise SigningError(CSR_NOT_ACCEPTED, status=400)
+    token = None
+    if credential.kind is CredentialKind.TOKEN and credential.token_id is not None:
+        token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
+    renewal = credential.is_certificate and credential.bound_uid == instance_uid
+    return certificate_request_submit(
+        instance_uid=instance_uid,
+        csr_pem=csr_pem,
+        auto_approve=renewal or (token is not None and token.auto_approve),
+        token=token,
+    )
+
+
+@dataclass(frozen=True)
+class CertificateOffer:
+    certificate_pem: str
+    ca_pem: str
+
+
+def certificate_offer_for(instance_uid: uuid.UUID, credential: AgentCredential) -> CertificateOffer | None:
+    """The agent's newest valid certificate when this connection does not already use it."""
+    if not ca_configured():
+        return None
+    current = agent_current_certificate(instance_uid)
+    if current is None or current.fingerprint_sha256 == credential.fingerprint_sha256:
+        return None
+    ca_pem = ca_certificate_pem()
+    if ca_pem is None:
+        return None
+    return CertificateOffer(certificate_pem=current.pem, ca_pem=ca_pem)
+
+
+def fill_certificate_offer(
+    offers: opamp_pb2.ConnectionSettingsOffers, offer: CertificateOffer, *, endpoint: str, heartbeat_seconds: int
+) -> bytes:
+    """Fill `connection_settings` with the OpAMP settings carrying the certificate; return its hash.
+
+    No private key is ever sent: the agent generated it. The spec asks for an explicit
+    heartbeat interval and a non-empty endpoint in every OpAMP settings offer, and for a
+    hash over all settings, so that an agent can tell offers apart and report on one.
+    """
+    opamp = offers.opamp
+    opamp.destination_endpoint = endpoint
+    opamp.heartbeat_interval_seconds = heartbeat_seconds
+    opamp.certificate.cert = offer.certificate_pem.encode("ascii")
+    opamp.certificate.ca_cert = offer.ca_pem.encode("ascii")
+    digest = hashlib.sha256(opamp.SerializeToString(deterministic=True)).digest()
+    offers.hash = digest
+    return digest
