@@ -47,6 +47,7 @@ from signing.agent_credentials import (
     enrollment_labels_apply,
     enrollment_record,
     fill_certificate_offer,
+    token_identity_check,
 )
 from signing.ca import CsrRejected
 from signing.errors import SigningError
@@ -201,6 +202,7 @@ class AgentSession:
         # Look for a certificate to offer on the first message, after a CSR and on hints.
         self.certificate_check_due = True
         self.offered_settings_hash = b""
+        self.identity_checked: uuid.UUID | None = None
         self.instance_uid: uuid.UUID | None = None
         self.closed = False
         # Set by the WebSocket consumer: how to drop this socket when superseded.
@@ -220,10 +222,7 @@ class AgentSession:
         if problem:
             raise ProtocolError(problem)
         instance_uid = uuid.UUID(bytes=message.instance_uid)
-        problem = self.credential.identity_problem(instance_uid)
-        if problem:
-            logger.warning("refused a message from %s: %s", self.remote_address, problem)
-            raise ProtocolError(problem)
+        await self._check_identity(instance_uid)
         now = timezone.now()
         capabilities = known_agent_capabilities(message.capabilities)
         reply = opamp_pb2.ServerToAgent(instance_uid=message.instance_uid, capabilities=server_capabilities())
@@ -306,6 +305,21 @@ class AgentSession:
         await self._offer_certificate(reply, snapshot)
         self._ask_for_renewal(reply, snapshot, now)
         return reply
+
+    async def _check_identity(self, instance_uid: uuid.UUID) -> None:
+        """May this connection's credential speak for `instance_uid`? Once per connection and uid."""
+        if instance_uid == self.identity_checked:
+            return
+        problem = self.credential.identity_problem(instance_uid)
+        if problem is None and self.credential.kind is CredentialKind.TOKEN:
+            try:
+                await db(token_identity_check)(self.credential, instance_uid)
+            except CredentialRefused as error:
+                problem = error.message
+        if problem:
+            logger.warning("refused a message from %s: %s", self.remote_address, problem)
+            raise ProtocolError(problem)
+        self.identity_checked = instance_uid
 
     async def _enroll(self, instance_uid: uuid.UUID) -> dict[str, str]:
         """Count the agent against its enrollment token, once per process and agent.

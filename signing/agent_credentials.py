@@ -38,7 +38,7 @@ from rollouts.services import agent_labels_set
 from signing import ca as ca_module
 from signing.errors import EnrollmentTokenRefused, SigningError
 from signing.models import CertificateRequest, EnrollmentToken
-from signing.selectors import agent_current_certificate, certificate_for_fingerprint
+from signing.selectors import agent_current_certificate, certificate_for_fingerprint, valid_certificates
 from signing.services import (
     ca_certificate_pem,
     certificate_request_submit,
@@ -65,6 +65,7 @@ CERTIFICATE_NOT_CURRENT = (
     "the client certificate is not a current certificate of this server (revoked, expired or unknown)"
 )
 AUTHORIZATION_MALFORMED = "the Authorization header must be 'Bearer <enrollment token>'"
+CERTIFIED_AGENT = "agent {uid} holds a client certificate and must connect with it, not with an enrollment token"
 SPEAKS_FOR_OTHER = "the client certificate belongs to agent {bound}; this connection may not speak for {claimed}"
 
 
@@ -200,7 +201,9 @@ def authenticate_agent(presented: PresentedCredentials, *, now: datetime | None 
         )
     if presented.bearer:
         try:
-            token = enrollment_token_authenticate(presented.bearer, now=moment)
+            # A used-up token still admits the agents it enrolled; a further agent is
+            # refused on its first message (`enrollment_record`), when its uid is known.
+            token = enrollment_token_authenticate(presented.bearer, now=moment, allow_used_up=True)
         except EnrollmentTokenRefused as error:
             raise CredentialRefused(error.message) from None
         return AgentCredential(kind=CredentialKind.TOKEN, token_id=token.pk, token_auto_approve=token.auto_approve)
@@ -218,6 +221,19 @@ def credential_still_valid(credential: AgentCredential, *, now: datetime | None 
     if not credential.is_certificate:
         return True
     return certificate_for_fingerprint(credential.fingerprint_sha256, now or timezone.now()) is not None
+
+
+def token_identity_check(credential: AgentCredential, instance_uid: uuid.UUID) -> None:
+    """Refuse a token connection that speaks for an agent holding a valid certificate.
+
+    A token is shared by many agents, a certificate belongs to one: once an agent has
+    its certificate, only that certificate may speak for it, so a token holder can neither
+    impersonate it nor push its live session aside.
+    """
+    if credential.kind is not CredentialKind.TOKEN:
+        return
+    if valid_certificates().filter(instance_uid=instance_uid).exists():
+        raise CredentialRefused(CERTIFIED_AGENT.format(uid=instance_uid))
 
 
 def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> dict[str, str]:

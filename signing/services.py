@@ -681,9 +681,13 @@ def _refusal(token: EnrollmentToken, now: datetime) -> EnrollmentTokenRefused | 
     return None
 
 
-def enrollment_token_authenticate(secret: str, *, now: datetime | None = None) -> EnrollmentToken:
+def enrollment_token_authenticate(
+    secret: str, *, now: datetime | None = None, allow_used_up: bool = False
+) -> EnrollmentToken:
     """The token a secret belongs to, if it may still enrol an agent.
 
+    With `allow_used_up`, a token that reached max_uses is returned too: the agents it
+    enrolled may still connect with it (`enrollment_token_use` refuses any further agent).
     The lookup is by SHA-256 of the secret, so response time does not depend on how much
     of a guess matches a real secret; the digest comparison afterwards is constant-time.
     """
@@ -694,7 +698,7 @@ def enrollment_token_authenticate(secret: str, *, now: datetime | None = None) -
     if token is None or not hmac.compare_digest(token.token_hash, digest):
         raise EnrollmentTokenRefused(TOKEN_UNKNOWN)
     refusal = _refusal(token, now or timezone.now())
-    if refusal is not None:
+    if refusal is not None and not (allow_used_up and refusal.message == TOKEN_EXHAUSTED):
         raise refusal
     return token
 

@@ -12,12 +12,24 @@ from opamp.proto import opamp_pb2
 from opamp_site.asgi import application
 
 
+def _from_peer(scope: dict[str, Any], client: str | None) -> None:
+    # The communicators build scopes without a TCP peer. The application only starts with
+    # the first event, so a peer set here is exactly what a server would have passed.
+    if client is not None:
+        scope["client"] = (client, 40000)
+
+
 class WsAgent:
-    def __init__(self) -> None:
-        self.communicator = WebsocketCommunicator(application, "/v1/opamp")
+    def __init__(self, *, headers: list[tuple[bytes, bytes]] | None = None, client: str | None = None) -> None:
+        self.communicator = WebsocketCommunicator(application, "/v1/opamp", headers=headers)
+        _from_peer(self.communicator.scope, client)
+
+    async def connect(self) -> tuple[bool, Any]:
+        """(True, subprotocol) when accepted; (False, close code) when the handshake is refused."""
+        return await self.communicator.connect()
 
     async def __aenter__(self) -> WsAgent:
-        connected, _ = await self.communicator.connect()
+        connected, _ = await self.connect()
         assert connected
         return self
 
@@ -45,9 +57,11 @@ async def http_post(
     *,
     headers: list[tuple[bytes, bytes]] | None = None,
     method: str = "POST",
+    client: str | None = None,
 ) -> dict[str, Any]:
     all_headers = [(b"content-type", b"application/x-protobuf"), *(headers or [])]
     communicator = HttpCommunicator(application, method, "/v1/opamp", body=body, headers=all_headers)
+    _from_peer(communicator.scope, client)
     response = await communicator.get_response(timeout=10)
     response["headers_dict"] = {k.lower(): v for k, v in response["headers"]}
     return response
