@@ -69,6 +69,8 @@ CERTIFICATE_CAPABILITIES = int(
 
 def server_capabilities() -> int:
     return SERVER_CAPABILITIES | (CERTIFICATE_CAPABILITIES if ca_configured() else 0)
+
+
 # How often a process re-reads the desired-state generation (one query, for all agents).
 GENERATION_CHECK_SECONDS = 1.0
 

@@ -542,16 +542,24 @@ def certificate_revoke(
 
 
 def _publish_revocation() -> None:
-    """Rewrite OPAMP_CRL_FILE (when set) so the TLS terminator's next reload refuses the
-    certificate; until then the app's own re-check refuses it. A failure here must not
-    undo the revocation, which is already committed: it is logged, and `write_crl` or the
-    next revocation writes the file again."""
-    if not settings.OPAMP_CRL_FILE:
-        return
+    """Rewrite the CRL file so the TLS terminator's next reload refuses the certificate;
+    until then the app's own re-check refuses it. A failure must not undo the revocation,
+    which is already committed: it is logged, and the periodic refresh writes it again."""
     try:
-        crl_write(settings.OPAMP_CRL_FILE)
+        crl_publish()
     except (OSError, SigningError):
         logger.exception("could not write the CRL to %s after a revocation", settings.OPAMP_CRL_FILE)
+
+
+def crl_publish() -> Path | None:
+    """Write a fresh CRL to OPAMP_CRL_FILE; None when no file is configured.
+
+    Run after every revocation and periodically (a CRL past its nextUpdate makes the TLS
+    terminator refuse every client certificate, so it must be re-signed well before).
+    """
+    if not settings.OPAMP_CRL_FILE:
+        return None
+    return crl_write(settings.OPAMP_CRL_FILE)
 
 
 def crl_write(path: str | Path) -> Path:

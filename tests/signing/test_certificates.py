@@ -225,3 +225,27 @@ def test_issuing_and_revoking_hint_the_agents_live_session_after_commit(
     assert hinted == [("issued", [uid]), ("revoked", [uid])]
     crl = x509.load_pem_x509_crl((tmp_path / "agents.crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(request.certificate.serial) is not None
+
+
+def test_the_periodic_crl_refresh_rewrites_the_configured_file(configured_ca, tmp_path, settings, uid, operator):
+    from signing.tasks import refresh_crl
+
+    assert refresh_crl() == "no CRL file configured"
+    settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
+    request = submit(uid)
+    services.certificate_request_approve(request=request, actor=operator)
+    # The revocation's own on-commit write does not run inside this test's transaction.
+    services.certificate_revoke(certificate=request.certificate, actor=operator)
+    assert refresh_crl() == f"wrote {tmp_path / 'agents.crl.pem'}"
+    crl = x509.load_pem_x509_crl((tmp_path / "agents.crl.pem").read_bytes())
+    assert crl.is_signature_valid(configured_ca.ca.cert.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(request.certificate.serial) is not None
+    assert crl.next_update_utc > timezone.now() + timedelta(hours=23)
+
+
+def test_the_periodic_crl_refresh_does_nothing_without_a_ca(settings, tmp_path):
+    from signing.tasks import refresh_crl
+
+    settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
+    assert refresh_crl() == "no certificate authority configured"
+    assert not (tmp_path / "agents.crl.pem").exists()
