@@ -253,7 +253,7 @@ def test_a_certificate_without_a_pending_request_is_refused() -> None:
 
 def test_garbage_instead_of_a_certificate_is_refused() -> None:
     uid = new_instance_uid()
-    with pytest.raises(CertificateRefused, match="not a PEM X.509 certificate"):
+    with pytest.raises(CertificateRefused, match=r"not a PEM X\.509 certificate"):
         check_offered_certificate(
             cert_pem=b"not a certificate", ca_pem=b"", key=pending_request(uid).key, instance_uid=uid, now=NOW
         )

@@ -24,6 +24,7 @@ from agent_client.credentials import CredentialStore, PendingRequest, build_csr,
 from agent_client.enrollment import CUSTOM_CAPABILITY, EnrollmentEvent, EnrollmentSettings
 from agent_client.testing import FakeHttpServer, FakeWebSocketServer, HttpRequest, HttpResponse, echo_reply
 from opamp.capabilities import AgentCapabilities
+from opamp.identifiers import new_instance_uid
 from opamp.proto import opamp_pb2 as pb
 from signing.ca import check_csr
 from tests.agent_client.helpers import FAST, QUIET, RetryRecorder, is_full_report, running
@@ -105,8 +106,6 @@ def provision(state_dir: Path, ca: Any, *, now: datetime, validity: timedelta) -
     """A state dir that already holds a certificate issued at `now`."""
     uid = FileState(state_dir).load_instance_uid()
     if uid is None:
-        from opamp.identifiers import new_instance_uid
-
         uid = new_instance_uid()
         FileState(state_dir).save_instance_uid(uid)
     key = generate_key()
@@ -394,7 +393,7 @@ async def test_renewal_starts_at_the_one_third_mark_and_swaps_keys_when_the_new_
 ) -> None:
     issued_at = datetime.now(UTC).replace(microsecond=0)
     ca = new_ca(now=issued_at - timedelta(days=1), days=400)
-    uid, old_cert = provision(state_dir, ca, now=issued_at, validity=timedelta(days=30))
+    _, old_cert = provision(state_dir, ca, now=issued_at, validity=timedelta(days=30))
     renewal_mark = old_cert.not_valid_after_utc - (old_cert.not_valid_after_utc - old_cert.not_valid_before_utc) / 3
     clock = Clock(renewal_mark - timedelta(minutes=1))
     server = EnrollingServer(ca, auto_approve=False, now=issued_at)
@@ -565,9 +564,11 @@ async def test_after_enrollment_the_agent_presents_its_certificate_over_wss_and_
 
     # A server that requires a client certificate lets the enrolled agent in.
     strict = server_tls(tmp_path / "strict", client_ca=ca, require_client_certificate=True)
-    async with FakeWebSocketServer(echo_reply, ssl_context=strict.context) as server:
-        async with running(enrolling_agent(server.url, state_dir, ca_file=strict.ca_file)):
-            first = await server.next_message()
+    async with (
+        FakeWebSocketServer(echo_reply, ssl_context=strict.context) as server,
+        running(enrolling_agent(server.url, state_dir, ca_file=strict.ca_file)),
+    ):
+        first = await server.next_message()
     assert first.instance_uid == agent.instance_uid
     assert server.peer_certificates == [presented]
 
@@ -576,9 +577,11 @@ async def test_the_certificate_is_presented_over_https_too(state_dir: Path, tmp_
     ca = new_ca()
     provision(state_dir, ca, now=datetime.now(UTC), validity=timedelta(days=30))
     tls = server_tls(tmp_path / "tls", client_ca=ca, require_client_certificate=True)
-    async with FakeHttpServer(EnrollingServer(ca), ssl_context=tls.context) as server:
-        async with running(enrolling_agent(server.url, state_dir, ca_file=tls.ca_file)):
-            await server.next_message()
+    async with (
+        FakeHttpServer(EnrollingServer(ca), ssl_context=tls.context) as server,
+        running(enrolling_agent(server.url, state_dir, ca_file=tls.ca_file)),
+    ):
+        await server.next_message()
     stored = CredentialStore(state_dir).cert_file.read_bytes()
     assert server.peer_certificates[0] == x509.load_pem_x509_certificate(stored).public_bytes(
         serialization.Encoding.DER
@@ -593,8 +596,10 @@ async def test_with_send_token_with_certificate_the_token_goes_along_with_the_ce
     provision(state_dir, ca, now=datetime.now(UTC), validity=timedelta(days=30))
     tls = server_tls(tmp_path / "tls", client_ca=ca, require_client_certificate=True)
     settings = replace(ENROLLING, enrollment=replace(ENROLLING.enrollment, send_token_with_certificate=True))
-    async with FakeWebSocketServer(EnrollingServer(ca), ssl_context=tls.context) as server:
-        async with running(enrolling_agent(server.url, state_dir, settings, ca_file=tls.ca_file)):
-            await server.next_message()
+    async with (
+        FakeWebSocketServer(EnrollingServer(ca), ssl_context=tls.context) as server,
+        running(enrolling_agent(server.url, state_dir, settings, ca_file=tls.ca_file)),
+    ):
+        await server.next_message()
     assert server.peer_certificates[0] is not None
     assert server.request_headers[0]["Authorization"] == f"Bearer {TOKEN}"
