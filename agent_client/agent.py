@@ -530,7 +530,7 @@ class Agent:
 
     async def _request_certificate_if_due(self) -> None:
         enrollment = self._enrollment
-        if enrollment is None:
+        if enrollment is None or not enrollment.may_request():
             return
         async with self._enrollment_lock:
             prepared = await asyncio.to_thread(enrollment.prepare_request, self._instance_uid)
@@ -558,13 +558,21 @@ class Agent:
         async with self._enrollment_lock:
             outcome = await asyncio.to_thread(enrollment.receive_offer, offers, self._instance_uid)
         settings = offers.opamp
-        if outcome.kind is OfferKind.REPEATED:
-            return
         if outcome.kind is OfferKind.REFUSED:
             detail = f"refused the offered certificate: {outcome.status.error_message}"
             self._log.warning("%s", detail)
             self._observer.on_enrollment(self, EnrollmentEvent.CERTIFICATE_REFUSED, detail)
             await self._send_report(connection_settings_status=True)
+            return
+        if outcome.kind is OfferKind.REPEATED and outcome.status.status != pb.ConnectionSettingsStatuses_APPLIED:
+            return
+        # An offer that carries a certificate sets the interval only when it names one; any
+        # other offer follows the protocol, where 0 disables heartbeats. A repeated offer is
+        # adopted again: the interval is not persisted, the status is.
+        seconds = settings.heartbeat_interval_seconds
+        if seconds or not settings.certificate.cert:
+            self._adopt_heartbeat(seconds)
+        if outcome.kind is OfferKind.REPEATED:
             return
         if settings.destination_endpoint and settings.destination_endpoint != self.transport.url:
             self._log.info(
@@ -573,13 +581,9 @@ class Agent:
                 self.transport.url,
             )
         if outcome.kind is OfferKind.SETTINGS:
-            self._adopt_heartbeat(settings.heartbeat_interval_seconds)
             if offers.hash:
                 await self._send_report(connection_settings_status=True)
             return
-        # A new certificate: heartbeats follow the offer only when it names an interval.
-        if settings.heartbeat_interval_seconds:
-            self._adopt_heartbeat(settings.heartbeat_interval_seconds)
         assert outcome.credentials is not None
         detail = f"certificate installed: {outcome.credentials.describe()}"
         self._log.info("%s", detail)

@@ -180,6 +180,10 @@ class Enrollment:
 
     # -- requests --------------------------------------------------------------------
 
+    def may_request(self) -> bool:
+        """False when `prepare_request` would certainly return None (cheap; no files)."""
+        return self.server_accepts_requests and (self.renew_requested or not self.request_sent)
+
     def prepare_request(self, instance_uid: bytes) -> tuple[PendingRequest, str] | None:
         """The CSR to send on this connection now, with the reason, or None.
 

@@ -10,8 +10,9 @@ backoff, at the earliest after the error's `retry_after` (from `Retry-After` on 
 A 401 or 403 (a WebSocket handshake cannot be answered with 401 by every server, hence
 403 too) is a `CredentialRefused`: the token or the client certificate was not accepted.
 
-TLS (wss://, https://): the server is verified against `ca_file` when given, else the
-trust store httpx uses (certifi, or SSL_CERT_FILE / SSL_CERT_DIR when `trust_env`). The
+TLS (wss://, https://): the server is verified against `ca_file` when given, else against
+each library's default trust store (WebSocket: the system's, as `ssl.create_default_context`
+loads it; HTTP: httpx's, certifi or SSL_CERT_FILE / SSL_CERT_DIR when `trust_env`). The
 agent sets per-connection credentials with `set_credentials` before each `connect`: extra
 headers (the enrollment token) and a client certificate presented in the TLS handshake.
 """
@@ -23,7 +24,7 @@ import email.utils
 import functools
 import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,18 +126,16 @@ def _tls_context(trust_env: bool) -> ssl.SSLContext:
 
 
 def tls_context(
-    *, ca_file: str | Path | None, client_certificate: ClientCertificate | None, trust_env: bool
+    *,
+    ca_file: str | Path | None,
+    client_certificate: ClientCertificate | None,
+    default: Callable[[], ssl.SSLContext] = ssl.create_default_context,
 ) -> ssl.SSLContext:
-    """The context for a TLS connection: whom to trust and which certificate to present."""
-    if ca_file is None and client_certificate is None:
-        return _tls_context(trust_env)
+    """A new context for a TLS connection: whom to trust (`ca_file`, else a context from
+    `default`) and which certificate to present. New each time: a client certificate loaded
+    into a shared context would be presented on every connection of the process."""
     try:
-        if ca_file is not None:
-            context = ssl.create_default_context(cafile=str(ca_file))
-        else:
-            # A fresh context: loading a client certificate into the shared one would
-            # present it on every connection of the process.
-            context = httpx.create_ssl_context(trust_env=trust_env)
+        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else default()
         if client_certificate is not None:
             context.load_cert_chain(certfile=client_certificate.cert_file, keyfile=client_certificate.key_file)
     except (OSError, ssl.SSLError) as error:
@@ -195,10 +194,8 @@ class WebSocketTransport:
 
     async def connect(self) -> None:
         options: dict[str, Any] = {}
-        if self.secure:
-            options["ssl"] = tls_context(
-                ca_file=self.ca_file, client_certificate=self.client_certificate, trust_env=self.trust_env
-            )
+        if self.secure and (self.ca_file is not None or self.client_certificate is not None):
+            options["ssl"] = tls_context(ca_file=self.ca_file, client_certificate=self.client_certificate)
         try:
             self._connection = await connect(
                 self.url,
@@ -294,11 +291,13 @@ class HttpTransport:
     async def connect(self) -> None:
         # Nothing goes on the wire until the first POST; a new client per connection drops
         # any pooled socket the server may already have given up on.
-        verify = (
-            tls_context(ca_file=self.ca_file, client_certificate=self.client_certificate, trust_env=self.trust_env)
-            if self.secure
-            else _tls_context(self.trust_env)
-        )
+        verify = _tls_context(self.trust_env)
+        if self.secure and (self.ca_file is not None or self.client_certificate is not None):
+            verify = tls_context(
+                ca_file=self.ca_file,
+                client_certificate=self.client_certificate,
+                default=functools.partial(httpx.create_ssl_context, trust_env=self.trust_env),
+            )
         self._client = httpx.AsyncClient(
             headers={**self.headers, **self.credential_headers, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
             timeout=self.timeout,

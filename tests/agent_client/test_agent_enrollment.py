@@ -603,3 +603,48 @@ async def test_with_send_token_with_certificate_the_token_goes_along_with_the_ce
         await server.next_message()
     assert server.peer_certificates[0] is not None
     assert server.request_headers[0]["Authorization"] == f"Bearer {TOKEN}"
+
+
+# --- offers without a new certificate ---------------------------------------------------
+
+
+def settings_offer(digest: bytes, heartbeat: int) -> pb.ConnectionSettingsOffers:
+    offer = pb.ConnectionSettingsOffers(hash=digest)
+    offer.opamp.destination_endpoint = "ws://elsewhere.example/v1/opamp"
+    offer.opamp.heartbeat_interval_seconds = heartbeat
+    return offer
+
+
+async def test_an_offer_without_a_certificate_is_applied_and_reported_once(
+    ws_server: FakeWebSocketServer, state_dir: Path
+) -> None:
+    def offer_settings(message: pb.AgentToServer) -> pb.ServerToAgent:
+        reply = echo_reply(message)
+        reply.connection_settings.CopyFrom(settings_offer(b"\x07" * 32, 9))
+        return reply
+
+    ws_server.responder = offer_settings
+    agent = enrolling_agent(ws_server.url, state_dir)
+    async with running(agent):
+        await ws_server.next_message()
+        status = await ws_server.next_matching(has_settings_status)
+        await asyncio.sleep(0.2)
+    assert status.connection_settings_status == pb.ConnectionSettingsStatus(
+        last_connection_settings_hash=b"\x07" * 32, status=pb.ConnectionSettingsStatuses_APPLIED
+    )
+    assert agent.heartbeat_interval == 9.0
+    # The same hash again (every reply carries it) is not reported again; the URL stays.
+    assert sum(has_settings_status(message) for message in ws_server.messages) == 1
+    assert len(ws_server.connection_times) == 1
+
+    # After a restart the persisted status says APPLIED: the repeated offer's interval is
+    # adopted again without another report.
+    await wait_until(lambda: ws_server.closed.is_set())
+    ws_server.messages.clear()
+    restarted = enrolling_agent(ws_server.url, state_dir)
+    async with running(restarted):
+        first = await ws_server.next_matching(is_full_report)
+        await wait_until(lambda: restarted.heartbeat_interval == 9.0)
+        await asyncio.sleep(0.1)
+    assert first.connection_settings_status.last_connection_settings_hash == b"\x07" * 32
+    assert [message for message in ws_server.messages if has_settings_status(message)] == [first]
