@@ -9,12 +9,17 @@ It depends on the standard library, `opamp` (protocol messages and codec), `webs
         settings=AgentSettings(identifying_attributes={"service.name": "edge"}),
     )
     await agent.run()  # until agent.stop()
+
+With `credentials=CredentialStore(state_dir)` (and `AgentSettings(enrollment=EnrollmentSettings(
+token=...))`) the agent enrolls for a TLS client certificate and presents it from then on.
 """
 
 from __future__ import annotations
 
 from agent_client.agent import Agent, AgentObserver, AgentSettings
 from agent_client.backoff import Backoff
+from agent_client.credentials import CredentialStore
+from agent_client.enrollment import EnrollmentEvent, EnrollmentSettings
 from agent_client.remote_config import ConfigFile, ConfigRejected
 from agent_client.simulator import Fleet, FleetStats
 from agent_client.state import (
@@ -25,6 +30,7 @@ from agent_client.state import (
     StateError,
 )
 from agent_client.transport import (
+    CredentialRefused,
     HttpTransport,
     Transport,
     TransportError,
@@ -41,6 +47,10 @@ __all__ = [
     "Backoff",
     "ConfigFile",
     "ConfigRejected",
+    "CredentialRefused",
+    "CredentialStore",
+    "EnrollmentEvent",
+    "EnrollmentSettings",
     "FileState",
     "Fleet",
     "FleetStats",

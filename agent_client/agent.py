@@ -7,6 +7,11 @@ a new instance_uid, a heartbeat interval, a remote config. A transport failure o
 UNAVAILABLE answer ends the session; the agent reconnects after a jittered backoff and opens
 the next session with a full report again, since it cannot know which of its messages the
 server processed. `stop()` ends the current session with `agent_disconnect`.
+
+Given a `CredentialStore` the agent also enrolls for a TLS client certificate and keeps it
+renewed (`agent_client.enrollment`); installing a certificate ends the session with
+`agent_disconnect` and reconnects at once so the new certificate is presented. A server that
+refuses the credential (401/403) is retried no sooner than `refused_credential_delay`.
 """
 
 from __future__ import annotations
@@ -20,20 +25,31 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Mapping, MutableMapping
+from collections.abc import Callable, Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent_client import report
 from agent_client.backoff import Backoff
+from agent_client.credentials import CredentialStore
+from agent_client.enrollment import CAPABILITIES as ENROLLMENT_CAPABILITIES
+from agent_client.enrollment import CUSTOM_CAPABILITY as CERTIFICATE_CAPABILITY
+from agent_client.enrollment import (
+    RENEW_MESSAGE_TYPE,
+    Enrollment,
+    EnrollmentEvent,
+    EnrollmentSettings,
+    OfferKind,
+)
 from agent_client.remote_config import ConfigFile, ConfigRejected, check_remote_config
 from agent_client.signed_config import CUSTOM_CAPABILITY, content_hash, record_version, verify_remote_config
 from agent_client.state import AgentState, RemoteConfigRecord
-from agent_client.transport import Transport, TransportError
+from agent_client.transport import CredentialRefused, Transport, TransportError
 from agent_client.version import __version__
-from opamp.capabilities import AgentCapabilities, ServerToAgentFlags
+from opamp.capabilities import AgentCapabilities, ServerCapabilities, ServerToAgentFlags
 from opamp.hashing import config_map_hash
 from opamp.identifiers import instance_uid_problem, new_instance_uid
 from opamp.proto import opamp_pb2 as pb
@@ -62,6 +78,10 @@ _ALWAYS_DECLARED = (
 _MAX_UNANSWERED = 1024
 
 
+class _Reconnect(Exception):
+    """Ends a session so that the next one starts at once (new credentials to present)."""
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """How an agent describes itself and behaves; shared freely between simulated agents."""
@@ -79,10 +99,16 @@ class AgentSettings:
     # declares the signed-config custom capability and applies only configs signed by one
     # of these keys (an empty mapping refuses every config).
     trusted_keys: Mapping[str, Ed25519PublicKey] | None = None
+    # Used only by agents given a CredentialStore (certificate enrollment).
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
+    # A refused credential (401/403) does not fix itself in a second: retry no sooner.
+    refused_credential_delay: float = 10.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
+        if self.refused_credential_delay < 0:
+            raise ValueError("refused_credential_delay must not be negative")
         for key_id, key in (self.trusted_keys or {}).items():
             if key_id != key_id_for(key):
                 raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")
@@ -120,6 +146,9 @@ class AgentObserver:
     def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
         """A session ended with `error`; the next attempt starts in `retry_in` seconds."""
 
+    def on_enrollment(self, agent: Agent, event: EnrollmentEvent, detail: str) -> None:
+        """Certificate enrollment made progress or failed; `detail` is a human-readable line."""
+
 
 class _PrefixedLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every line with the agent's name, so a simulated fleet's logs can be read."""
@@ -148,7 +177,11 @@ class Agent:
         settings: AgentSettings | None = None,
         observer: AgentObserver | None = None,
         name: str | None = None,
+        credentials: CredentialStore | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """`credentials` turns certificate enrollment on (keys and certificates live there);
+        `clock` (aware datetimes) decides certificate validity and renewal, for tests."""
         self.transport = transport
         self.settings = settings or AgentSettings()
         self.name = name
@@ -163,6 +196,12 @@ class Agent:
         self._instance_uid = instance_uid
         self._remote = state.load_remote_config()
         self._start_time_unix_nano = time.time_ns()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._enrollment = (
+            Enrollment(credentials, self.settings.enrollment, clock=self._clock) if credentials is not None else None
+        )
+        # Enrollment steps write files in a thread; one at a time.
+        self._enrollment_lock = asyncio.Lock()
 
         self._backoff = Backoff(initial=self.settings.backoff_initial, maximum=self.settings.backoff_max)
         self._sequence_num = 0
@@ -184,7 +223,21 @@ class Agent:
 
     @property
     def capabilities(self) -> int:
+        if self._enrollment is not None:
+            return self.settings.capabilities | int(ENROLLMENT_CAPABILITIES)
         return self.settings.capabilities
+
+    @property
+    def custom_capabilities(self) -> list[str]:
+        custom = self.settings.custom_capabilities
+        if self._enrollment is not None:
+            custom = [*custom, CERTIFICATE_CAPABILITY]
+        return custom
+
+    @property
+    def enrollment(self) -> Enrollment | None:
+        """The enrollment state (certificate, pending request, status); None when not enrolling."""
+        return self._enrollment
 
     @property
     def remote_config(self) -> RemoteConfigRecord:
@@ -229,8 +282,16 @@ class Agent:
             try:
                 await self._session()
                 return
-            except TransportError as error:
+            except _Reconnect:
+                await self._disconnect()
+                self._backoff.reset()
+                self._log.info("reconnecting to present the new client certificate")
+                continue
+            except CredentialRefused as error:
                 failure: Exception = error
+                retry_after: float | None = self.settings.refused_credential_delay
+            except TransportError as error:
+                failure = error
                 retry_after = error.retry_after
             except Exception as error:
                 # An agent outlives its own bugs: log the trace, back off, reconnect.
@@ -242,15 +303,36 @@ class Agent:
             if self._stopping.is_set():
                 return
             delay = self._backoff.next_delay(at_least=retry_after)
-            self._log.warning("disconnected: %s; reconnecting in %.2f s", failure, delay)
+            if isinstance(failure, CredentialRefused):
+                self._log.error("%s: %s; retrying in %.2f s", failure, self._credential_hint(), delay)
+            else:
+                self._log.warning("disconnected: %s; reconnecting in %.2f s", failure, delay)
             self._observer.on_disconnected(self, failure, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stopping.wait()
 
+    def _credential_hint(self) -> str:
+        if self._enrollment is None:
+            return "check the credential headers"
+        headers, certificate = self._enrollment.connection_credentials(self._instance_uid, secure=self.transport.secure)
+        presented = [
+            *(["the enrollment token"] if headers else []),
+            *(["the client certificate"] if certificate is not None else []),
+        ]
+        return f"presented {' and '.join(presented) or 'no credential'}"
+
+    def _prepare_connection(self) -> None:
+        if self._enrollment is None:
+            return
+        self._enrollment.new_connection()
+        headers, certificate = self._enrollment.connection_credentials(self._instance_uid, secure=self.transport.secure)
+        self.transport.set_credentials(headers, certificate)
+
     async def _session(self) -> None:
         stop_requested: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
         loops: list[asyncio.Future[Any]] = []
+        self._prepare_connection()
         try:
             # A connect can take up to its open timeout; a stop must not wait for it.
             if not await self._unless_stopped(self.transport.connect(), stop_requested):
@@ -263,6 +345,8 @@ class Agent:
             await self._send_report()
 
             loops = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._heartbeat_loop())]
+            if self._enrollment is not None:
+                loops.append(asyncio.ensure_future(self._renewal_loop()))
             done, _ = await asyncio.wait([stop_requested, *loops], return_when=asyncio.FIRST_COMPLETED)
             if stop_requested not in done:
                 for task in loops:
@@ -306,13 +390,20 @@ class Agent:
             self._sequence_num += 1
             message.instance_uid = self._instance_uid
             message.sequence_num = self._sequence_num
-            message.capabilities = self.settings.capabilities
+            message.capabilities = self.capabilities
             sent_at = asyncio.get_running_loop().time()
             self._last_send = sent_at
             self._sent_at.append(sent_at)
             await self.transport.send(message)
 
-    async def _send_report(self, *, remote_config_status: bool = False, effective_config: bool = False) -> None:
+    async def _send_report(
+        self,
+        *,
+        remote_config_status: bool = False,
+        effective_config: bool = False,
+        connection_settings_status: bool = False,
+        csr: bytes | None = None,
+    ) -> None:
         """Send a status report: the full state when one is due, else only what is asked."""
         message = pb.AgentToServer()
         if self._full_report_due:
@@ -325,6 +416,10 @@ class Agent:
                 message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
             if effective_config:
                 message.effective_config.CopyFrom(report.effective_config(self._remote.files))
+            if connection_settings_status and self._enrollment is not None:
+                message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
+        if csr is not None:
+            message.connection_settings_request.opamp.certificate_request.csr = csr
         await self._send(message)
 
     def _fill_full_report(self, message: pb.AgentToServer) -> None:
@@ -334,8 +429,10 @@ class Agent:
         message.health.CopyFrom(report.component_health(start_time_unix_nano=self._start_time_unix_nano))
         message.effective_config.CopyFrom(report.effective_config(self._remote.files))
         message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
-        if custom := self.settings.custom_capabilities:
+        if custom := self.custom_capabilities:
             message.custom_capabilities.capabilities.extend(custom)
+        if self._enrollment is not None and self._enrollment.status.status != pb.ConnectionSettingsStatuses_UNSET:
+            message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -365,14 +462,30 @@ class Agent:
             await self._handle(reply)
 
     async def _handle(self, reply: pb.ServerToAgent) -> None:
+        enrollment = self._enrollment
         if reply.HasField("error_response"):
-            self._on_error_response(reply.error_response)
+            error = reply.error_response
+            if (
+                enrollment is not None
+                and enrollment.awaiting_answer
+                and error.type == pb.ServerErrorResponseType_BadRequest
+            ):
+                await self._on_request_refused(error.error_message or "no reason given")
+                return
+            self._on_error_response(error)
             return
         self._backoff.reset()
         if reply.HasField("agent_identification"):
             self._adopt_instance_uid(reply.agent_identification.new_instance_uid)
+        if enrollment is not None and reply.capabilities:
+            self._note_server_capabilities(enrollment, reply.capabilities)
         if reply.HasField("connection_settings") and reply.connection_settings.HasField("opamp"):
-            self._adopt_heartbeat(reply.connection_settings.opamp.heartbeat_interval_seconds)
+            if enrollment is not None:
+                await self._on_connection_settings(reply.connection_settings)
+            else:
+                self._adopt_heartbeat(reply.connection_settings.opamp.heartbeat_interval_seconds)
+        if enrollment is not None and reply.HasField("custom_message"):
+            self._on_custom_message(enrollment, reply.custom_message)
         if reply.flags & ServerToAgentFlags.REPORT_FULL_STATE:
             self._log.info("server asked for a full report")
             self._full_report_due = True
@@ -381,6 +494,8 @@ class Agent:
             await self._on_remote_config(reply.remote_config)
         if self._full_report_due:
             await self._send_report()
+        if enrollment is not None:
+            await self._request_certificate_if_due()
 
     def _on_error_response(self, error: pb.ServerErrorResponse) -> None:
         reason = error.error_message or "no reason given"
@@ -391,6 +506,96 @@ class Agent:
             raise TransportError(f"server unavailable: {reason}", retry_after=retry_after)
         kind = pb.ServerErrorResponseType.Name(error.type).removeprefix("ServerErrorResponseType_")
         self._log.warning("server reported an error (%s): %s", kind, reason)
+
+    # -- certificate enrollment ----------------------------------------------------------
+
+    def _note_server_capabilities(self, enrollment: Enrollment, capabilities: int) -> None:
+        accepts = bool(capabilities & ServerCapabilities.ACCEPTS_CONNECTION_SETTINGS_REQUEST)
+        first_word = not enrollment.server_capabilities_seen
+        enrollment.server_capabilities_seen = True
+        enrollment.server_accepts_requests = accepts
+        if not accepts and first_word and (reason := enrollment.request_reason(self._instance_uid)):
+            detail = f"the server does not accept certificate requests (needed: {reason})"
+            self._log.warning("%s", detail)
+            self._observer.on_enrollment(self, EnrollmentEvent.CSR_NOT_ACCEPTED, detail)
+
+    def _on_custom_message(self, enrollment: Enrollment, message: pb.CustomMessage) -> None:
+        if message.capability != CERTIFICATE_CAPABILITY:
+            return
+        if message.type != RENEW_MESSAGE_TYPE:
+            self._log.info("ignoring %s message of unknown type %r", CERTIFICATE_CAPABILITY, message.type[:64])
+            return
+        self._log.info("the server asked for a certificate renewal")
+        enrollment.renew_requested = True
+
+    async def _request_certificate_if_due(self) -> None:
+        enrollment = self._enrollment
+        if enrollment is None or not enrollment.may_request():
+            return
+        async with self._enrollment_lock:
+            prepared = await asyncio.to_thread(enrollment.prepare_request, self._instance_uid)
+        if prepared is None:
+            return
+        pending, reason = prepared
+        await self._send_report(csr=pending.csr_pem)
+        detail = f"certificate request sent ({reason}; public key sha256 {pending.fingerprint[:16]})"
+        self._log.info("%s; waiting for the server's answer", detail)
+        self._observer.on_enrollment(self, EnrollmentEvent.CSR_SENT, detail)
+
+    async def _on_request_refused(self, message: str) -> None:
+        enrollment = self._enrollment
+        assert enrollment is not None
+        async with self._enrollment_lock:
+            _, delay = await asyncio.to_thread(enrollment.request_refused, message)
+        detail = f"the server refused the certificate request: {message}"
+        self._log.warning("%s; a new request follows on a later connection, not before %.0f s", detail, delay)
+        self._observer.on_enrollment(self, EnrollmentEvent.CSR_REFUSED, detail)
+        await self._send_report(connection_settings_status=True)
+
+    async def _on_connection_settings(self, offers: pb.ConnectionSettingsOffers) -> None:
+        enrollment = self._enrollment
+        assert enrollment is not None
+        async with self._enrollment_lock:
+            outcome = await asyncio.to_thread(enrollment.receive_offer, offers, self._instance_uid)
+        settings = offers.opamp
+        if outcome.kind is OfferKind.REFUSED:
+            detail = f"refused the offered certificate: {outcome.status.error_message}"
+            self._log.warning("%s", detail)
+            self._observer.on_enrollment(self, EnrollmentEvent.CERTIFICATE_REFUSED, detail)
+            await self._send_report(connection_settings_status=True)
+            return
+        if outcome.kind is OfferKind.REPEATED and outcome.status.status != pb.ConnectionSettingsStatuses_APPLIED:
+            return
+        # An offer that carries a certificate sets the interval only when it names one; any
+        # other offer follows the protocol, where 0 disables heartbeats. A repeated offer is
+        # adopted again: the interval is not persisted, the status is.
+        seconds = settings.heartbeat_interval_seconds
+        if seconds or not settings.certificate.cert:
+            self._adopt_heartbeat(seconds)
+        if outcome.kind is OfferKind.REPEATED:
+            return
+        if settings.destination_endpoint and settings.destination_endpoint != self.transport.url:
+            self._log.info(
+                "the server names the endpoint %s; staying with the configured %s",
+                settings.destination_endpoint[:256],
+                self.transport.url,
+            )
+        if outcome.kind is OfferKind.SETTINGS:
+            if offers.hash:
+                await self._send_report(connection_settings_status=True)
+            return
+        assert outcome.credentials is not None
+        detail = f"certificate installed: {outcome.credentials.describe()}"
+        self._log.info("%s", detail)
+        await self._send_report(connection_settings_status=True)
+        self._observer.on_enrollment(self, EnrollmentEvent.CERTIFICATE_APPLIED, detail)
+        raise _Reconnect
+
+    async def _renewal_loop(self) -> None:
+        assert self._enrollment is not None
+        while True:
+            await asyncio.sleep(self._enrollment.settings.renewal_check_interval)
+            await self._request_certificate_if_due()
 
     def _adopt_instance_uid(self, new_uid: bytes) -> None:
         if problem := instance_uid_problem(new_uid):

@@ -115,6 +115,9 @@ class FileState:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.config_dir = self.directory / CONFIG_DIR
+        # The directory may come to hold private keys (certificate enrollment): only the
+        # owner gets in when the agent creates it. An existing directory is left as it is.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config_dir.mkdir(parents=True, exist_ok=True)
 
     def load_instance_uid(self) -> bytes | None:

@@ -5,12 +5,16 @@ function from the received message to the reply (None: no reply over WebSocket, 
 ServerToAgent over HTTP, which must answer every POST). The default responder echoes the
 instance_uid and declares the server's capabilities, as the protocol asks of every reply.
 Tests read what arrived with `next_message()`, which waits, so they need no sleeps.
+
+Given an `ssl_context` (a server context) either fake serves TLS (wss:// / https://) and
+records, per connection, the client certificate the agent presented (DER, or None).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,9 +98,12 @@ class FakeWebSocketServer(_Recorder):
         responder: Responder = echo_reply,
         *,
         process_request: Callable[[ServerConnection, Request], Response | None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(responder)
         self.process_request = process_request
+        self.ssl_context = ssl_context
+        self.peer_certificates: list[bytes | None] = []
         self.frames: list[bytes] = []
         self.connection_times: list[float] = []
         self.request_headers: list[dict[str, str]] = []
@@ -111,7 +118,8 @@ class FakeWebSocketServer(_Recorder):
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}{OPAMP_PATH}"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}{OPAMP_PATH}"
 
     async def start(self) -> Self:
         self._server = await serve(
@@ -121,6 +129,7 @@ class FakeWebSocketServer(_Recorder):
             compression=None,
             process_request=self.process_request,
             max_size=None,
+            ssl=self.ssl_context,
         )
         return self
 
@@ -141,6 +150,8 @@ class FakeWebSocketServer(_Recorder):
 
     async def _handle(self, connection: ServerConnection) -> None:
         self.connection_times.append(time.monotonic())
+        if self.ssl_context is not None:
+            self.peer_certificates.append(_peer_certificate(connection.transport.get_extra_info("ssl_object")))
         if connection.request is not None:
             self.request_headers.append(dict(connection.request.headers.raw_items()))
         self._connection = connection
@@ -158,6 +169,10 @@ class FakeWebSocketServer(_Recorder):
             pass
         finally:
             self.closed.set()
+
+
+def _peer_certificate(ssl_object: ssl.SSLObject | None) -> bytes | None:
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
 
 @dataclass
@@ -194,9 +209,12 @@ class FakeHttpServer(_Recorder):
         *,
         intercept: Callable[[HttpRequest], HttpResponse | None] | None = None,
         gzip_responses: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(responder)
         self.intercept = intercept
+        self.ssl_context = ssl_context
+        self.peer_certificates: list[bytes | None] = []
         self.gzip_responses = gzip_responses
         self.requests: list[HttpRequest] = []
         self.request_times: list[float] = []
@@ -211,10 +229,11 @@ class FakeHttpServer(_Recorder):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{OPAMP_PATH}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{OPAMP_PATH}"
 
     async def start(self) -> Self:
-        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0, ssl=self.ssl_context)
         return self
 
     async def stop(self) -> None:
@@ -229,6 +248,8 @@ class FakeHttpServer(_Recorder):
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        if self.ssl_context is not None:
+            self.peer_certificates.append(_peer_certificate(writer.get_extra_info("ssl_object")))
         if (task := asyncio.current_task()) is not None:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)

@@ -7,6 +7,14 @@ the server sends it. Over HTTP every `send` is a POST whose response is queued f
 
 Every failure surfaces as TransportError; the agent answers it by reconnecting with
 backoff, at the earliest after the error's `retry_after` (from `Retry-After` on 429/503).
+A 401 or 403 (a WebSocket handshake cannot be answered with 401 by every server, hence
+403 too) is a `CredentialRefused`: the token or the client certificate was not accepted.
+
+TLS (wss://, https://): the server is verified against `ca_file` when given, else against
+each library's default trust store (WebSocket: the system's, as `ssl.create_default_context`
+loads it; HTTP: httpx's, certifi or SSL_CERT_FILE / SSL_CERT_DIR when `trust_env`). The
+agent sets per-connection credentials with `set_credentials` before each `connect`: extra
+headers (the enrollment token) and a client certificate presented in the TLS handshake.
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ import email.utils
 import functools
 import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -34,6 +44,7 @@ INSTANCE_UID_HEADER = "OpAMP-Instance-UID"
 # The protocol's default message size limit, applied after decompression.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 RETRY_STATUSES = frozenset({429, 503})
+CREDENTIAL_STATUSES = frozenset({401, 403})
 
 TransportKind = Literal["ws", "http"]
 _WS_SCHEMES = {"ws": "http", "wss": "https"}
@@ -48,9 +59,34 @@ class TransportError(Exception):
         self.retry_after = retry_after
 
 
+class CredentialRefused(TransportError):
+    """The server refused the connection's credential (HTTP 401 or 403)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"server refused the credential (HTTP {status})")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A TLS client certificate and its private key, as PEM files."""
+
+    cert_file: Path
+    key_file: Path
+
+
 class Transport(Protocol):
     url: str
     polls: bool
+
+    @property
+    def secure(self) -> bool:
+        """True when the connection runs over TLS (so a client certificate can be presented)."""
+        ...
+
+    def set_credentials(self, headers: Mapping[str, str], client_certificate: ClientCertificate | None) -> None:
+        """Credentials for the next `connect`: extra request headers and a TLS client certificate."""
+        ...
 
     async def connect(self) -> None: ...
 
@@ -89,6 +125,31 @@ def _tls_context(trust_env: bool) -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=trust_env)
 
 
+def tls_context(
+    *,
+    ca_file: str | Path | None,
+    client_certificate: ClientCertificate | None,
+    default: Callable[[], ssl.SSLContext] = ssl.create_default_context,
+) -> ssl.SSLContext:
+    """A new context for a TLS connection: whom to trust (`ca_file`, else a context from
+    `default`) and which certificate to present. New each time: a client certificate loaded
+    into a shared context would be presented on every connection of the process."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else default()
+        if client_certificate is not None:
+            context.load_cert_chain(certfile=client_certificate.cert_file, keyfile=client_certificate.key_file)
+    except (OSError, ssl.SSLError) as error:
+        # ssl errors name files, never key material.
+        raise TransportError(f"cannot set up TLS: {_error_text(error)}") from error
+    return context
+
+
+def _refusal(status: int, retry_after: str | None, message: str) -> TransportError:
+    if status in CREDENTIAL_STATUSES:
+        return CredentialRefused(status)
+    return TransportError(message, retry_after=_retry_hint(status, retry_after))
+
+
 def _error_text(error: BaseException) -> str:
     # Several httpx and asyncio errors have an empty str(); the class name still says a lot.
     return str(error) or type(error).__name__
@@ -108,6 +169,7 @@ class WebSocketTransport:
         ping_interval: float | None = 20.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         trust_env: bool = True,
+        ca_file: str | Path | None = None,
     ) -> None:
         if urlsplit(url).scheme not in _WS_SCHEMES:
             raise ValueError(f"a WebSocket server URL starts with ws:// or wss://, not {url!r}")
@@ -117,13 +179,27 @@ class WebSocketTransport:
         self.ping_interval = ping_interval
         self.max_message_bytes = max_message_bytes
         self.trust_env = trust_env
+        self.ca_file = ca_file
+        self.credential_headers: dict[str, str] = {}
+        self.client_certificate: ClientCertificate | None = None
         self._connection: ClientConnection | None = None
 
+    @property
+    def secure(self) -> bool:
+        return urlsplit(self.url).scheme == "wss"
+
+    def set_credentials(self, headers: Mapping[str, str], client_certificate: ClientCertificate | None) -> None:
+        self.credential_headers = dict(headers)
+        self.client_certificate = client_certificate
+
     async def connect(self) -> None:
+        options: dict[str, Any] = {}
+        if self.secure and (self.ca_file is not None or self.client_certificate is not None):
+            options["ssl"] = tls_context(ca_file=self.ca_file, client_certificate=self.client_certificate)
         try:
             self._connection = await connect(
                 self.url,
-                additional_headers=self.headers,
+                additional_headers={**self.headers, **self.credential_headers},
                 user_agent_header=USER_AGENT,
                 # permessage-deflate costs the server far more memory per connection than
                 # it saves on messages this small.
@@ -133,12 +209,14 @@ class WebSocketTransport:
                 ping_timeout=self.ping_interval,
                 max_size=self.max_message_bytes,
                 proxy=True if self.trust_env else None,
+                **options,
             )
         except InvalidStatus as error:
             status = error.response.status_code
-            raise TransportError(
+            raise _refusal(
+                status,
+                error.response.headers.get("Retry-After"),
                 f"server refused the WebSocket upgrade: HTTP {status}",
-                retry_after=_retry_hint(status, error.response.headers.get("Retry-After")),
             ) from error
         except (OSError, WebSocketException) as error:
             raise TransportError(f"cannot connect to {self.url}: {_error_text(error)}") from error
@@ -187,6 +265,7 @@ class HttpTransport:
         timeout: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         trust_env: bool = True,
+        ca_file: str | Path | None = None,
     ) -> None:
         if urlsplit(url).scheme not in _HTTP_SCHEMES:
             raise ValueError(f"an HTTP server URL starts with http:// or https://, not {url!r}")
@@ -195,17 +274,35 @@ class HttpTransport:
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.trust_env = trust_env
+        self.ca_file = ca_file
+        self.credential_headers: dict[str, str] = {}
+        self.client_certificate: ClientCertificate | None = None
         self._client: httpx.AsyncClient | None = None
         self._replies: asyncio.Queue[pb.ServerToAgent] = asyncio.Queue()
+
+    @property
+    def secure(self) -> bool:
+        return urlsplit(self.url).scheme == "https"
+
+    def set_credentials(self, headers: Mapping[str, str], client_certificate: ClientCertificate | None) -> None:
+        self.credential_headers = dict(headers)
+        self.client_certificate = client_certificate
 
     async def connect(self) -> None:
         # Nothing goes on the wire until the first POST; a new client per connection drops
         # any pooled socket the server may already have given up on.
+        verify = _tls_context(self.trust_env)
+        if self.secure and (self.ca_file is not None or self.client_certificate is not None):
+            verify = tls_context(
+                ca_file=self.ca_file,
+                client_certificate=self.client_certificate,
+                default=functools.partial(httpx.create_ssl_context, trust_env=self.trust_env),
+            )
         self._client = httpx.AsyncClient(
-            headers={**self.headers, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
+            headers={**self.headers, **self.credential_headers, "User-Agent": USER_AGENT, "Accept-Encoding": "gzip"},
             timeout=self.timeout,
             trust_env=self.trust_env,
-            verify=_tls_context(self.trust_env),
+            verify=verify,
         )
         self._replies = asyncio.Queue()
 
@@ -220,9 +317,10 @@ class HttpTransport:
                 "POST", self.url, content=message.SerializeToString(), headers=headers
             ) as response:
                 if not response.is_success:
-                    raise TransportError(
+                    raise _refusal(
+                        response.status_code,
+                        response.headers.get("Retry-After"),
                         f"server answered HTTP {response.status_code}",
-                        retry_after=_retry_hint(response.status_code, response.headers.get("Retry-After")),
                     )
                 body = await self._read_body(response)
         except httpx.HTTPError as error:
@@ -261,12 +359,14 @@ def transport_for_url(
     headers: Mapping[str, str] | None = None,
     trust_env: bool = True,
     ping_interval: float | None = 20.0,
+    ca_file: str | Path | None = None,
 ) -> WebSocketTransport | HttpTransport:
     """The transport for `url`: by its scheme, or `kind` with the scheme swapped to match.
 
     `ws://host/v1/opamp` with kind "http" polls `http://host/v1/opamp`: a server serves
     both transports on the same path. `ping_interval` (WebSocket keepalive) is ignored
-    for HTTP.
+    for HTTP. `ca_file` verifies a TLS server against that bundle instead of the default
+    trust store.
     """
     parts = urlsplit(url)
     scheme = parts.scheme
@@ -279,5 +379,5 @@ def transport_for_url(
     elif kind == "ws" and scheme in _HTTP_SCHEMES:
         url = urlunsplit(parts._replace(scheme=_HTTP_SCHEMES[scheme]))
     if kind == "http":
-        return HttpTransport(url, headers=headers, trust_env=trust_env)
-    return WebSocketTransport(url, headers=headers, trust_env=trust_env, ping_interval=ping_interval)
+        return HttpTransport(url, headers=headers, trust_env=trust_env, ca_file=ca_file)
+    return WebSocketTransport(url, headers=headers, trust_env=trust_env, ping_interval=ping_interval, ca_file=ca_file)
