@@ -7,10 +7,12 @@ receives are nginx's, whatever the client sent.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
 import ssl
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from django.core.management import call_command
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as websocket_connect
 
@@ -340,3 +343,29 @@ def test_tls_sessions_are_never_resumed(nginx: Nginx, certificates: Pki, version
     session, _ = _tls_exchange(nginx, context, None)
     _, reused = _tls_exchange(nginx, context, session)
     assert not reused
+
+
+# --- the server block on its own, as installed into /etc/nginx/conf.d/ -------------------
+
+
+def test_the_server_block_is_a_valid_http_context_include(nginx_binary: str, tmp_path: Path, certificates: Pki) -> None:
+    static = tmp_path / "static"
+    static.mkdir()
+    site = tmp_path / "opamp.conf"
+    call_command(
+        "render_nginx_config",
+        "--listen", "127.0.0.1:8443", "--listen", "[::1]:8443",
+        "--server-name", "opamp.example.com",
+        "--tls-cert", str(certificates.server_cert), "--tls-key", str(certificates.server_key),
+        "--ca-cert", str(certificates.agent_ca_file), "--crl", str(certificates.crl),
+        "--static-root", str(static),
+        "--output", str(site),
+        stderr=io.StringIO(),
+    )  # fmt: skip
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n    access_log off;\n    client_body_temp_path {tmp_path}/body;\n    include {site};\n}}\n"
+    )
+    result = subprocess.run([nginx_binary, "-t", "-c", str(main)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
