@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 # Characters nginx would read as syntax (or as a variable, `$`) inside an unquoted value.
@@ -22,6 +24,13 @@ UNSAFE_IN_VALUE = re.compile(r"[\s;{}'\"\\$#]")
 SERVER_NAME = re.compile(r"^[A-Za-z0-9*._~^-]+$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9.-]+$")
 ERROR_LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+SIGNING_PUBLIC_KEYS = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    dsa.DSAPublicKey,
+)
 USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
 
 
@@ -164,6 +173,16 @@ def _load_certificate(option: str, path: Path, problems: list[str]) -> x509.Cert
         return None
 
 
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate) -> bool:
+    key = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not isinstance(key, SIGNING_PUBLIC_KEYS):
+        return False
+    try:
+        return crl.is_signature_valid(key)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
 def file_problems(site: Site, *, now: datetime | None = None) -> list[str]:
     """Everything wrong with the files: missing, unreadable, unparsable, or not fitting together.
 
@@ -196,9 +215,7 @@ def file_problems(site: Site, *, now: datetime | None = None) -> list[str]:
         except ValueError:
             problems.append(f"--crl {site.crl}: not a PEM CRL (write one with manage.py write_crl)")
         else:
-            if ca_cert is not None and (
-                crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key())
-            ):
+            if ca_cert is not None and not _crl_signed_by(crl, ca_cert):
                 problems.append(
                     f"--crl {site.crl}: not signed by the CA in {site.ca_cert}; nginx would refuse every agent "
                     "certificate (write a fresh one with manage.py write_crl)"

@@ -332,7 +332,7 @@ def _tls_exchange(nginx: Nginx, context: ssl.SSLContext, session: ssl.SSLSession
             response += chunk
         assert response.startswith(b"HTTP/1.1 200"), response[:200]
         assert tls.session is not None
-        return tls.session, tls.session_reused
+        return tls.session, bool(tls.session_reused)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])

@@ -248,7 +248,7 @@ def test_write_crl_writes_the_configured_cas_crl_first(files: Files, settings: A
     render(*args, "--write-crl")
     crl = x509.load_pem_x509_crl(fresh.read_bytes())
     assert crl.issuer == files.ca.cert.subject
-    assert crl.is_signature_valid(files.ca.cert.public_key())
+    assert crl.is_signature_valid(files.ca.key.public_key())
 
 
 @pytest.mark.django_db
