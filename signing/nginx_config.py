@@ -1,0 +1,304 @@
+"""The nginx configuration of the mTLS profile: values, their validation, and rendering.
+
+Pure (standard library and `cryptography`); `manage.py render_nginx_config` feeds it. The
+templates live in deploy/nginx/. nginx terminates TLS, verifies the client certificates
+agents present against the agents' CA and its CRL, and passes the result to daphne in
+headers it always overwrites (the header contract is in the site template).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+
+PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
+# Characters nginx would read as syntax (or as a variable, `$`) inside an unquoted value.
+UNSAFE_IN_VALUE = re.compile(r"[\s;{}'\"\\$#]")
+SERVER_NAME = re.compile(r"^[A-Za-z0-9*._~^-]+$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9.-]+$")
+ERROR_LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+SIGNING_PUBLIC_KEYS = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    dsa.DSAPublicKey,
+)
+USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+
+
+class NginxConfigError(ValueError):
+    """Values that cannot make a working configuration; `problems` lists every one found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Site:
+    """What the server block needs. Paths are absolute."""
+
+    listen: tuple[str, ...]
+    server_name: str
+    upstream: str
+    tls_cert: Path
+    tls_key: Path
+    ca_cert: Path
+    crl: Path
+    max_body_bytes: int
+    websocket_timeout_seconds: int
+    static_root: Path | None = None
+
+
+@dataclass(frozen=True)
+class Standalone:
+    """A complete nginx.conf whose pid file, logs and temporary files live in `run_dir`."""
+
+    run_dir: Path
+    user: str | None = None
+    group: str | None = None
+    error_log_level: str = "warn"
+
+
+# --- validation of the values -----------------------------------------------------------
+
+
+def _port_problem(option: str, value: str, port: str) -> str | None:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{option} {value!r}: the port must be a number from 1 to 65535"
+    return None
+
+
+def _host_port_problem(option: str, value: str, *, host_required: bool) -> str | None:
+    """None when `value` is PORT (if allowed), HOST:PORT or [IPv6]:PORT."""
+    if value.isdigit() and not host_required:
+        return _port_problem(option, value, value)
+    if value.startswith("["):
+        host, separator, port = value[1:].partition("]:")
+        if not separator:
+            return f"{option} {value!r}: an IPv6 address is written [ADDRESS]:PORT"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{option} {value!r}: {host!r} is not an IPv6 address"
+        return _port_problem(option, value, port)
+    host, separator, port = value.rpartition(":")
+    if not separator or not host:
+        expected = "HOST:PORT" if host_required else "PORT or HOST:PORT"
+        return f"{option} {value!r}: expected {expected}"
+    if host != "*" and not HOST_NAME.match(host):
+        return f"{option} {value!r}: {host!r} is not a host name or address"
+    return _port_problem(option, value, port)
+
+
+def _path_problem(option: str, path: Path) -> str | None:
+    if not path.is_absolute():
+        return f"{option} {path}: the path must be absolute"
+    if UNSAFE_IN_VALUE.search(str(path)):
+        return f"{option} {path}: the path contains whitespace or a character nginx reads as syntax (;{{}}'\"\\$#)"
+    return None
+
+
+def value_problems(site: Site, standalone: Standalone | None = None) -> list[str]:
+    """Everything wrong with the values themselves (not with the files they name)."""
+    problems: list[str] = []
+    if not site.listen:
+        problems.append("--listen: at least one address is needed")
+    problems += [p for value in site.listen if (p := _host_port_problem("--listen", value, host_required=False))]
+    if site.upstream.startswith("unix:"):
+        if problem := _path_problem("--upstream", Path(site.upstream.removeprefix("unix:"))):
+            problems.append(problem)
+    elif problem := _host_port_problem("--upstream", site.upstream, host_required=True):
+        problems.append(problem)
+    names = site.server_name.split()
+    if not names or not all(SERVER_NAME.match(name) for name in names):
+        problems.append(f"--server-name {site.server_name!r}: expected host names separated by spaces (or _)")
+    paths = [
+        ("--tls-cert", site.tls_cert),
+        ("--tls-key", site.tls_key),
+        ("--ca-cert", site.ca_cert),
+        ("--crl", site.crl),
+    ]
+    if site.static_root is not None:
+        paths.append(("--static-root", site.static_root))
+    if standalone is not None:
+        paths.append(("--standalone", standalone.run_dir))
+    problems += [problem for option, path in paths if (problem := _path_problem(option, path))]
+    if site.max_body_bytes < 1:
+        problems.append(f"--max-body-bytes {site.max_body_bytes}: must be at least 1")
+    if site.websocket_timeout_seconds < 1:
+        problems.append(f"--websocket-timeout {site.websocket_timeout_seconds}: must be at least 1 second")
+    if standalone is not None:
+        for option, name in (("--user", standalone.user), ("--user (group)", standalone.group)):
+            if name is not None and not USER_NAME.match(name):
+                problems.append(f"{option} {name!r}: not a valid user or group name")
+        if standalone.error_log_level not in ERROR_LOG_LEVELS:
+            problems.append(f"--error-log-level {standalone.error_log_level!r}: one of {', '.join(ERROR_LOG_LEVELS)}")
+    return problems
+
+
+# --- validation of the files ------------------------------------------------------------
+
+
+def _read(option: str, path: Path, problems: list[str]) -> bytes | None:
+    if not path.exists():
+        problems.append(f"{option} {path}: no such file")
+        return None
+    if not path.is_file():
+        problems.append(f"{option} {path}: not a regular file")
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        problems.append(f"{option} {path}: cannot be read ({error.strerror or type(error).__name__})")
+        return None
+
+
+def _load_certificate(option: str, path: Path, problems: list[str]) -> x509.Certificate | None:
+    data = _read(option, path, problems)
+    if data is None:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        problems.append(f"{option} {path}: not a PEM certificate")
+        return None
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca_cert: x509.Certificate) -> bool:
+    key = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not isinstance(key, SIGNING_PUBLIC_KEYS):
+        return False
+    try:
+        return crl.is_signature_valid(key)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+def file_problems(site: Site, *, now: datetime | None = None) -> list[str]:
+    """Everything wrong with the files: missing, unreadable, unparsable, or not fitting together.
+
+    nginx refuses to start without any of them, and starts but refuses every agent
+    certificate when the CRL is not the CA's or is past its nextUpdate; both are caught here.
+    The TLS key is only required to exist: it is often readable by root (nginx's master
+    process) alone, and `nginx -t` checks that it matches the certificate.
+    """
+    moment = now or datetime.now(UTC)
+    problems: list[str] = []
+    tls_cert = _load_certificate("--tls-cert", site.tls_cert, problems)
+    if tls_cert is not None and tls_cert.not_valid_after_utc < moment:
+        problems.append(f"--tls-cert {site.tls_cert}: expired on {tls_cert.not_valid_after_utc.isoformat()}")
+    if not site.tls_key.exists():
+        problems.append(f"--tls-key {site.tls_key}: no such file")
+    elif not site.tls_key.is_file():
+        problems.append(f"--tls-key {site.tls_key}: not a regular file")
+    ca_cert = _load_certificate("--ca-cert", site.ca_cert, problems)
+    if ca_cert is not None:
+        try:
+            is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            problems.append(f"--ca-cert {site.ca_cert}: not a CA certificate (basicConstraints CA:true is missing)")
+    crl_data = _read("--crl", site.crl, problems)
+    if crl_data is not None:
+        try:
+            crl = x509.load_pem_x509_crl(crl_data)
+        except ValueError:
+            problems.append(f"--crl {site.crl}: not a PEM CRL (write one with manage.py write_crl)")
+        else:
+            if ca_cert is not None and not _crl_signed_by(crl, ca_cert):
+                problems.append(
+                    f"--crl {site.crl}: not signed by the CA in {site.ca_cert}; nginx would refuse every agent "
+                    "certificate (write a fresh one with manage.py write_crl)"
+                )
+            next_update = crl.next_update_utc
+            if next_update is not None and next_update < moment:
+                problems.append(
+                    f"--crl {site.crl}: expired at {next_update.isoformat()}; nginx would refuse every agent "
+                    "certificate (write a fresh one with manage.py write_crl)"
+                )
+    if site.static_root is not None and not site.static_root.is_dir():
+        problems.append(f"--static-root {site.static_root}: no such directory (run manage.py collectstatic)")
+    return problems
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace every `{{ name }}`; an unknown or an unused name is an error, not a blank."""
+    used: set[str] = set()
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise KeyError(f"the template has a placeholder {{{{ {name} }}}} that nothing fills")
+        used.add(name)
+        return values[name]
+
+    result = PLACEHOLDER.sub(replace, template)
+    if unused := set(values) - used:
+        raise KeyError(f"the template lacks the placeholders {', '.join(sorted(unused))}")
+    return result
+
+
+def render_site(site: Site, template: str) -> str:
+    static_location = ""
+    if site.static_root is not None:
+        static_location = (
+            "    # collectstatic's output, served by nginx (the production settings do not serve it).\n"
+            "    location /static/ {\n"
+            f"        alias {site.static_root}/;\n"
+            "        expires 1h;\n"
+            "    }\n"
+        )
+    return fill(
+        template,
+        {
+            "listen_directives": "\n".join(f"    listen {value} ssl;" for value in site.listen),
+            "server_name": site.server_name,
+            "upstream": site.upstream,
+            "tls_cert": str(site.tls_cert),
+            "tls_key": str(site.tls_key),
+            "ca_cert": str(site.ca_cert),
+            "crl": str(site.crl),
+            "max_body_bytes": str(site.max_body_bytes),
+            "websocket_timeout": str(site.websocket_timeout_seconds),
+            "static_location": static_location,
+        },
+    )
+
+
+def render_standalone(site: Site, standalone: Standalone, *, site_template: str, main_template: str) -> str:
+    user_directive = ""
+    if standalone.user is not None:
+        group = f" {standalone.group}" if standalone.group else ""
+        user_directive = f"user {standalone.user}{group};\n"
+    server_config = "\n".join(f"    {line}" if line else "" for line in render_site(site, site_template).splitlines())
+    return fill(
+        main_template,
+        {
+            "run_dir": str(standalone.run_dir),
+            "user_directive": user_directive,
+            "error_log_level": standalone.error_log_level,
+            "server_config": server_config,
+        },
+    )
+
+
+TEMP_DIRECTORIES = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def prepare_run_dir(standalone: Standalone) -> None:
+    """Create the run directory and the temporary directories nginx writes request bodies to."""
+    for name in TEMP_DIRECTORIES:
+        (standalone.run_dir / name).mkdir(parents=True, exist_ok=True)
