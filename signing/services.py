@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.x509 import ReasonFlags
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -558,6 +559,29 @@ def crl_publish() -> Path | None:
     terminator refuse every client certificate, so it must be re-signed well before).
     """
     if not settings.OPAMP_CRL_FILE:
+        return None
+    return crl_write(settings.OPAMP_CRL_FILE)
+
+
+def crl_refresh_if_due(*, now: datetime | None = None) -> Path | None:
+    """Re-sign OPAMP_CRL_FILE once half of its nextUpdate window has passed.
+
+    Checked hourly by beat. Re-signing only when due (and after each revocation) keeps
+    TLS-terminator reloads, which the file change triggers, to a few a day. A file that is
+    missing, unreadable or not signed by the configured CA is written at once.
+    """
+    if not settings.OPAMP_CRL_FILE:
+        return None
+    loaded = _require_ca()
+    moment = now or timezone.now()
+    try:
+        current = x509.load_pem_x509_crl(Path(settings.OPAMP_CRL_FILE).read_bytes())
+        trusted = current.is_signature_valid(loaded.cert.public_key())  # type: ignore[arg-type]
+        next_update = current.next_update_utc
+    except (OSError, ValueError, TypeError):
+        trusted, next_update = False, None
+    window = timedelta(hours=settings.OPAMP_CRL_NEXT_UPDATE_HOURS)
+    if trusted and next_update is not None and next_update - moment > window / 2:
         return None
     return crl_write(settings.OPAMP_CRL_FILE)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from signing import services
 
@@ -12,5 +13,7 @@ def refresh_crl() -> str:
     """Re-sign the CRL file long before its nextUpdate, revocations or not."""
     if not services.ca_certificate_pem():
         return "no certificate authority configured"
-    written = services.crl_publish()
-    return f"wrote {written}" if written else "no CRL file configured"
+    if not settings.OPAMP_CRL_FILE:
+        return "no CRL file configured"
+    written = services.crl_refresh_if_due()
+    return f"wrote {written}" if written else "the CRL file is current"

@@ -217,7 +217,7 @@ def test_standalone_keeps_everything_in_its_directory(files: Files) -> None:
         assert f"_temp_path {run_dir}/{name};" in config
         assert (run_dir / name).is_dir()
     assert not re.search(r"^user ", config, re.M)
-    assert "worker_shutdown_timeout 30s;" in config
+    assert "worker_shutdown_timeout 1h;" in config
     assert "events {" in config and "http {" in config
 
 

@@ -16,7 +16,7 @@ from opamp.identifiers import uuid7
 from rollouts.errors import DomainError
 from rollouts.models import AuditEvent
 from signing import selectors, services
-from signing.ca import CSR_OTHER_AGENT, CSR_REQUESTS_CA, CsrRejected
+from signing.ca import CSR_OTHER_AGENT, CSR_REQUESTS_CA, CsrRejected, build_crl, create_ca
 from signing.errors import CA_NOT_CONFIGURED, CSR_RATE_LIMITED, CsrRateLimited, SigningError
 from signing.models import CertificateRequest, IssuedCertificate
 from tests.signing.csrs import make_csr
@@ -241,6 +241,17 @@ def test_the_periodic_crl_refresh_rewrites_the_configured_file(configured_ca, tm
     assert crl.is_signature_valid(configured_ca.ca.cert.public_key())
     assert crl.get_revoked_certificate_by_serial_number(request.certificate.serial) is not None
     assert crl.next_update_utc > timezone.now() + timedelta(hours=23)
+    # Fresh: left alone (each rewrite makes the terminator reload).
+    assert refresh_crl() == "the CRL file is current"
+    # Past half of its window: re-signed.
+    later = timezone.now() + timedelta(hours=settings.OPAMP_CRL_NEXT_UPDATE_HOURS * 0.6)
+    assert services.crl_refresh_if_due(now=later) == tmp_path / "agents.crl.pem"
+    # Signed by some other CA (a replaced CA, a stray file): replaced at once.
+    other_ca = create_ca(common_name="Someone else", days=30)
+    (tmp_path / "agents.crl.pem").write_bytes(
+        build_crl([], ca_key=other_ca.key, ca_cert=other_ca.cert, next_update_hours=24)
+    )
+    assert refresh_crl() == f"wrote {tmp_path / 'agents.crl.pem'}"
 
 
 def test_the_periodic_crl_refresh_does_nothing_without_a_ca(settings, tmp_path):
