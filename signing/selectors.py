@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from signing.config_signing import SigningKeyError, load_public_key_pem, load_public_keys_dir
@@ -67,9 +67,61 @@ def certificate_for_fingerprint(fingerprint_sha256: str, now: datetime | None = 
     return valid_certificates(now).filter(fingerprint_sha256=fingerprint_sha256.lower().replace(":", "")).first()
 
 
+def certificates_expiring_within(
+    queryset: QuerySet[IssuedCertificate], days: int, now: datetime | None = None
+) -> QuerySet[IssuedCertificate]:
+    """The certificates of `queryset` not yet expired whose validity ends within `days` days.
+
+    By dates alone: combine with a revocation filter to leave revoked ones out.
+    """
+    moment = now or timezone.now()
+    return queryset.filter(not_after__gt=moment, not_after__lte=moment + timedelta(days=days))
+
+
 def certificate_is_revoked(serial_hex: str) -> bool:
     return IssuedCertificate.objects.filter(serial_hex=serial_hex.lower(), revoked_at__isnull=False).exists()
 
 
 def enrollment_token_list() -> QuerySet[EnrollmentToken]:
     return EnrollmentToken.objects.select_related("created_by")
+
+
+class TokenState:
+    """What an enrollment token can do now, derived from its row and the clock, never stored.
+
+    When several apply, the first of revoked, expired, exhausted wins: the order in which
+    `services.enrollment_token_authenticate` names the reason for a refusal.
+    """
+
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    EXHAUSTED = "exhausted"
+    REVOKED = "revoked"
+    CHOICES = [(ACTIVE, ACTIVE), (EXPIRED, EXPIRED), (EXHAUSTED, EXHAUSTED), (REVOKED, REVOKED)]
+
+
+def enrollment_token_state(token: EnrollmentToken, now: datetime | None = None) -> str:
+    moment = now or timezone.now()
+    if token.revoked_at is not None:
+        return TokenState.REVOKED
+    if token.expires_at <= moment:
+        return TokenState.EXPIRED
+    if token.use_count >= token.max_uses:
+        return TokenState.EXHAUSTED
+    return TokenState.ACTIVE
+
+
+def enrollment_token_state_q(state: str, now: datetime | None = None) -> Q:
+    """`enrollment_token_state` as a database condition."""
+    moment = now or timezone.now()
+    not_revoked = Q(revoked_at__isnull=True)
+    unexpired = not_revoked & Q(expires_at__gt=moment)
+    conditions = {
+        TokenState.REVOKED: Q(revoked_at__isnull=False),
+        TokenState.EXPIRED: not_revoked & Q(expires_at__lte=moment),
+        TokenState.EXHAUSTED: unexpired & Q(use_count__gte=F("max_uses")),
+        TokenState.ACTIVE: unexpired & Q(use_count__lt=F("max_uses")),
+    }
+    if state not in conditions:
+        raise ValueError(f"unknown enrollment token state {state!r}")
+    return conditions[state]

@@ -111,6 +111,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Fleet inventory and management of OpAMP agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Choice sets that share a field name with another (state) or appear under two field
+    # names (reason, revocation_reason) get one explicit name each.
+    "ENUM_NAME_OVERRIDES": {
+        "CertificateRequestStateEnum": "signing.models.CertificateRequest.State",
+        "RevocationReasonEnum": "signing.models.IssuedCertificate.RevocationReason",
+    },
 }
 
 LOGGING = {
