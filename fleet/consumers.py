@@ -17,10 +17,11 @@ from signing.agent_credentials import CredentialRefused
 
 logger = logging.getLogger(__name__)
 
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_MESSAGE_TOO_BIG = 1009
-# The connection's certificate was revoked while it was open.
-CLOSE_POLICY_VIOLATION = 1008
+# Close codes. daphne (autobahn) lets a server send only 1000 or 3000-4999, so the
+# standard 1003 / 1009 / 1008 are carried in the application range as 4000 + their number.
+CLOSE_UNSUPPORTED_DATA = 4003  # a text frame on the binary OpAMP socket
+CLOSE_MESSAGE_TOO_BIG = 4009
+CLOSE_CREDENTIAL_REVOKED = 4008  # the connection's client certificate was revoked
 
 
 class OpampConsumer(AsyncWebsocketConsumer):
@@ -95,7 +96,7 @@ class OpampConsumer(AsyncWebsocketConsumer):
         """Channel-layer hint: a certificate of this agent was revoked; drop the socket if it was ours."""
         if await self.session.credential_revoked():
             logger.info("closing %s: its client certificate was revoked", self.session.remote_address)
-            await self.close(code=CLOSE_POLICY_VIOLATION)
+            await self.close(code=CLOSE_CREDENTIAL_REVOKED)
 
     async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
         await self.send(bytes_data=encode_ws_frame(reply))

@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 from django.test import override_settings
 
+from fleet.consumers import CLOSE_MESSAGE_TOO_BIG, CLOSE_UNSUPPORTED_DATA
 from fleet.models import Agent
 from opamp.codec import encode_ws_frame
 from opamp.identifiers import uuid7
@@ -80,7 +81,7 @@ async def test_a_non_zero_header_byte_gets_bad_request(neighbour):
 async def test_a_text_frame_closes_the_socket_as_unsupported_data(neighbour):
     async with WsAgent() as bad:
         await bad.send_raw(text="hello")
-        assert (await bad.receive_close())["code"] == 1003
+        assert (await bad.receive_close())["code"] == CLOSE_UNSUPPORTED_DATA
     await assert_neighbour_served(*neighbour, 2)
 
 
@@ -118,10 +119,10 @@ async def test_a_malformed_instance_uid_gets_bad_request_on_both_transports(neig
 
 
 @override_settings(OPAMP_MAX_MESSAGE_BYTES=1024 * 1024)
-async def test_an_oversized_websocket_frame_is_closed_with_1009(neighbour):
+async def test_an_oversized_websocket_frame_is_closed_as_too_big(neighbour):
     async with WsAgent() as bad:
         await bad.send_raw(b"\x00" + b"\x0a" * (1024 * 1024 + 1))
-        assert (await bad.receive_close())["code"] == 1009
+        assert (await bad.receive_close())["code"] == CLOSE_MESSAGE_TOO_BIG
     await assert_neighbour_served(*neighbour, 2)
 
 

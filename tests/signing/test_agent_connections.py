@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async as sync_to_async
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from fleet.consumers import CLOSE_POLICY_VIOLATION
+from fleet.consumers import CLOSE_CREDENTIAL_REVOKED
 from fleet.models import Agent
 from fleet.session import CERTIFICATE_CAPABILITIES, SERVER_CAPABILITIES, reset_runtime
 from opamp.capabilities import AgentCapabilities
@@ -265,7 +265,7 @@ async def test_revoking_a_certificate_drops_the_live_session_that_uses_it_and_on
         await sync_to_async(services.certificate_revoke)(certificate=certificate, actor=None)
 
         closed = await victim.receive_close()
-        assert closed["code"] == CLOSE_POLICY_VIOLATION
+        assert closed["code"] == CLOSE_CREDENTIAL_REVOKED
         assert not (await bystander.exchange(heartbeat(bystander_uid.bytes, 2))).HasField("error_response")
         assert not (await token_session.exchange(heartbeat(token_uid.bytes, 2))).HasField("error_response")
     refused, _ = await WsAgent(headers=forwarded(certificate.pem), client=PROXY).connect()

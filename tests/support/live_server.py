@@ -88,9 +88,9 @@ class LiveOpampServer:
         self._prepare()
 
     def _prepare(self) -> None:
-        self._manage("migrate", "--noinput", "-v0")
-        self._manage("register_periodic_tasks")
-        output = self._manage("ensure_admin")
+        self.manage("migrate", "--noinput", "-v0")
+        self.manage("register_periodic_tasks")
+        output = self.manage("ensure_admin")
         self.token = output.split("API token:")[1].split()[0]
 
     @property
@@ -101,7 +101,8 @@ class LiveOpampServer:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/opamp"
 
-    def _manage(self, *args: str) -> str:
+    def manage(self, *args: str) -> str:
+        """Run a management command with the server's settings and database; its stdout."""
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=REPO_ROOT,

@@ -58,6 +58,21 @@ class AgentProcess:
             time.sleep(0.1)
         raise AssertionError(f"{self.name}: no {what} within {timeout} s (exit {self.process.poll()})\n{self.output()}")
 
+    def wait_for_output(self, text: str, *, timeout: float = 30) -> None:
+        """Wait until `text` appears in the process's stdout or stderr (its log lines)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.stdout_path.read_text(errors="replace") or text in self.stderr_path.read_text(
+                errors="replace"
+            ):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{self.name}: no {text!r} within {timeout} s (exit {self.process.poll()})\n{self.output()}"
+        )
+
     def stop(self, timeout: float = 15) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
