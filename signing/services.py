@@ -657,6 +657,7 @@ def enrollment_labels_check(labels: Any) -> dict[str, str]:
         raise SigningError(error.message, field="labels") from None
 
 
+@transaction.atomic
 def enrollment_token_create(
     *,
     name: str,

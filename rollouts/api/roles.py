@@ -15,7 +15,7 @@ VIEWER = "viewer"
 OPERATOR = "operator"
 ROLES = (VIEWER, OPERATOR)
 
-READ_DENIED = "reading configurations needs the viewer or operator role"
+READ_DENIED = "reading this needs the viewer or operator role"
 WRITE_DENIED = "this change needs the operator role; the viewer role may only read"
 
 # Cached on the user object: a request asks more than once (permission, then admin checks).
