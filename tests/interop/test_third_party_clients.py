@@ -64,7 +64,9 @@ def test_a_third_party_client_registers_and_recovers_after_the_server_loses_its_
         # Restart with an empty database: the server knows nothing about the agent any more.
         seen = len(agent.events())
         opamp_server.restart(fresh_database=True)
-        assert inventory_entry(opamp_server, name) is None
+        # No "not in the inventory" check here: with 1 s heartbeats the client may already
+        # be back by the time one could look. ReportFullState is the proof that the server
+        # held nothing about it.
         agent.wait_for_event(
             lambda e: e["event"] == "message" and e["flags"] & REPORT_FULL_STATE,
             after=seen,
@@ -126,3 +128,38 @@ def test_the_python_client_disconnect_marks_the_agent_disconnected(
         lambda: (entry := inventory_entry(opamp_server, "bye-python")) and not entry["connected"],
         what="the agent marked disconnected",
     )
+
+
+@pytest.mark.parametrize("client", ["node", "python"])
+def test_a_third_party_client_needs_a_token_where_credentials_are_required(
+    client: str, request: pytest.FixtureRequest, tmp_path: Path
+):
+    """The production setting, with clients that know nothing of this server: a bearer token
+    in a plain extra header is all they need, and without one they are kept out."""
+    command = request.getfixturevalue(f"{client}_client_command")
+    server = LiveOpampServer(tmp_path / "server", extra_env={"OPAMP_AGENT_AUTH": "required"})
+    server.start()
+    outsider = enrolled = None
+    try:
+        token = server.api_post(
+            "enrollment-tokens/",
+            {"name": f"interop {client}", "expires_in_seconds": 600, "max_uses": 1, "labels": {"enrolled": "yes"}},
+        )
+        outsider = start_client(command, server, tmp_path, name=f"outsider-{client}")
+        enrolled = start_client(
+            [*command, "--header", f"Authorization: Bearer {token['secret']}"],
+            server,
+            tmp_path,
+            name=f"enrolled-{client}",
+        )
+        agent = assert_registered_with_attributes(server, f"enrolled-{client}")
+        labels = server.api(f"agents/{agent['instance_uid']}/labels/")
+        assert labels["operator_labels"] == {"enrolled": "yes"}
+        # By now the outsider has tried several times (1 s heartbeats), each refused with 401.
+        assert inventory_entry(server, f"outsider-{client}") is None
+        assert server.log().count('"POST /v1/opamp" 401') >= 1
+    finally:
+        for process in (outsider, enrolled):
+            if process is not None:
+                process.stop()
+        server.close()
