@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -64,12 +65,20 @@ class LiveOpampServer:
     own, sharing the database and the channel layer, as N replicas behind a load balancer
     would (benchmarks spread agents over `ws_urls`). `port` is the first one's."""
 
-    def __init__(self, workdir: Path, *, extra_env: dict[str, str] | None = None, processes: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        processes: int = 1,
+        daphne_args: Sequence[str] = (),
+    ) -> None:
         if processes < 1:
             raise ValueError("a server needs at least one process")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ports = [free_port() for _ in range(processes)]
+        self.daphne_args = list(daphne_args)
         self.port = self.ports[0]
         self.database = ServerDatabase(workdir)
         self.env = {
@@ -134,7 +143,17 @@ class LiveOpampServer:
             log_path = self.log_path if index == 0 else self.workdir / f"server-{index}.log"
             log = log_path.open("ab")
             process = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "opamp_site.asgi:application"],
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    *self.daphne_args,
+                    "opamp_site.asgi:application",
+                ],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=log,
