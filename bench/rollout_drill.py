@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -72,7 +74,9 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             # The server judges presence by the interval agents heartbeat at.
             "OPAMP_HEARTBEAT_INTERVAL_SECONDS": str(options.heartbeat),
         },
-        processes=options.server_processes,
+        # With several processes, one more serves the operator's API alone: behind a 30 s
+        # client timeout, a publish queued behind thousands of agents' reports timed out.
+        processes=options.server_processes + (1 if options.server_processes > 1 else 0),
         daphne_args=["--ping-timeout", str(options.ping_timeout)],
     )
     server.start()
@@ -95,8 +99,9 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             backoff_max=max(options.backoff, 60.0),
         )
 
+    agent_urls = server.ws_urls[1:] if options.server_processes > 1 else server.ws_urls
     fleet = Fleet(
-        server=server.ws_urls, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate
+        server=agent_urls, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate
     )
     # The agents live for the whole run: keep the collector from walking them (its pauses
     # would show up as server latency), as bench/agents_connect.py does.
@@ -144,7 +149,13 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         server.api_post(f"rollouts/{rollout['id']}/start/", {})
 
         def finished() -> bool:
-            return server.api(f"rollouts/{rollout['id']}/")["state"] in {"succeeded", "rolled_back", "paused"}
+            try:
+                return server.api(f"rollouts/{rollout['id']}/")["state"] in {"succeeded", "rolled_back", "paused"}
+            except httpx.HTTPError as error:
+                # A loaded machine answers a poll late or with a 500 (e.g. PostgreSQL out
+                # of connections); the next poll asks again.
+                print(f"poll failed: {error}", file=sys.stderr, flush=True)
+                return False
 
         await wait_until(finished, 1800, interval=1.0)
         result["end_to_end_seconds"] = round(time.monotonic() - t0, 1)
@@ -215,7 +226,12 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=5.0, help="seconds each stage holds (compressed from 1 h)")
     parser.add_argument("--heartbeat", type=float, default=30.0)
     parser.add_argument("--connect-rate", type=float, default=300.0, help="agents started per second")
-    parser.add_argument("--server-processes", type=int, default=1, help="daphne processes to spread agents over")
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        default=1,
+        help="daphne processes to spread agents over (with more than one, another serves the API alone)",
+    )
     parser.add_argument("--load-cpus", default="", help="pin the load generator to these CPUs, e.g. 1 (Linux)")
     parser.add_argument(
         "--ping-timeout",
