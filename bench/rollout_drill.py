@@ -78,6 +78,11 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         # client timeout, a publish queued behind thousands of agents' reports timed out.
         processes=options.server_processes + (1 if options.server_processes > 1 else 0),
         daphne_args=["--ping-timeout", str(options.ping_timeout)],
+        # Django runs each ASGI request's sync code in a thread of its own, so a persistent
+        # connection opened by a request is never reused, and with the collector tuned for
+        # many sockets (opamp/runtime.py) the dead threads' connections stayed open: the
+        # API process held 87 after 126 polls and PostgreSQL's limit (100) was reached.
+        first_process_env={"OPAMP_DB_CONN_MAX_AGE": "0"} if options.server_processes > 1 else None,
     )
     server.start()
     server.start_celery()

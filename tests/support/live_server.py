@@ -72,6 +72,7 @@ class LiveOpampServer:
         extra_env: dict[str, str] | None = None,
         processes: int = 1,
         daphne_args: Sequence[str] = (),
+        first_process_env: dict[str, str] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError("a server needs at least one process")
@@ -79,6 +80,7 @@ class LiveOpampServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ports = [free_port() for _ in range(processes)]
         self.daphne_args = list(daphne_args)
+        self.first_process_env = dict(first_process_env or {})
         self.port = self.ports[0]
         self.database = ServerDatabase(workdir)
         self.env = {
@@ -155,7 +157,7 @@ class LiveOpampServer:
                     "opamp_site.asgi:application",
                 ],
                 cwd=REPO_ROOT,
-                env=self.env,
+                env={**self.env, **self.first_process_env} if index == 0 else self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
