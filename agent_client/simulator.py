@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -59,12 +59,12 @@ class FleetStats(AgentObserver):
 
 
 class Fleet:
-    """N agents against one server; `async with Fleet(...)` starts and stops them all."""
+    """N agents against one server (or several); `async with Fleet(...)` starts and stops them all."""
 
     def __init__(
         self,
         *,
-        server: str,
+        server: str | Sequence[str],
         count: int,
         settings: AgentSettings | None = None,
         settings_for: Callable[[int], AgentSettings] | None = None,
@@ -76,10 +76,16 @@ class Fleet:
     ) -> None:
         """`settings_for(index)` overrides `settings` per agent (e.g. a failing cohort);
         `connect_rate` is agents started per second (0: all at once); keepalive pings are
-        off by default because heartbeats already prove liveness."""
+        off by default because heartbeats already prove liveness. Several server URLs
+        (processes of one server) are given to the agents round robin, as a load balancer
+        would spread them."""
         if count < 1:
             raise ValueError("a fleet needs at least one agent")
-        self.server = server
+        servers = [server] if isinstance(server, str) else list(server)
+        if not servers:
+            raise ValueError("a fleet needs at least one server URL")
+        self.server = servers[0]
+        self.servers = servers
         self.connect_rate = connect_rate
         self.stats = FleetStats(count)
         shared = settings or AgentSettings()
@@ -89,7 +95,7 @@ class Fleet:
             self.agents.append(
                 Agent(
                     transport=transport_for_url(
-                        server,
+                        servers[index % len(servers)],
                         kind=transport,
                         headers=headers,
                         trust_env=False,

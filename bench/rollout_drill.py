@@ -4,7 +4,9 @@ holds, advanced by a real Celery worker with beat; optionally a failing share of
     python bench/rollout_drill.py --agents 18000 --failing 0.0002 --hold 5
     python bench/rollout_drill.py --agents 18000 --failing 0.01 --hold 5     # must roll back
 
-Starts its own server process (daphne) and Celery worker+beat on a fresh database: the
+Starts its own server processes (daphne; `--server-processes N` starts N on ports of their
+own, sharing the database and the Redis channel layer, and the simulated agents are spread
+over them round robin as a load balancer would) and a Celery worker+beat on a fresh database: the
 production profile when OPAMP_TEST_PROFILE=production with DATABASE_URL/REDIS_URL set
 (PostgreSQL, Redis), the embedded default otherwise. Failing agents are drawn uniformly at
 random (seeded) and reject the candidate. Reports per stage how long it lasted, the
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
 import random
 import secrets
 import sys
@@ -25,6 +29,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -62,10 +68,27 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="opamp-drill-"))
     server = LiveOpampServer(
         workdir / "server",
-        extra_env={"OPAMP_ROLLOUT_TICK_SECONDS": "1", "OPAMP_HEARTBEAT_FLUSH_SECONDS": "2"},
+        extra_env={
+            "OPAMP_ROLLOUT_TICK_SECONDS": "1",
+            "OPAMP_HEARTBEAT_FLUSH_SECONDS": "2",
+            # The server judges presence by the interval agents heartbeat at.
+            "OPAMP_HEARTBEAT_INTERVAL_SECONDS": str(options.heartbeat),
+        },
+        # With several processes, one more serves the operator's API alone: behind a 30 s
+        # client timeout, a publish queued behind thousands of agents' reports timed out.
+        processes=options.server_processes + (1 if options.server_processes > 1 else 0),
+        daphne_args=["--ping-timeout", str(options.ping_timeout)],
+        # Django runs each ASGI request's sync code in a thread of its own, so a persistent
+        # connection opened by a request is never reused, and with the collector tuned for
+        # many sockets (opamp/runtime.py) the dead threads' connections stayed open: the
+        # API process held 87 after 126 polls and PostgreSQL's limit (100) was reached.
+        first_process_env={"OPAMP_DB_CONN_MAX_AGE": "0"} if options.server_processes > 1 else None,
     )
     server.start()
     server.start_celery()
+    if options.load_cpus:
+        # After the servers started: they keep every core, only this load generator moves.
+        os.sched_setaffinity(0, {int(cpu) for cpu in options.load_cpus.split(",")})
     rng = random.Random(options.seed)
     failing = set(rng.sample(range(options.agents), round(options.agents * options.failing)))
     service = f"drill-{secrets.token_hex(3)}"
@@ -75,18 +98,36 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             identifying_attributes={"service.name": service},
             heartbeat_interval=options.heartbeat,
             fail_if_contains=MARKER if index in failing else None,
+            # Retrying a refused handshake after half a second (the agents' default) turns
+            # a slow start into a reconnect storm on a saturated machine.
+            backoff_initial=options.backoff,
+            backoff_max=max(options.backoff, 60.0),
         )
 
+    agent_urls = server.ws_urls[1:] if options.server_processes > 1 else server.ws_urls
     fleet = Fleet(
-        server=server.ws_url, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate
+        server=agent_urls, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate
     )
-    result: dict[str, Any] = {"agents": options.agents, "failing_agents": len(failing), "hold_seconds": options.hold}
+    # The agents live for the whole run: keep the collector from walking them (its pauses
+    # would show up as server latency), as bench/agents_connect.py does.
+    gc.collect()
+    gc.freeze()
+    result: dict[str, Any] = {
+        "agents": options.agents,
+        "failing_agents": len(failing),
+        "hold_seconds": options.hold,
+        "server_processes": options.server_processes,
+        "connect_rate": options.connect_rate,
+        "heartbeat_seconds": options.heartbeat,
+    }
+    progress = asyncio.create_task(report_progress(fleet))
     try:
         started = time.monotonic()
         await fleet.start()
         if not await fleet.wait_connected(options.agents / max(options.connect_rate, 1) + 300):
             raise SystemExit(f"only {len(fleet.stats.first_reply_at)} agents connected")
         result["connect_seconds"] = round(time.monotonic() - started, 1)
+        result["reconnects_during_connect"] = fleet.stats.disconnects
         name = f"drill-{service}"
         server.api_post("configurations/", {"name": name, "selector": f"service.name={service}"})
         stable = server.api_post(f"configurations/{name}/versions/", {"files": STABLE})
@@ -113,7 +154,13 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         server.api_post(f"rollouts/{rollout['id']}/start/", {})
 
         def finished() -> bool:
-            return server.api(f"rollouts/{rollout['id']}/")["state"] in {"succeeded", "rolled_back", "paused"}
+            try:
+                return server.api(f"rollouts/{rollout['id']}/")["state"] in {"succeeded", "rolled_back", "paused"}
+            except httpx.HTTPError as error:
+                # A loaded machine answers a poll late or with a 500 (e.g. PostgreSQL out
+                # of connections); the next poll asks again.
+                print(f"poll failed: {error}", file=sys.stderr, flush=True)
+                return False
 
         await wait_until(finished, 1800, interval=1.0)
         result["end_to_end_seconds"] = round(time.monotonic() - t0, 1)
@@ -147,11 +194,33 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             result["time_to_full_rollback_seconds"] = round(time.time() - breach, 1)
             result["agents_on_stable_after_rollback"] = applied_count(fleet, stable["config_hash"])
         else:
+            result["agents_on_candidate_at_end"] = applied_count(fleet, candidate["config_hash"])
+            # The gate may finish before the last answers are in (timed-out agents leave
+            # the denominator); wait for every agent that accepts the candidate to run it.
+            accepting = options.agents - len(failing)
+            await wait_until(lambda: applied_count(fleet, candidate["config_hash"]) >= accepting, 900)
+            result["every_accepting_agent_on_candidate_seconds"] = round(time.monotonic() - t0, 1)
             result["agents_on_candidate"] = applied_count(fleet, candidate["config_hash"])
+        result["reconnects"] = fleet.stats.disconnects
+        result["top_errors"] = dict(fleet.stats.errors.most_common(3))
     finally:
+        progress.cancel()
         await fleet.stop(timeout=30)
         server.close()
     return result
+
+
+async def report_progress(fleet: Fleet, every: float = 10.0) -> None:
+    """One line on stderr every `every` seconds, to watch a long run."""
+    stats = fleet.stats
+    while True:
+        await asyncio.sleep(every)
+        print(
+            f"{time.monotonic() - stats.started_at:7.0f} s: {len(stats.first_reply_at)} answered, "
+            f"{stats.replies} replies, {stats.disconnects} disconnects",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -161,7 +230,22 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.001, help="max_failure_rate of the rollout")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds each stage holds (compressed from 1 h)")
     parser.add_argument("--heartbeat", type=float, default=30.0)
-    parser.add_argument("--connect-rate", type=float, default=300.0)
+    parser.add_argument("--connect-rate", type=float, default=300.0, help="agents started per second")
+    parser.add_argument(
+        "--server-processes",
+        type=int,
+        default=1,
+        help="daphne processes to spread agents over (with more than one, another serves the API alone)",
+    )
+    parser.add_argument("--load-cpus", default="", help="pin the load generator to these CPUs, e.g. 1 (Linux)")
+    parser.add_argument(
+        "--ping-timeout",
+        type=int,
+        default=30,
+        help="daphne drops a client that has not answered its ping (every 20 s) within this many seconds; "
+        "a load generator starved of CPU for longer loses every connection at once",
+    )
+    parser.add_argument("--backoff", type=float, default=0.5, help="agents' first reconnect delay, seconds")
     parser.add_argument("--seed", type=int, default=1)
     print(json.dumps(asyncio.run(drill(parser.parse_args())), indent=2))
 

@@ -11,7 +11,7 @@ from django.db import transaction
 from fleet.labels import merged_labels
 from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
-from rollouts.desired_state import resolve_agent
+from rollouts.desired_state import resolve_agent, resolve_new_agent
 from rollouts.rollout_engine import record_answer
 
 
@@ -119,9 +119,11 @@ def agent_record_report(
             state=report.remote_config_state,
             error=report.remote_config_error or "",
         )
-    if created or agent.labels != labels_before:
-        # Labels decide which configuration applies: a new or relabelled agent is
-        # resolved now, in the same transaction, so its first reply can carry the offer.
+    # Labels decide which configuration applies: a new or relabelled agent is resolved
+    # now, in the same transaction, so the reply to this report can carry the offer.
+    if created:
+        resolve_new_agent(agent_id=agent.pk, instance_uid=agent.instance_uid, labels=agent.labels)
+    elif agent.labels != labels_before:
         resolve_agent(agent.pk)
     return AgentSnapshot.of(agent)
 

@@ -20,9 +20,10 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from fleet.models import Agent
-from rollouts.label_selectors import LabelSelector, parse_selector
+from rollouts.label_selectors import parse_selector
 from rollouts.models import AgentDesiredConfig, Configuration, DesiredStateGeneration, RolloutTarget
-from rollouts.rollout_plans import RolloutPlan, active_rollout_plans
+from rollouts.resolver_cache import CandidateConfiguration, config_files, resolver_definitions
+from rollouts.rollout_plans import RolloutPlan
 from rollouts.selector_queries import selector_q
 
 # Rows read and written per statement; keeps parameter lists within every database's limits.
@@ -44,22 +45,12 @@ class DesiredConfig:
     offered_at_timestamp: float | None
 
 
-@dataclass(frozen=True)
-class CandidateConfiguration:
-    configuration: Configuration
-    selector: LabelSelector
-
-
-def active_configurations() -> list[CandidateConfiguration]:
-    """Configurations with a current version, in precedence order (priority, then name)."""
-    configurations = Configuration.objects.filter(current_version__isnull=False).order_by("-priority", "name")
-    return [CandidateConfiguration(c, parse_selector(c.selector)) for c in configurations]
-
-
-def choose_configuration(labels: dict[str, str], candidates: Sequence[CandidateConfiguration]) -> Configuration | None:
+def choose_configuration(
+    labels: dict[str, str], candidates: Sequence[CandidateConfiguration]
+) -> CandidateConfiguration | None:
     for candidate in candidates:
         if candidate.selector.matches(labels):
-            return candidate.configuration
+            return candidate
     return None
 
 
@@ -75,7 +66,7 @@ class TargetRow:
 
 
 def version_for_agent(
-    configuration: Configuration,
+    configuration: CandidateConfiguration,
     *,
     agent_id: int,
     instance_uid: uuid.UUID,
@@ -84,9 +75,8 @@ def version_for_agent(
 ) -> tuple[int, TargetRow | None]:
     """The version id an agent matched by `configuration` runs: the current version, or
     what its cohort of an active rollout gives it (with the target row to record)."""
-    plan = plans.get(configuration.pk)
+    plan = plans.get(configuration.configuration_id)
     if plan is None:
-        assert configuration.current_version_id is not None
         return configuration.current_version_id, None
     version_id, cohort, bucket = plan.version_for(instance_uid.bytes, labels)
     if cohort is None:
@@ -112,8 +102,10 @@ def _chunks(items: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
 @transaction.atomic
 def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
     """Recompute the desired version of `agents`; return the ids whose assignment changed."""
-    candidates = active_configurations()
-    plans = active_rollout_plans()
+    # Cached per process until a configuration, version or rollout write changes them
+    # (rollouts.resolver_cache): a new agent's resolve then reads only its own rows.
+    definitions = resolver_definitions()
+    candidates, plans = definitions.candidates, definitions.plans
     targets: list[TargetRow] = []
     changed_to: dict[tuple[int, int], list[int]] = defaultdict(list)  # (configuration, version) -> agent ids
     cleared: list[int] = []
@@ -137,7 +129,7 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
             if current.get(agent_id) != version_id:
                 if target is not None:
                     targets.append(target)
-                changed_to[(configuration.pk, version_id)].append(agent_id)
+                changed_to[(configuration.configuration_id, version_id)].append(agent_id)
 
     now = timezone.now()
     for (configuration_id, version_id), agent_ids in changed_to.items():
@@ -199,36 +191,63 @@ def resolve_agent(agent_id: int) -> list[int]:
     return resolve_agents(Agent.objects.filter(pk=agent_id))
 
 
+def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[str, str]) -> int | None:
+    """Assign a version to an agent created in the caller's transaction; its id or None.
+
+    The path of every new agent's first report, so it does only what such an agent needs:
+    it has no assignment to read or compare (it did not exist), the report being answered
+    carries the offer, and no process can hold a cached desired config for it. So nothing
+    is read but the cached definitions, and neither a hint nor a generation bump is sent:
+    with 18,000 agents connecting, the hint alone (a thread and a Redis round trip per
+    agent) cost more server CPU than the rest of the report, and every bump made every
+    process re-read the desired config of every agent it serves.
+    """
+    definitions = resolver_definitions()
+    configuration = choose_configuration(labels or {}, definitions.candidates)
+    if configuration is None:
+        return None
+    version_id, target = version_for_agent(
+        configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=definitions.plans
+    )
+    now = timezone.now()
+    AgentDesiredConfig.objects.create(
+        agent_id=agent_id, configuration_id=configuration.configuration_id, version_id=version_id, updated_at=now
+    )
+    if target is not None:
+        _record_targets([target], now)
+    return version_id
+
+
 def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
-    """One query: the agent's desired version with its files."""
+    """One query for the agent's desired version; the files come from the per-process
+    cache by config hash (content-addressed, so never stale)."""
     row = (
         AgentDesiredConfig.objects.filter(agent_id=agent_id)
-        .select_related("version", "configuration")
-        .only(
+        .values_list(
             "offered_hash",
             "offered_at",
-            "configuration__id",
+            "configuration_id",
             "configuration__name",
-            "version__id",
+            "version_id",
             "version__number",
             "version__config_hash",
-            "version__files",
             "version__signature",
         )
         .first()
     )
     if row is None:
         return None
+    offered_hash, offered_at, configuration_id, name, version_id, number, config_hash, signature = row
     return DesiredConfig(
-        configuration_id=row.configuration.pk,
-        configuration_name=row.configuration.name,
-        version_id=row.version.pk,
-        version_number=row.version.number,
-        config_hash=row.version.config_hash,
-        files=row.version.files,
-        signature=row.version.signature,
-        offered_hash=row.offered_hash,
-        offered_at_timestamp=row.offered_at.timestamp() if row.offered_at else None,
+        configuration_id=configuration_id,
+        configuration_name=name,
+        version_id=version_id,
+        version_number=number,
+        config_hash=config_hash,
+        files=config_files(config_hash, version_id=version_id),
+        signature=signature,
+        offered_hash=offered_hash,
+        offered_at_timestamp=offered_at.timestamp() if offered_at else None,
     )
 
 

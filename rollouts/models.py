@@ -109,13 +109,21 @@ class AgentDesiredConfig(models.Model):
 
 
 class DesiredStateGeneration(models.Model):
-    """A single counter bumped by every change of desired state.
+    """A single row: a counter bumped by every change of desired state, and a token that
+    changes with every change of what the resolver reads besides agents.
 
-    Server processes read it at most once per second and reload an agent's desired
+    Server processes read `value` at most once per second and reload an agent's desired
     config when it moved; pushes over the channel layer are only a faster path.
+
+    `definitions` is replaced by a fresh random token whenever a configuration, a current
+    version or a rollout changes; processes cache the active configurations and rollout
+    plans under it (rollouts.resolver_cache). It is random rather than counted because a
+    rolled-back transaction can leave a cache entry keyed by a value it wrote: a counter
+    would hand the same value to the next writer, a random token never does.
     """
 
     value = models.BigIntegerField(default=0)
+    definitions = models.CharField(max_length=32, blank=True, default="", db_default="")
 
 
 class AuditEvent(models.Model):

@@ -35,6 +35,7 @@ from rollouts.models import (
     RolloutState,
     RolloutTarget,
 )
+from rollouts.resolver_cache import bump_definitions
 from rollouts.services import Actor, _actor, audit_record
 
 Kind = RolloutEvent.Kind
@@ -142,6 +143,7 @@ def rollout_create(
         created_by=_actor(actor),
     )
     RolloutStage.objects.bulk_create([RolloutStage(rollout=rollout, **stage) for stage in checked])
+    bump_definitions()
     RolloutEvent.objects.create(rollout=rollout, kind=Kind.CREATED, to_state=RolloutState.DRAFT, actor=_actor(actor))
     audit_record(
         actor=actor,
@@ -258,6 +260,8 @@ def _transition(
             return False  # another rollout of the configuration became active meanwhile
         if not moved:
             return False
+        # The resolver caches active rollouts' plans (state, stage) under this token.
+        bump_definitions()
         RolloutEvent.objects.create(
             rollout=rollout,
             kind=kind,
@@ -290,6 +294,7 @@ def _fix_thresholds(rollout: Rollout) -> None:
     thresholds = _thresholds(stages, rollout.salt, _population(rollout.configuration))
     for stage, threshold in zip(stages, thresholds, strict=True):
         RolloutStage.objects.filter(pk=stage.pk).update(bucket_threshold=threshold)
+    bump_definitions()
 
 
 def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
@@ -693,6 +698,7 @@ def _succeed(rollout: Rollout, snapshot: Mapping[str, Any]) -> str:
             Configuration.objects.filter(pk=rollout.configuration_id).update(
                 current_version=rollout.candidate_version_id, updated_at=timezone.now()
             )
+            bump_definitions()
             desired_state.resolve_for_configuration(rollout.configuration)
     return "succeeded" if done else "raced"
 

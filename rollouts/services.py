@@ -26,6 +26,7 @@ from rollouts.errors import (
 )
 from rollouts.label_selectors import SelectorError, check_label, parse_selector
 from rollouts.models import AuditEvent, Configuration, ConfigVersion
+from rollouts.resolver_cache import bump_definitions
 
 Actor: TypeAlias = AbstractBaseUser | AnonymousUser | None
 
@@ -74,6 +75,7 @@ def configuration_create(
     )
     configuration.full_clean()
     configuration.save()
+    bump_definitions()
     audit_record(
         actor=actor,
         action="configuration.create",
@@ -115,6 +117,7 @@ def configuration_update(
         setattr(configuration, field, value)
     configuration.full_clean()
     configuration.save()
+    bump_definitions()
     audit_record(actor=actor, action="configuration.update", target=configuration, details=changes)
     if "selector" in changes or "priority" in changes:
         desired_state.resolve_for_configuration(configuration, previous_selector=previous_selector)
@@ -134,6 +137,7 @@ def configuration_delete(*, configuration: Configuration, actor: Actor) -> None:
     configuration.current_version = None
     configuration.save(update_fields=["current_version"])
     configuration.delete()
+    bump_definitions()
     desired_state.resolve_agents(Agent.objects.filter(pk__in=affected))
 
 
@@ -179,6 +183,9 @@ def _create_version(
     if activate:
         configuration.current_version = version
         configuration.save(update_fields=["current_version", "updated_at"])
+    # A candidate (not activated) changes nothing the resolver reads until a rollout
+    # names it, and creating the rollout bumps; bumping here too keeps the rule simple.
+    bump_definitions()
     return version
 
 

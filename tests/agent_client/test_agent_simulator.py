@@ -43,6 +43,14 @@ async def test_settings_for_gives_chosen_agents_their_own_behaviour(ws_server: F
     assert [agent.settings.fail_apply for agent in fleet.agents] == [True, False, False, False]
 
 
+async def test_agents_are_spread_round_robin_over_several_servers(ws_server: FakeWebSocketServer) -> None:
+    async with FakeWebSocketServer() as second:
+        async with Fleet(server=[ws_server.url, second.url], count=6, settings=FAST) as fleet:
+            assert await fleet.wait_connected(timeout=2)
+        for server in (ws_server, second):
+            assert len({m.instance_uid for m in server.messages if is_full_report(m)}) == 3
+
+
 async def test_fleet_agents_can_keep_state_in_a_directory_each(ws_server: FakeWebSocketServer, tmp_path: Path) -> None:
     async with Fleet(server=ws_server.url, count=3, settings=FAST, state_root=tmp_path) as fleet:
         assert await fleet.wait_connected(timeout=2)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -60,10 +61,27 @@ class ServerDatabase:
 
 
 class LiveOpampServer:
-    def __init__(self, workdir: Path, *, extra_env: dict[str, str] | None = None) -> None:
+    """One server (daphne) process by default; `processes=N` starts N on ports of their
+    own, sharing the database and the channel layer, as N replicas behind a load balancer
+    would (benchmarks spread agents over `ws_urls`). `port` is the first one's."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        processes: int = 1,
+        daphne_args: Sequence[str] = (),
+        first_process_env: dict[str, str] | None = None,
+    ) -> None:
+        if processes < 1:
+            raise ValueError("a server needs at least one process")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.ports = [free_port() for _ in range(processes)]
+        self.daphne_args = list(daphne_args)
+        self.first_process_env = dict(first_process_env or {})
+        self.port = self.ports[0]
         self.database = ServerDatabase(workdir)
         self.env = {
             **os.environ,
@@ -81,7 +99,7 @@ class LiveOpampServer:
             self.env.setdefault(
                 "CELERY_BROKER_URL", urlunsplit(redis_base._replace(path=f"/{secrets.randbelow(12) + 3}"))
             )
-        self.process: subprocess.Popen[bytes] | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.celery: subprocess.Popen[bytes] | None = None
         self.token = ""
         self.log_path = workdir / "server.log"
@@ -94,8 +112,16 @@ class LiveOpampServer:
         self.token = output.split("API token:")[1].split()[0]
 
     @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.processes[0] if self.processes else None
+
+    @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/opamp"
+
+    @property
+    def ws_urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{port}/v1/opamp" for port in self.ports]
 
     @property
     def http_url(self) -> str:
@@ -116,34 +142,52 @@ class LiveOpampServer:
         return result.stdout
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "opamp_site.asgi:application"],
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        for index, port in enumerate(self.ports):
+            log_path = self.log_path if index == 0 else self.workdir / f"server-{index}.log"
+            log = log_path.open("ab")
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    *self.daphne_args,
+                    "opamp_site.asgi:application",
+                ],
+                cwd=REPO_ROOT,
+                env={**self.env, **self.first_process_env} if index == 0 else self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            self.processes.append(process)
+            self._wait_listening(process, port)
+
+    def _wait_listening(self, process: subprocess.Popen[bytes], port: int) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"server did not listen on {self.port} within 30 s:\n{self.log()}")
+        raise RuntimeError(f"server did not listen on {port} within 30 s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
             try:
-                self.process.wait(timeout=10)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+                process.kill()
+                process.wait()
+        self.processes = []
 
     def start_celery(self) -> None:
         """A real Celery worker with beat in one process (django-celery-beat's scheduler)."""
