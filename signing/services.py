@@ -588,18 +588,22 @@ def crl_refresh_if_due(*, now: datetime | None = None) -> Path | None:
 
 def crl_write(path: str | Path) -> Path:
     """Sign a fresh CRL and replace `path` with it atomically (a reader never sees half)."""
-    pem = crl_pem()
     target = Path(path)
+    write_public_file_atomically(target, crl_pem())
+    return target
+
+
+def write_public_file_atomically(target: Path, data: bytes) -> None:
+    """Replace `target` (mode 0644) by a rename, so a reader (nginx, a reload) never sees half."""
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(pem)
+            handle.write(data)
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return target
 
 
 def crl_pem(*, now: datetime | None = None) -> bytes:

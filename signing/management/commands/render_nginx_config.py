@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import grp
-import os
 import pwd
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +16,6 @@ from signing.errors import SigningError
 TEMPLATE_DIR = Path(settings.BASE_DIR) / "deploy" / "nginx"
 SITE_TEMPLATE = TEMPLATE_DIR / "opamp.conf.template"
 STANDALONE_TEMPLATE = TEMPLATE_DIR / "nginx-standalone.conf.template"
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    """Rename over the old file, so nginx (or a reload) never reads a half-written one."""
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _absolute(value: str) -> Path:
@@ -170,7 +155,7 @@ class Command(BaseCommand):
             return
         target = _absolute(output)
         try:
-            write_atomically(target, rendered.encode("utf-8"))
+            services.write_public_file_atomically(target, rendered.encode("utf-8"))
         except OSError as error:
             raise CommandError(f"--output {target}: {error}") from None
         self.stderr.write(f"wrote {target}; check it with: nginx -t -c {target}" if standalone else f"wrote {target}")
@@ -183,7 +168,7 @@ class Command(BaseCommand):
         except SigningError as error:
             raise CommandError(f"--write-crl: {error.message}") from None
         try:
-            write_atomically(path, pem)
+            services.write_public_file_atomically(path, pem)
         except OSError as error:
             raise CommandError(f"--crl {path}: {error}") from None
         self.stderr.write(f"wrote the CRL to {path}")
