@@ -64,7 +64,7 @@ def measure(options: argparse.Namespace) -> None:
     from fleet import services as fleet_services
     from fleet.reports import ReportLimits, report_from_message
     from rollouts import services
-    from rollouts.desired_state import current_generation, desired_config_for_agent, record_offer
+    from rollouts.desired_state import Offer, desired_config_for_agent, record_offers
     from tests.fleet.messages import BASE_CAPABILITIES, full_report
 
     call_command("migrate", verbosity=0)
@@ -77,6 +77,9 @@ def measure(options: argparse.Namespace) -> None:
             files={"collector.yaml": {"body": f"x: {index}\n", "content_type": "text/yaml"}},
             author=None,
         )
+
+    # Offers are written in batches by the server process (fleet.batched_writes).
+    offers: dict[int, Offer] = {}
 
     def first_report() -> None:
         uid = uuid.uuid4()
@@ -91,10 +94,12 @@ def measure(options: argparse.Namespace) -> None:
             remote_address="127.0.0.1",
             seen_at=timezone.now(),
         )
-        current_generation()
         desired = desired_config_for_agent(snapshot.agent_id)
         assert desired is not None
-        record_offer(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
+        offers[snapshot.agent_id] = Offer(desired.config_hash, timezone.now())
+        if len(offers) >= 100:
+            record_offers(offers)
+            offers.clear()
 
     for _ in range(50):  # warm-up: connections, caches, imports
         first_report()

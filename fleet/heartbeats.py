@@ -12,7 +12,6 @@ and the agent is asked for its full state, which is the protocol's own recovery 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from datetime import datetime
 
 from django.db import connection, transaction
 
-from fleet.db import db
+from fleet.batched_writes import BatchedWrites
 from fleet.models import Agent, uint64_to_db
 
 logger = logging.getLogger(__name__)
@@ -67,45 +66,11 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
     return len(agents)
 
 
-class HeartbeatBuffer:
+class HeartbeatBuffer(BatchedWrites[uuid.UUID, Heartbeat]):
     """Newest heartbeat per agent, flushed periodically by one task per event loop."""
 
     def __init__(self, flush_seconds: float) -> None:
-        self.flush_seconds = flush_seconds
-        self._pending: dict[uuid.UUID, Heartbeat] = {}
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(name="heartbeat", flush_seconds=flush_seconds, write=write_heartbeats)
 
-    def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:
-        self._pending[instance_uid] = Heartbeat(seen_at, sequence_num)
-        self._ensure_flusher()
-
-    def forget(self, instance_uid: uuid.UUID) -> None:
-        self._pending.pop(instance_uid, None)
-
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
-    def _ensure_flusher(self) -> None:
-        if self._task is None or self._task.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # called outside the server loop (tests): flush() runs on demand
-            self._task = loop.create_task(self._run(), name="heartbeat-flush")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_seconds)
-            try:
-                await self.flush()
-            except Exception:
-                # A failed flush (database restarting) keeps nothing: the next heartbeat
-                # of each agent carries the same facts again.
-                logger.exception("heartbeat flush failed")
-
-    async def flush(self) -> int:
-        batch, self._pending = self._pending, {}
-        if not batch:
-            return 0
-        return int(await db(write_heartbeats)(batch))
+    def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:  # type: ignore[override]
+        super().note(instance_uid, Heartbeat(seen_at, sequence_num))

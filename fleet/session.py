@@ -17,7 +17,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from fleet import services
+from fleet.batched_writes import BatchedWrites
 from fleet.db import db
+from fleet.desired_cache import CachedDesired, DesiredConfigCache
 from fleet.heartbeats import HeartbeatBuffer
 from fleet.reports import ReportLimits, report_from_message
 from fleet.services import AgentSnapshot
@@ -32,7 +34,7 @@ from opamp.capabilities import (
 from opamp.identifiers import instance_uid_problem, uuid7
 from opamp.proto import opamp_pb2
 from rollouts.delivery import OfferContext, fill_remote_config, should_offer, wants_signature
-from rollouts.desired_state import DesiredConfig, current_generation, desired_config_for_agent, record_offer
+from rollouts.desired_state import DesiredConfig, Offer, changes_since, desired_config_for_agent, record_offers
 from signing.agent_credentials import (
     ANONYMOUS,
     CERTIFICATE_CAPABILITY,
@@ -69,10 +71,6 @@ CERTIFICATE_CAPABILITIES = int(
 
 def server_capabilities() -> int:
     return SERVER_CAPABILITIES | (CERTIFICATE_CAPABILITIES if ca_configured() else 0)
-
-
-# How often a process re-reads the desired-state generation (one query, for all agents).
-GENERATION_CHECK_SECONDS = 1.0
 
 
 def error_reply(
@@ -143,9 +141,13 @@ class FleetRuntime:
     def __init__(self) -> None:
         self.snapshots: dict[uuid.UUID, AgentSnapshot] = {}
         self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS)
+        # What was offered to whom, written in batches: the agent's answer, not this
+        # record, is what rollouts judge, and a lost record costs at most a repeated offer.
+        self.offers = BatchedWrites[int, Offer](
+            name="offer", flush_seconds=settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, write=record_offers
+        )
         self.live = LiveConnections()
-        # Desired config per agent, tagged with the generation it was read at.
-        self.desired: dict[uuid.UUID, tuple[int, DesiredConfig | None]] = {}
+        self.desired = DesiredConfigCache()
         # (token id, agent) pairs already counted as enrolled: no write per message.
         self.enrolled: set[tuple[int, uuid.UUID]] = set()
         # The last connection-settings hash each agent reported (applied or failed), so
@@ -153,8 +155,6 @@ class FleetRuntime:
         self.settings_reported: dict[uuid.UUID, bytes] = {}
         # Certificates (by fingerprint) whose renewal this process already asked for.
         self.renewal_asked: set[str] = set()
-        self.generation = -1
-        self.generation_checked_at = 0.0
         self.limits = ReportLimits(
             max_value_chars=settings.OPAMP_MAX_ATTRIBUTE_VALUE_CHARS,
             max_attributes=settings.OPAMP_MAX_ATTRIBUTES,
@@ -163,8 +163,8 @@ class FleetRuntime:
         )
 
     def expire_generation(self) -> None:
-        """Make the next desired-state read re-check the generation counter."""
-        self.generation_checked_at = 0.0
+        """Make the next desired-state read catch up with the change log first."""
+        self.desired.expire()
 
 
 _runtime: FleetRuntime | None = None
@@ -284,7 +284,7 @@ class AgentSession:
                 seen_at=now,
             )
             self.fleet.heartbeats.forget(instance_uid)
-            self.fleet.desired.pop(instance_uid, None)  # labels may have changed
+            self.fleet.desired.forget(instance_uid)  # labels may have changed
         else:
             self.fleet.heartbeats.note(instance_uid, now, message.sequence_num)
             snapshot.last_sequence_num = message.sequence_num
@@ -292,7 +292,7 @@ class AgentSession:
         self.last_sequence_num = message.sequence_num
         if enrollment_labels:
             await db(enrollment_labels_apply)(instance_uid=instance_uid, labels=enrollment_labels)
-            self.fleet.desired.pop(instance_uid, None)
+            self.fleet.desired.forget(instance_uid)
 
         self._note_connection_settings_status(instance_uid, message)
         csr = message.connection_settings_request.opamp.certificate_request.csr
@@ -413,7 +413,7 @@ class AgentSession:
         snapshot = self.fleet.snapshots.get(instance_uid)
         if snapshot is None:
             return None
-        self.fleet.desired.pop(instance_uid, None)
+        self.fleet.desired.forget(instance_uid)
         self.certificate_check_due = True  # the hint may be a newly issued certificate
         reply = opamp_pb2.ServerToAgent(instance_uid=instance_uid.bytes, capabilities=server_capabilities())
         offered_config = await self._offer_desired_config(reply, snapshot)
@@ -442,23 +442,25 @@ class AgentSession:
             return False
         fill_remote_config(reply, desired, with_signature=wants_signature(snapshot.custom_capabilities))
         self.last_offered_hash = desired.config_hash
-        await db(record_offer)(agent_id=snapshot.agent_id, config_hash=desired.config_hash)
-        self.fleet.desired[snapshot.instance_uid] = (
-            self.fleet.generation,
-            replace(desired, offered_hash=desired.config_hash, offered_at_timestamp=context.now_timestamp),
-        )
+        self.fleet.offers.note(snapshot.agent_id, Offer(desired.config_hash, timezone.now()))
+        cached = self.fleet.desired.get(snapshot.instance_uid)
+        if cached is not None and cached.desired is desired:  # unless a change overtook it
+            cached.desired = replace(
+                desired, offered_hash=desired.config_hash, offered_at_timestamp=context.now_timestamp
+            )
         return True
 
     async def _desired_config(self, snapshot: AgentSnapshot) -> DesiredConfig | None:
-        fleet = self.fleet
-        if time.monotonic() - fleet.generation_checked_at > GENERATION_CHECK_SECONDS:
-            fleet.generation = await db(current_generation)()
-            fleet.generation_checked_at = time.monotonic()
-        cached = fleet.desired.get(snapshot.instance_uid)
-        if cached is not None and cached[0] == fleet.generation:
-            return cached[1]
+        cache = self.fleet.desired
+        if cache.check_due():
+            known = cache.start_check()
+            cache.catch_up(await db(changes_since)(known))
+        cached = cache.get(snapshot.instance_uid)
+        if cached is not None:
+            return cached.desired
+        tag = cache.generation
         desired = await db(desired_config_for_agent)(snapshot.agent_id)
-        fleet.desired[snapshot.instance_uid] = (fleet.generation, desired)
+        cache.put(snapshot.instance_uid, CachedDesired(generation=tag, agent_id=snapshot.agent_id, desired=desired))
         return desired
 
     def _needs_full_state(self, message: opamp_pb2.AgentToServer, snapshot: AgentSnapshot | None) -> bool:
@@ -518,7 +520,7 @@ class AgentSession:
         # agents connected.
         self.fleet.heartbeats.forget(instance_uid)
         self.fleet.snapshots.pop(instance_uid, None)
-        self.fleet.desired.pop(instance_uid, None)
+        self.fleet.desired.forget(instance_uid)
         self.fleet.live.release(instance_uid, self)
 
     def superseded(self) -> None:

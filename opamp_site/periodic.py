@@ -18,6 +18,7 @@ class PeriodicTaskSpec:
 PERIODIC_TASKS = [
     PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30),
     PeriodicTaskSpec("rollouts: advance", "rollouts.tasks.advance_rollouts", settings.OPAMP_ROLLOUT_TICK_SECONDS),
+    PeriodicTaskSpec("rollouts: prune the desired-state log", "rollouts.tasks.prune_desired_state_log", 600),
     # Hourly, against a nextUpdate of OPAMP_CRL_NEXT_UPDATE_HOURS (24 by default).
     PeriodicTaskSpec("signing: refresh the CRL file", "signing.tasks.refresh_crl", 3600),
 ]

@@ -4,7 +4,8 @@ One function decides, for any set of agents, in bulk: the configurations are rea
 their selectors are evaluated in memory against each agent's labels, and only the
 assignments that change are written (a handful of statements for 20,000 agents). After
 commit the affected agents are notified; the notification is a hint, the generation
-counter (DesiredStateGeneration) makes every server process converge without it.
+counter and its change log (DesiredStateGeneration, DesiredStateChange) make every server
+process converge without it, re-reading only the agents that changed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import transaction
-from django.db.models import F, Q, QuerySet
+from django.db import connection, transaction
+from django.db.models import F, Max, Q, QuerySet
 from django.utils import timezone
 
 from fleet.models import Agent
 from rollouts.label_selectors import parse_selector
-from rollouts.models import AgentDesiredConfig, Configuration, DesiredStateGeneration, RolloutTarget
+from rollouts.models import (
+    AgentDesiredConfig,
+    Configuration,
+    DesiredStateChange,
+    DesiredStateGeneration,
+    RolloutTarget,
+)
 from rollouts.resolver_cache import CandidateConfiguration, config_files, resolver_definitions
 from rollouts.rollout_plans import RolloutPlan
 from rollouts.selector_queries import selector_q
@@ -84,14 +91,72 @@ def version_for_agent(
     return version_id, TargetRow(plan.rollout_id, agent_id, cohort, bucket, plan.candidate_hash)
 
 
-def bump_generation() -> None:
+def bump_generation() -> int:
+    """Move the generation by one in the caller's transaction; the new value.
+
+    The UPDATE holds the row's lock until the caller commits, so concurrent writers
+    commit their values in order and a reader never sees N before N - 1.
+    """
     updated = DesiredStateGeneration.objects.filter(pk=1).update(value=F("value") + 1)
     if not updated:
-        DesiredStateGeneration.objects.get_or_create(pk=1, defaults={"value": 1})
+        _, created = DesiredStateGeneration.objects.get_or_create(pk=1, defaults={"value": 1})
+        if not created:  # another transaction inserted the row meanwhile
+            DesiredStateGeneration.objects.filter(pk=1).update(value=F("value") + 1)
+    return current_generation()
 
 
 def current_generation() -> int:
     return DesiredStateGeneration.objects.filter(pk=1).values_list("value", flat=True).first() or 0
+
+
+def log_changes(agent_ids: Sequence[int]) -> int:
+    """Record in the caller's transaction that `agent_ids` have a new desired state; the
+    generation they were logged under (see DesiredStateGeneration)."""
+    generation = bump_generation()
+    DesiredStateChange.objects.create(generation=generation, agent_ids=sorted(set(agent_ids)))
+    return generation
+
+
+@dataclass(frozen=True)
+class DesiredStateChanges:
+    """What a server process must forget to catch up with `generation`."""
+
+    generation: int
+    # The agents whose desired state changed; None when the log no longer reaches back to
+    # the caller's generation (or it has none yet): forget everything.
+    agent_ids: frozenset[int] | None
+
+
+def changes_since(generation: int) -> DesiredStateChanges:
+    """The agents whose desired state changed after `generation` (two small queries when
+    the generation moved, one when it did not)."""
+    row = DesiredStateGeneration.objects.filter(pk=1).values_list("value", "pruned_through").first()
+    current, pruned_through = row or (0, 0)
+    if current == generation:
+        return DesiredStateChanges(current, frozenset())
+    if generation < pruned_through or current < generation:
+        # Too far behind, or the counter went back (a restored database): start over.
+        return DesiredStateChanges(current, None)
+    logged = DesiredStateChange.objects.filter(generation__gt=generation, generation__lte=current).values_list(
+        "agent_ids", flat=True
+    )
+    return DesiredStateChanges(current, frozenset(agent_id for ids in logged for agent_id in ids))
+
+
+@transaction.atomic
+def prune_changes(*, older_than: datetime) -> int:
+    """Drop log rows written before `older_than`; the number dropped."""
+    through = DesiredStateChange.objects.filter(created_at__lt=older_than).aggregate(through=Max("generation"))[
+        "through"
+    ]
+    if through is None:
+        return 0
+    # Lock the generation row first: writers log under it, so no row at or below
+    # `through` can be added once this holds.
+    DesiredStateGeneration.objects.select_for_update().filter(pk=1).first()
+    DesiredStateGeneration.objects.filter(pk=1, pruned_through__lt=through).update(pruned_through=through)
+    deleted, _ = DesiredStateChange.objects.filter(generation__lte=through).delete()
+    return deleted
 
 
 def _chunks(items: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
@@ -151,7 +216,7 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
 
     changed = [i for ids in changed_to.values() for i in ids] + cleared
     if changed:
-        bump_generation()
+        log_changes(changed)
         transaction.on_commit(lambda: notify_agents(changed))
     return changed
 
@@ -251,13 +316,48 @@ def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
     )
 
 
-def record_offer(*, agent_id: int, config_hash: str) -> None:
-    now = timezone.now()
-    AgentDesiredConfig.objects.filter(agent_id=agent_id).update(offered_hash=config_hash, offered_at=now)
-    # A rollout target notes when its candidate actually went out (first offer only).
-    RolloutTarget.objects.filter(agent_id=agent_id, offered_hash=config_hash, offered_at__isnull=True).update(
-        offered_at=now
-    )
+@dataclass(frozen=True)
+class Offer:
+    config_hash: str
+    at: datetime
+
+
+_OFFERS_SQL = """
+    UPDATE {desired} AS d SET offered_hash = v.hash, offered_at = v.at
+    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS v(agent_id, hash, at)
+    WHERE d.agent_id = v.agent_id
+"""
+# A rollout target notes when its candidate actually went out (first offer only).
+_TARGETS_OFFERED_SQL = """
+    UPDATE {targets} AS t SET offered_at = v.at
+    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS v(agent_id, hash, at)
+    WHERE t.agent_id = v.agent_id AND t.offered_hash = v.hash AND t.offered_at IS NULL
+"""
+
+
+def record_offers(offers: dict[int, Offer]) -> int:
+    """Note what was offered to each agent (by id) and when: two statements on PostgreSQL
+    for any number of agents; a batch in one transaction elsewhere. The number noted."""
+    if not offers:
+        return 0
+    if connection.vendor == "postgresql":
+        ids = list(offers)
+        columns = [ids, [offers[i].config_hash for i in ids], [offers[i].at for i in ids]]
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_OFFERS_SQL.format(desired=AgentDesiredConfig._meta.db_table), columns)
+            noted = cursor.rowcount
+            cursor.execute(_TARGETS_OFFERED_SQL.format(targets=RolloutTarget._meta.db_table), columns)
+        return noted
+    noted = 0
+    with transaction.atomic():
+        for agent_id, offer in offers.items():
+            noted += AgentDesiredConfig.objects.filter(agent_id=agent_id).update(
+                offered_hash=offer.config_hash, offered_at=offer.at
+            )
+            RolloutTarget.objects.filter(
+                agent_id=agent_id, offered_hash=offer.config_hash, offered_at__isnull=True
+            ).update(offered_at=offer.at)
+    return noted
 
 
 def notify_agents(agent_ids: Sequence[int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.utils import timezone
 
 from fleet.models import Agent
 
@@ -109,11 +110,16 @@ class AgentDesiredConfig(models.Model):
 
 
 class DesiredStateGeneration(models.Model):
-    """A single row: a counter bumped by every change of desired state, and a token that
-    changes with every change of what the resolver reads besides agents.
+    """A single row: a counter moved by every change of agents' desired assignments, and a
+    token that changes with every change of what the resolver reads besides agents.
 
-    Server processes read `value` at most once per second and reload an agent's desired
-    config when it moved; pushes over the channel layer are only a faster path.
+    Every transaction that changes assignments moves `value` by one and logs the agents it
+    changed under the new value (DesiredStateChange). The UPDATE holds this row's lock
+    until commit, so committed values are gapless and commit in order: a reader that sees
+    value N can read the log up to N and find every change. Server processes do so at most
+    once per second and drop only those agents' cached desired config; pushes over the
+    channel layer are only a faster path. `pruned_through` is the highest value whose log
+    rows may be gone: a process further behind than that forgets its whole cache.
 
     `definitions` is replaced by a fresh random token whenever a configuration, a current
     version or a rollout changes; processes cache the active configurations and rollout
@@ -124,6 +130,21 @@ class DesiredStateGeneration(models.Model):
 
     value = models.BigIntegerField(default=0)
     definitions = models.CharField(max_length=32, blank=True, default="", db_default="")
+    pruned_through = models.BigIntegerField(default=0, db_default=0)
+
+
+class DesiredStateChange(models.Model):
+    """The log of DesiredStateGeneration: the agents (ids) that got a new assignment, or
+    lost theirs, in the transaction that moved the generation to `generation`.
+
+    One row per transaction with the ids as a list: a rollout stage of 18,000 agents is
+    one INSERT, and a process catching up reads one row per generation it missed. Plain
+    ids, not foreign keys: the log outlives deleted agents until it is pruned.
+    """
+
+    generation = models.BigIntegerField(unique=True)
+    agent_ids = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
 
 
 class AuditEvent(models.Model):

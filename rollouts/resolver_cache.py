@@ -26,8 +26,6 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-from django.db.models import F
-
 from rollouts.label_selectors import LabelSelector, parse_selector
 from rollouts.models import Configuration, ConfigVersion, DesiredStateGeneration
 from rollouts.rollout_plans import RolloutPlan, active_rollout_plans
@@ -60,18 +58,16 @@ _files_lock = threading.Lock()
 def bump_definitions() -> None:
     """Call in the transaction of any write the resolver reads (see the module doc).
 
-    Also moves the desired-state generation, so every process re-reads the desired config
-    of its agents (a renamed configuration, a new current version).
+    It leaves the desired-state generation alone: what agents are offered changes only
+    through their assignments, and the resolver logs each agent whose assignment changes.
     """
     global _definitions
     token = secrets.token_hex(16)
-    updated = DesiredStateGeneration.objects.filter(pk=1).update(value=F("value") + 1, definitions=token)
+    updated = DesiredStateGeneration.objects.filter(pk=1).update(definitions=token)
     if not updated:
-        _, created = DesiredStateGeneration.objects.get_or_create(
-            pk=1, defaults={"value": 1, "definitions": token}
-        )
+        _, created = DesiredStateGeneration.objects.get_or_create(pk=1, defaults={"definitions": token})
         if not created:  # another transaction inserted the row meanwhile
-            DesiredStateGeneration.objects.filter(pk=1).update(value=F("value") + 1, definitions=token)
+            DesiredStateGeneration.objects.filter(pk=1).update(definitions=token)
     _definitions = None
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from celery import shared_task
+from datetime import timedelta
 
+from celery import shared_task
+from django.conf import settings
+from django.utils import timezone
+
+from rollouts.desired_state import prune_changes
 from rollouts.rollout_engine import rollout_tick, running_rollout_ids
 
 
@@ -17,3 +22,10 @@ def advance_rollouts() -> dict[int, str]:
 def advance_rollout(rollout_id: int) -> str:
     """One rollout now (enqueued on commit after a verb); a stale id simply does nothing."""
     return rollout_tick(rollout_id=rollout_id)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def prune_desired_state_log() -> int:
+    """Drop change-log rows older than the retention; a process further behind starts over."""
+    retention = timedelta(seconds=settings.OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS)
+    return prune_changes(older_than=timezone.now() - retention)

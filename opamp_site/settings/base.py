@@ -145,12 +145,16 @@ OPAMP_MAX_MESSAGE_BYTES = env_int("OPAMP_MAX_MESSAGE_BYTES", 64 * 1024 * 1024)
 OPAMP_HEARTBEAT_INTERVAL_SECONDS = env_float("OPAMP_HEARTBEAT_INTERVAL_SECONDS", 30.0)
 # An agent is offline after this many heartbeat intervals without a message.
 OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS = env_float("OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS", 3.0)
-# How often buffered heartbeat facts (last_seen, sequence_num) are written in one batch.
+# How often buffered per-agent facts (heartbeats: last_seen, sequence_num; config offers)
+# are written in one batch.
 OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
 # A polling agent that has not acknowledged an offered config is offered it again after this.
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
 # How often Celery beat checks the gates of running rollouts.
 OPAMP_ROLLOUT_TICK_SECONDS = env_int("OPAMP_ROLLOUT_TICK_SECONDS", 5)
+# How long the log of changed assignments is kept; a server process that has not caught up
+# with it for longer re-reads every agent's desired config once (rollouts.desired_state).
+OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS = env_int("OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS", 3600)
 # Limits on published configuration versions.
 OPAMP_CONFIG_MAX_FILE_BYTES = env_int("OPAMP_CONFIG_MAX_FILE_BYTES", 1024 * 1024)
 OPAMP_CONFIG_MAX_TOTAL_BYTES = env_int("OPAMP_CONFIG_MAX_TOTAL_BYTES", 4 * 1024 * 1024)

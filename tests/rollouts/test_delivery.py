@@ -8,10 +8,11 @@ import pytest
 from channels.db import database_sync_to_async
 
 from fleet.models import Agent
+from fleet.session import runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from rollouts import services
-from rollouts.models import AgentDesiredConfig, Configuration
+from rollouts.models import AgentDesiredConfig, Configuration, RolloutTarget
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.messages import full_report, heartbeat
 
@@ -147,3 +148,19 @@ async def test_relabelling_an_agent_moves_it_to_the_matching_configuration():
         agent__instance_uid=uuid.UUID(bytes=uid)
     )
     assert desired.configuration.name == "payments"
+
+
+async def test_offers_are_recorded_in_one_batch_per_flush():
+    config_hash = await publish()
+    uids = [uuid7().bytes for _ in range(3)]
+    for uid in uids:
+        async with WsAgent() as agent:
+            reply = await agent.exchange(full_report(uid, 1, service="checkout"))
+        assert reply.remote_config.config_hash.hex() == config_hash
+    offers = runtime().offers
+    assert offers.pending_count == 3
+    assert await offers.flush() == 3
+    rows = [row async for row in AgentDesiredConfig.objects.values_list("offered_hash", "offered_at")]
+    assert len(rows) == 3
+    assert all(offered_hash == config_hash and offered_at is not None for offered_hash, offered_at in rows)
+    assert not await RolloutTarget.objects.aexists()  # no rollout: nothing else to note

@@ -11,10 +11,12 @@ from rest_framework.test import APIClient
 from fleet.models import Agent, RemoteConfigState
 from opamp.identifiers import uuid7
 from rollouts import services
-from rollouts.desired_state import current_generation, resolve_agents
-from rollouts.models import AgentDesiredConfig, ConfigVersion
+from rollouts.desired_state import Offer, current_generation, record_offers, resolve_agents
+from rollouts.models import AgentDesiredConfig, ConfigVersion, RolloutTarget
+from rollouts.rollout_engine import rollout_start
 from rollouts.selectors import agent_config_state, drifting_agents, version_status_counts
 from tests.fleet.factories import AgentFactory, UserFactory
+from tests.rollouts.rollout_helpers import configuration_with_candidate, make_fleet, standard_rollout
 
 pytestmark = pytest.mark.django_db
 
@@ -185,3 +187,27 @@ def test_a_rollback_is_a_new_higher_version_with_the_old_content():
     assert restored.number == 3
     assert restored.config_hash == first.config_hash
     assert restored.rolled_back_from == first
+
+
+def test_recorded_offers_note_the_first_offer_of_a_rollout_target():
+    make_fleet(200)
+    configuration, stable, candidate = configuration_with_candidate()
+    rollout = standard_rollout(configuration, candidate)
+    assert rollout_start(rollout=rollout, actor=None)
+    canary = RolloutTarget.objects.filter(rollout=rollout).first()
+    assert canary is not None
+    bystander = AgentDesiredConfig.objects.exclude(agent_id=canary.agent_id).first()
+    assert bystander is not None
+    first, later = timezone.now(), timezone.now() + timedelta(seconds=5)
+
+    offers = {
+        canary.agent_id: Offer(candidate.config_hash, first),
+        bystander.agent_id: Offer(stable.config_hash, first),
+    }
+    assert record_offers(offers) == 2
+    assert record_offers({canary.agent_id: Offer(candidate.config_hash, later)}) == 1
+
+    canary.refresh_from_db()
+    assert canary.offered_at == first
+    assert AgentDesiredConfig.objects.get(agent_id=canary.agent_id).offered_at == later
+    assert AgentDesiredConfig.objects.get(agent_id=bystander.agent_id).offered_hash == stable.config_hash
