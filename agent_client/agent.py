@@ -202,6 +202,7 @@ class Agent:
         )
         # Enrollment steps write files in a thread; one at a time.
         self._enrollment_lock = asyncio.Lock()
+        self._presented_certificate = False  # by the current (or last) connection
 
         self._backoff = Backoff(initial=self.settings.backoff_initial, maximum=self.settings.backoff_max)
         self._sequence_num = 0
@@ -290,6 +291,18 @@ class Agent:
             except CredentialRefused as error:
                 failure: Exception = error
                 retry_after: float | None = self.settings.refused_credential_delay
+                if self._enrollment is not None and self._enrollment.connection_refused(
+                    presented_certificate=self._presented_certificate
+                ):
+                    retry_after = None  # another credential next: no reason to wait longer
+                    self._log.warning(
+                        "the server refused the %s; presenting the %s next",
+                        *(
+                            ("client certificate", "enrollment token")
+                            if self._presented_certificate
+                            else ("enrollment token", "client certificate")
+                        ),
+                    )
             except TransportError as error:
                 failure = error
                 retry_after = error.retry_after
@@ -327,6 +340,7 @@ class Agent:
             return
         self._enrollment.new_connection()
         headers, certificate = self._enrollment.connection_credentials(self._instance_uid, secure=self.transport.secure)
+        self._presented_certificate = certificate is not None
         self.transport.set_credentials(headers, certificate)
 
     async def _session(self) -> None:

@@ -61,6 +61,7 @@ OTHER_IDENTITY = "the certificate names another instance uid"
 NOT_VALID_NOW = "the certificate is not valid now"
 RENEWAL_DUE = "renewal due: less than a third of the certificate's validity is left"
 SERVER_ASKED = "the server asked for a renewal"
+CERTIFICATE_REFUSED = "the server refused the certificate"
 
 
 class EnrollmentEvent(Enum):
@@ -125,6 +126,10 @@ class Enrollment:
         self._retry = Backoff(initial=settings.csr_retry_initial, maximum=settings.csr_retry_max)
         self.retry_at: datetime | None = None
         self.renew_requested = False
+        # The last connection that presented the certificate was refused (revoked, or a
+        # CA the server no longer trusts): with a token, the next ones present the token
+        # and enroll again.
+        self.certificate_refused = False
         # Per connection.
         self.server_capabilities_seen = False
         self.server_accepts_requests = False
@@ -142,9 +147,25 @@ class Enrollment:
     def usable_credentials(self, instance_uid: bytes) -> Credentials | None:
         """The certificate to present now, if it is valid and names this agent."""
         credentials = self.credentials
-        if credentials is None or not credentials.names(instance_uid) or not credentials.valid_at(self.clock()):
+        if credentials is None or self.certificate_refused:
+            return None
+        if not credentials.names(instance_uid) or not credentials.valid_at(self.clock()):
             return None
         return credentials
+
+    def connection_refused(self, *, presented_certificate: bool) -> bool:
+        """The server refused a connection's credential: True when the next connection
+        presents another one.
+
+        A refused certificate is set aside for the enrollment token, which gets a new
+        certificate through the CSR flow. A refused token brings the certificate back:
+        the certificate's refusal may have been passing (a CRL being replaced) while the
+        token may since have expired, so the agent alternates rather than give up on either.
+        """
+        if not self.settings.token or self.credentials is None:
+            return False
+        self.certificate_refused = presented_certificate
+        return True
 
     def connection_credentials(
         self, instance_uid: bytes, *, secure: bool
@@ -166,6 +187,8 @@ class Enrollment:
         """Why the agent needs a (new) certificate, or None when it does not."""
         if self.renew_requested:
             return SERVER_ASKED
+        if self.certificate_refused:
+            return CERTIFICATE_REFUSED
         credentials = self.credentials
         if credentials is None:
             return NO_CERTIFICATE
@@ -252,6 +275,7 @@ class Enrollment:
             return OfferOutcome(OfferKind.REFUSED, self._record(status))
         assert pending is not None  # check_offered_certificate refuses an offer without a key
         self.credentials = self.store.install(cert=cert, ca_cert=ca_cert, pending=pending)
+        self.certificate_refused = False
         self.pending = None
         self.awaiting_answer = False
         self.retry_at = None

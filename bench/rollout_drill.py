@@ -77,7 +77,10 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         # With several processes, one more serves the operator's API alone: behind a 30 s
         # client timeout, a publish queued behind thousands of agents' reports timed out.
         processes=options.server_processes + (1 if options.server_processes > 1 else 0),
-        daphne_args=["--ping-timeout", str(options.ping_timeout)],
+        daphne_args=[
+            "--ping-interval", str(options.ping_interval), "--ping-timeout", str(options.ping_timeout),
+            "--websocket_connect_timeout", "30",
+        ],  # fmt: skip
         # Django runs each ASGI request's sync code in a thread of its own, so a persistent
         # connection opened by a request is never reused, and with the collector tuned for
         # many sockets (opamp/runtime.py) the dead threads' connections stayed open: the
@@ -119,6 +122,7 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         "server_processes": options.server_processes,
         "connect_rate": options.connect_rate,
         "heartbeat_seconds": options.heartbeat,
+        "ping_interval_seconds": options.ping_interval,
     }
     progress = asyncio.create_task(report_progress(fleet))
     try:
@@ -242,8 +246,11 @@ def main() -> None:
         "--ping-timeout",
         type=int,
         default=30,
-        help="daphne drops a client that has not answered its ping (every 20 s) within this many seconds; "
+        help="daphne drops a client that has not answered its ping within this many seconds; "
         "a load generator starved of CPU for longer loses every connection at once",
+    )
+    parser.add_argument(
+        "--ping-interval", type=int, default=60, help="seconds between daphne's WebSocket pings (its default: 20)"
     )
     parser.add_argument("--backoff", type=float, default=0.5, help="agents' first reconnect delay, seconds")
     parser.add_argument("--seed", type=int, default=1)

@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 
 from agent_client import Agent, AgentObserver, AgentSettings, FileState, transport_for_url
 from agent_client.credentials import CredentialStore, PendingRequest, build_csr, generate_key
-from agent_client.enrollment import CUSTOM_CAPABILITY, EnrollmentEvent, EnrollmentSettings
+from agent_client.enrollment import CUSTOM_CAPABILITY, Enrollment, EnrollmentEvent, EnrollmentSettings
 from agent_client.testing import FakeHttpServer, FakeWebSocketServer, HttpRequest, HttpResponse, echo_reply
 from opamp.capabilities import AgentCapabilities
 from opamp.identifiers import new_instance_uid
@@ -571,6 +571,63 @@ async def test_after_enrollment_the_agent_presents_its_certificate_over_wss_and_
         first = await server.next_message()
     assert first.instance_uid == agent.instance_uid
     assert server.peer_certificates == [presented]
+
+
+async def test_a_refused_certificate_is_set_aside_for_the_token_which_enrolls_again(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """A revoked certificate: the server refuses the handshake that presents it; the agent
+    comes back with its token, requests a new certificate and presents that one."""
+    ca = new_ca()
+    _, revoked = provision(state_dir, ca, now=datetime.now(UTC), validity=timedelta(days=30))
+    revoked_der = revoked.public_bytes(serialization.Encoding.DER)
+    tls = server_tls(tmp_path / "tls", client_ca=ca, require_client_certificate=False)
+
+    def refuse_the_revoked(connection: ServerConnection, request: Request) -> Response | None:
+        ssl_object = connection.transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.getpeercert(binary_form=True) == revoked_der:
+            return connection.respond(403, "certificate revoked\n")
+        return None
+
+    events = Events()
+    settings = replace(ENROLLING, refused_credential_delay=30.0)  # the fallback must not wait for it
+    async with (
+        FakeWebSocketServer(EnrollingServer(ca), ssl_context=tls.context, process_request=refuse_the_revoked) as server,
+        running(enrolling_agent(server.url, state_dir, settings, observer=events, ca_file=tls.ca_file)),
+    ):
+        assert "refused the certificate" in await events.wait_for(EnrollmentEvent.CSR_SENT)
+        await events.wait_for(EnrollmentEvent.CERTIFICATE_APPLIED)
+        await wait_until(lambda: len(server.connection_times) == 2)
+        await server.next_matching(is_full_report)
+        await server.next_matching(is_full_report)
+
+    stored = x509.load_pem_x509_certificate(CredentialStore(state_dir).cert_file.read_bytes())
+    assert stored != revoked
+    token_connection, certificate_connection = server.request_headers
+    assert token_connection["Authorization"] == f"Bearer {TOKEN}" and server.peer_certificates[0] is None
+    assert "Authorization" not in certificate_connection
+    assert server.peer_certificates[1] == stored.public_bytes(serialization.Encoding.DER)
+
+
+def test_a_refused_token_brings_the_certificate_back(state_dir: Path) -> None:
+    """The certificate's refusal may have been passing, the token may have expired since."""
+    ca = new_ca()
+    uid, _ = provision(state_dir, ca, now=datetime.now(UTC), validity=timedelta(days=30))
+    enrollment = Enrollment(CredentialStore(state_dir), ENROLLING.enrollment, clock=lambda: datetime.now(UTC))
+
+    assert enrollment.connection_refused(presented_certificate=True)
+    headers, certificate = enrollment.connection_credentials(uid, secure=True)
+    assert certificate is None and headers == {"Authorization": f"Bearer {TOKEN}"}
+
+    assert enrollment.connection_refused(presented_certificate=False)
+    _, certificate = enrollment.connection_credentials(uid, secure=True)
+    assert certificate is not None
+
+    without_token = Enrollment(
+        CredentialStore(state_dir), replace(ENROLLING.enrollment, token=""), clock=lambda: datetime.now(UTC)
+    )
+    assert not without_token.connection_refused(presented_certificate=True)
+    assert without_token.connection_credentials(uid, secure=True)[1] is not None
 
 
 async def test_the_certificate_is_presented_over_https_too(state_dir: Path, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ agent_client.
 An agent enrolls over TLS with a token, sends a CSR, gets a certificate, reconnects through
 nginx with it, receives a signed configuration, verifies and applies it; its certificate is
 revoked, its live session is dropped, and its next connections are refused: by the app at
-once, and by nginx itself once nginx has reloaded the CRL the app rewrote.
+once, and by nginx itself once nginx has reloaded the CRL the app rewrote; the agent, given
+its token again, enrolls anew and connects with its new certificate.
 """
 
 from __future__ import annotations
@@ -170,8 +171,34 @@ def test_enroll_over_tls_then_mtls_signed_config_and_revocation(tmp_path: Path, 
         nginx.reload()
         with https_client(server_ca, cert=certificate_pair) as revoked:
             by_nginx = post_report(revoked, https_url, uid)
-        assert by_nginx.status_code == 400
-        assert "certificate" in by_nginx.text.lower()
+        assert by_nginx.status_code == 403
+        assert by_nginx.text.strip() == "client certificate refused: FAILED:certificate revoked"
+
+        # 5. An agent that still holds its enrollment token sets the refused certificate
+        # aside, comes back with the token and gets a new certificate, then uses that.
+        agent = AgentProcess(
+            agent_command(
+                "run", "--server", wss_url, "--state-dir", str(state), "--ca-file", str(server_ca),
+                "--trusted-key", str(tmp_path / "trusted.pem"), "--attr", "service.name=e2e-agent",
+                "--heartbeat", "1", "--token", token["secret"],
+            ),
+            tmp_path / "logs",
+            name="agent-reenrolled",
+            env=dict(os.environ),
+        )  # fmt: skip
+        agent.wait_for_output("presenting the enrollment token next", timeout=30)
+        renewed = server.wait_for(
+            lambda: [c for c in server.api("certificates/", instance_uid=str(uid))["results"] if not c["revoked_at"]],
+            what="a new certificate for the agent",
+        )
+        agent.wait_for_output("certificate installed", timeout=30)
+        server.wait_for(
+            lambda: server.agents(attribute="service.name=e2e-agent")[0]["connected"],
+            what="the agent connected again",
+        )
+        assert renewed[0]["id"] != certificates[0]["id"]
+        with https_client(server_ca, cert=certificate_pair) as renewed_client:
+            assert post_report(renewed_client, https_url, uid).status_code == 200
     finally:
         if agent is not None:
             agent.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import channels.consumer
 import pytest
 from channels.db import database_sync_to_async as sync_to_async
 
@@ -219,3 +220,21 @@ async def test_the_components_flag_is_not_sent_to_agents_without_the_capability(
     message.available_components.hash = b"\x01\x02"
     reply = await http_exchange(message)
     assert not reply.flags & ServerToAgentFlags.REPORT_AVAILABLE_COMPONENTS
+
+
+async def test_frames_and_hints_cost_no_hop_to_the_shared_sync_thread(monkeypatch):
+    """Channels' dispatch runs close_old_connections in its one sync thread before every
+    handler; the OpAMP consumer's handlers reach the database only through fleet.db."""
+    hops = 0
+
+    async def counting_close_old_connections() -> None:
+        nonlocal hops
+        hops += 1
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting_close_old_connections)
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1))
+        await agent.exchange(heartbeat(uid, 2))
+        await agent.exchange(heartbeat(uid, 3))
+    assert hops == 0
