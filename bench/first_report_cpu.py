@@ -43,7 +43,6 @@ def main() -> None:
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     os.environ["DATABASE_URL"] = urlunsplit(base._replace(path="/" + name))
-    os.environ["OPAMP_DB_CONN_MAX_AGE"] = "60"
     try:
         measure(options)
     finally:

@@ -81,11 +81,6 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
             "--ping-interval", str(options.ping_interval), "--ping-timeout", str(options.ping_timeout),
             "--websocket_connect_timeout", "30",
         ],  # fmt: skip
-        # Django runs each ASGI request's sync code in a thread of its own, so a persistent
-        # connection opened by a request is never reused, and with the collector tuned for
-        # many sockets (opamp/runtime.py) the dead threads' connections stayed open: the
-        # API process held 87 after 126 polls and PostgreSQL's limit (100) was reached.
-        first_process_env={"OPAMP_DB_CONN_MAX_AGE": "0"} if options.server_processes > 1 else None,
     )
     server.start()
     server.start_celery()
@@ -108,9 +103,7 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         )
 
     agent_urls = server.ws_urls[1:] if options.server_processes > 1 else server.ws_urls
-    fleet = Fleet(
-        server=agent_urls, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate
-    )
+    fleet = Fleet(server=agent_urls, count=options.agents, settings_for=settings_for, connect_rate=options.connect_rate)
     # The agents live for the whole run: keep the collector from walking them (its pauses
     # would show up as server latency), as bench/agents_connect.py does.
     gc.collect()

@@ -64,8 +64,29 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def database_from_url(url: str, *, base_dir: Path) -> dict[str, Any]:
-    """Django DATABASES entry from `postgres://user:pw@host:port/name` or `sqlite:///path`."""
+def database_pool(*, min_size: int, max_size: int, timeout: float) -> dict[str, Any]:
+    """Options for psycopg's connection pool (Django's `OPTIONS["pool"]` on PostgreSQL).
+
+    `max_size` bounds the connections one process ever holds; a thread that finds all of
+    them in use waits up to `timeout` seconds and then fails with psycopg's PoolTimeout
+    ("couldn't get a connection after ... sec", an OperationalError to Django).
+    """
+    if min_size < 0:
+        raise ConfigurationError(f"OPAMP_DB_POOL_MIN_SIZE must be 0 or more, got {min_size}")
+    if max_size < 1 or max_size < min_size:
+        raise ConfigurationError(
+            f"OPAMP_DB_POOL_MAX_SIZE must be at least 1 and at least OPAMP_DB_POOL_MIN_SIZE ({min_size}), "
+            f"got {max_size}"
+        )
+    if timeout <= 0:
+        raise ConfigurationError(f"OPAMP_DB_POOL_TIMEOUT must be a positive number of seconds, got {timeout}")
+    return {"min_size": min_size, "max_size": max_size, "timeout": timeout}
+
+
+def database_from_url(url: str, *, base_dir: Path, pool: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Django DATABASES entry from `postgres://user:pw@host:port/name` or `sqlite:///path`.
+
+    `pool` (from `database_pool`) applies to PostgreSQL only."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         # sqlite:///relative/path or sqlite:////absolute/path
@@ -88,8 +109,14 @@ def database_from_url(url: str, *, base_dir: Path) -> dict[str, Any]:
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
-            # Persistent connections: the ASGI server runs ORM calls in a thread pool.
-            "CONN_MAX_AGE": 60,
+            # No persistent connections: Django keeps them per thread, and under ASGI every
+            # request runs in a thread of its own, so each was never reused and stayed open
+            # until the garbage collector found it (one API process held 87 of PostgreSQL's
+            # 100 after 126 requests). The pool bounds what a process holds, and Django's
+            # close returns a connection to it (a pool requires CONN_MAX_AGE 0). With a pool,
+            # CONN_HEALTH_CHECKS makes it check a connection before handing it out.
+            "CONN_MAX_AGE": 0,
             "CONN_HEALTH_CHECKS": True,
+            "OPTIONS": {"pool": dict(pool)} if pool else {},
         }
     raise ConfigurationError(f"unsupported database URL scheme {parts.scheme!r}")

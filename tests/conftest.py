@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,30 @@ def close_connections_of_async_tests(request: pytest.FixtureRequest) -> Iterator
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def communicators_close_connections(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the application's ORM calls close their connections while a test talks to it.
+
+    channels' test communicators replace `channels.db.close_old_connections` with a no-op
+    (`channels.testing.application.no_op`) while they run the application, to keep a Django
+    TestCase's connection, which lives in the test's thread, open. On PostgreSQL the
+    application's ORM calls run in the event loop's thread pool instead (fleet/db.py), so
+    their connections were never closed: never given back to the pool, which then ran dry
+    (every later query waited OPAMP_DB_POOL_TIMEOUT and failed), and still open when the test
+    database was dropped. Here they are closed in every thread but the test's own.
+    """
+    if not uses_database(request):
+        return
+    import channels.testing.application
+    from django.db import close_old_connections
+
+    def close_outside_the_test_thread() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            close_old_connections()
+
+    monkeypatch.setattr(channels.testing.application, "no_op", close_outside_the_test_thread)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opamp_site.env import database_from_url, env_bool, env_float, env_int, env_list, env_str
+from opamp_site.env import database_from_url, database_pool, env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(env_str("OPAMP_VAR_DIR", str(BASE_DIR / "var")))
@@ -66,8 +66,23 @@ TEMPLATES = [
     },
 ]
 
+# PostgreSQL connections per process: a pool (psycopg's, through Django), opened lazily.
+# Budget: server processes x MAX_SIZE + the Celery processes (each uses one connection at a
+# time) under PostgreSQL's max_connections (100 by default, 3 reserved for superusers):
+# four server processes at 16 plus a worker and beat leave room for manage.py and psql.
+OPAMP_DB_POOL_MIN_SIZE = env_int("OPAMP_DB_POOL_MIN_SIZE", 2)
+OPAMP_DB_POOL_MAX_SIZE = env_int("OPAMP_DB_POOL_MAX_SIZE", 16)
+# Seconds a thread waits for a free connection before its query fails (PoolTimeout).
+OPAMP_DB_POOL_TIMEOUT = env_float("OPAMP_DB_POOL_TIMEOUT", 10.0)
+
 DATABASES = {
-    "default": database_from_url(env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'opamp.sqlite3'}"), base_dir=BASE_DIR)
+    "default": database_from_url(
+        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'opamp.sqlite3'}"),
+        base_dir=BASE_DIR,
+        pool=database_pool(
+            min_size=OPAMP_DB_POOL_MIN_SIZE, max_size=OPAMP_DB_POOL_MAX_SIZE, timeout=OPAMP_DB_POOL_TIMEOUT
+        ),
+    )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

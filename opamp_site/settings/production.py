@@ -5,11 +5,25 @@ Required: DATABASE_URL (postgres://...), REDIS_URL, DJANGO_SECRET_KEY, DJANGO_AL
 
 from __future__ import annotations
 
-from opamp_site.env import ConfigurationError, database_from_url, env_bool, env_int, env_str
+from opamp_site.env import ConfigurationError, database_from_url, database_pool, env_bool, env_int, env_str
 from opamp_site.settings.base import *  # noqa: F403
-from opamp_site.settings.base import BASE_DIR
+from opamp_site.settings.base import (
+    BASE_DIR,
+    OPAMP_DB_POOL_MAX_SIZE,
+    OPAMP_DB_POOL_MIN_SIZE,
+    OPAMP_DB_POOL_TIMEOUT,
+)
 
-DATABASES = {"default": database_from_url(env_str("DATABASE_URL"), base_dir=BASE_DIR)}
+# A pool of at most OPAMP_DB_POOL_MAX_SIZE connections per process (see base.py).
+DATABASES = {
+    "default": database_from_url(
+        env_str("DATABASE_URL"),
+        base_dir=BASE_DIR,
+        pool=database_pool(
+            min_size=OPAMP_DB_POOL_MIN_SIZE, max_size=OPAMP_DB_POOL_MAX_SIZE, timeout=OPAMP_DB_POOL_TIMEOUT
+        ),
+    )
+}
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ConfigurationError("the production profile needs a PostgreSQL DATABASE_URL")
 

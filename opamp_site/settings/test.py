@@ -2,13 +2,19 @@
 
 CI sets OPAMP_TEST_PROFILE=production with DATABASE_URL and REDIS_URL; then a missing
 service is an error, never a silent skip.
+
+On PostgreSQL, pytest and the server processes tests start (tests/support/live_server.py)
+use production's connection pool. A thread of a test's own that reaches the ORM closes its
+connection, which returns it to the pool (tests/conftest.py does it for asgiref's and for
+channels' test communicators): one still out when the run ends keeps the test database
+from being dropped, and enough of them exhaust the pool.
 """
 
 from __future__ import annotations
 
 import os
 
-from opamp_site.env import env_int, env_str
+from opamp_site.env import env_str
 
 if os.environ.get("OPAMP_TEST_PROFILE", "default") == "production":
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-use-0123456789")
@@ -18,12 +24,6 @@ else:
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = False
-
-# Connections opened by database_sync_to_async threads must not outlive a test, or the
-# test database cannot be dropped at the end of the run. Server processes that tests start
-# (tests/support/live_server.py) keep theirs, as production does: reconnecting for every
-# query made a 2,000-agent drill spend most of its time opening connections.
-DATABASES["default"]["CONN_MAX_AGE"] = env_int("OPAMP_DB_CONN_MAX_AGE", 0)  # noqa: F405
 
 # Open unless a test (or the server process it starts) asks for credentials: most tests
 # speak for agents without any, and the credential tests switch this on themselves.

@@ -89,7 +89,6 @@ class LiveOpampServer:
             "DATABASE_URL": self.database.url,
             "OPAMP_VAR_DIR": str(workdir / "var"),
             "OPAMP_HEARTBEAT_FLUSH_SECONDS": "0.5",
-            "OPAMP_DB_CONN_MAX_AGE": "60",
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
