@@ -78,9 +78,13 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         # client timeout, a publish queued behind thousands of agents' reports timed out.
         processes=options.server_processes + (1 if options.server_processes > 1 else 0),
         daphne_args=[
-            "--ping-interval", str(options.ping_interval), "--ping-timeout", str(options.ping_timeout),
-            "--websocket_connect_timeout", "30",
-        ],  # fmt: skip
+            "--ping-interval",
+            str(options.ping_interval),
+            "--ping-timeout",
+            str(options.ping_timeout),
+            "--websocket_connect_timeout",
+            "30",
+        ],
     )
     server.start()
     server.start_celery()
