@@ -120,6 +120,7 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
         "connect_rate": options.connect_rate,
         "heartbeat_seconds": options.heartbeat,
         "ping_interval_seconds": options.ping_interval,
+        "apply_timeout_seconds": options.apply_timeout,
     }
     progress = asyncio.create_task(report_progress(fleet))
     try:
@@ -148,7 +149,7 @@ async def drill(options: argparse.Namespace) -> dict[str, Any]:
                 "candidate_version": candidate["number"],
                 "stages": stages,
                 "max_failure_rate": options.budget,
-                "apply_timeout_seconds": 120,
+                "apply_timeout_seconds": options.apply_timeout,
             },
         )
         t0 = time.monotonic()
@@ -231,6 +232,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.001, help="max_failure_rate of the rollout")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds each stage holds (compressed from 1 h)")
     parser.add_argument("--heartbeat", type=float, default=30.0)
+    parser.add_argument(
+        "--apply-timeout",
+        type=float,
+        default=600.0,
+        help="the rollout's apply_timeout_seconds: a target that has not answered by then leaves the denominator, "
+        "so it must exceed the time the servers take to process a stage's answers",
+    )
     parser.add_argument("--connect-rate", type=float, default=300.0, help="agents started per second")
     parser.add_argument(
         "--server-processes",

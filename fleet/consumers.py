@@ -96,7 +96,8 @@ class OpampConsumer(AsyncWebsocketConsumer):
 
     async def desired_state_changed(self, event: dict[str, object]) -> None:
         """Channel-layer hint: the agent's desired state may have changed; push if so."""
-        reply = await self.session.push_desired_state()
+        generation = event.get("generation")
+        reply = await self.session.push_desired_state(generation=generation if isinstance(generation, int) else None)
         if reply is None:
             return
         try:

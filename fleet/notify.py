@@ -2,11 +2,14 @@
 
 Sent on commit by whoever changed desired state. A lost hint costs only latency: every
 server process also watches the desired-state generation and re-checks on the agent's
-next message.
+next message. A hint for logged assignment changes carries the generation they were
+logged under: the process catches up with the log once for all its hinted agents and
+reads their desired configs in bulk (fleet.session), instead of once per agent.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import uuid
@@ -25,22 +28,25 @@ def agent_group(instance_uid: uuid.UUID) -> str:
     return f"agent.{instance_uid.hex}"
 
 
-async def send_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> int:
-    return await _send_to_agents(instance_uids, DESIRED_STATE_CHANGED)
+async def send_desired_state_changed(instance_uids: Iterable[uuid.UUID], generation: int | None = None) -> int:
+    event: dict[str, object] = {"type": DESIRED_STATE_CHANGED}
+    if generation is not None:
+        event["generation"] = generation
+    return await _send_to_agents(instance_uids, event)
 
 
 async def send_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> int:
-    return await _send_to_agents(instance_uids, CREDENTIALS_REVOKED)
+    return await _send_to_agents(instance_uids, {"type": CREDENTIALS_REVOKED})
 
 
-async def _send_to_agents(instance_uids: Iterable[uuid.UUID], message_type: str) -> int:
+async def _send_to_agents(instance_uids: Iterable[uuid.UUID], event: dict[str, object]) -> int:
     layer = get_channel_layer()
     if layer is None:
         return 0
     sent = 0
     for instance_uid in instance_uids:
         try:
-            await layer.group_send(agent_group(instance_uid), {"type": message_type})
+            await layer.group_send(agent_group(instance_uid), event)
             sent += 1
         except Exception:
             # The channel layer being down must not fail the operator's change.
@@ -49,7 +55,7 @@ async def _send_to_agents(instance_uids: Iterable[uuid.UUID], message_type: str)
     return sent
 
 
-def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> None:
+def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID], *, generation: int | None = None) -> None:
     """Entry point for services (runs in on_commit callbacks); returns at once.
 
     With a network channel layer the sends run in a thread of their own: from a request
@@ -62,7 +68,7 @@ def notify_desired_state_changed(instance_uids: Iterable[uuid.UUID]) -> None:
 
     # This process learns at once; other processes within a generation re-check.
     runtime().expire_generation()
-    _dispatch(send_desired_state_changed, list(instance_uids))
+    _dispatch(functools.partial(send_desired_state_changed, generation=generation), list(instance_uids))
 
 
 def notify_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> None:

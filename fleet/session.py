@@ -6,6 +6,7 @@ enforce size limits and encode; every protocol decision is made here, once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -34,7 +35,14 @@ from opamp.capabilities import (
 from opamp.identifiers import instance_uid_problem, uuid7
 from opamp.proto import opamp_pb2
 from rollouts.delivery import OfferContext, fill_remote_config, should_offer, wants_signature
-from rollouts.desired_state import DesiredConfig, Offer, changes_since, desired_config_for_agent, record_offers
+from rollouts.desired_state import (
+    DesiredConfig,
+    Offer,
+    changes_since,
+    desired_config_for_agent,
+    desired_configs_for_agents,
+    record_offers,
+)
 from signing.agent_credentials import (
     ANONYMOUS,
     CERTIFICATE_CAPABILITY,
@@ -148,6 +156,7 @@ class FleetRuntime:
         )
         self.live = LiveConnections()
         self.desired = DesiredConfigCache()
+        self._catching_up: asyncio.Future[None] | None = None
         # (token id, agent) pairs already counted as enrolled: no write per message.
         self.enrolled: set[tuple[int, uuid.UUID]] = set()
         # The last connection-settings hash each agent reported (applied or failed), so
@@ -165,6 +174,41 @@ class FleetRuntime:
     def expire_generation(self) -> None:
         """Make the next desired-state read catch up with the change log first."""
         self.desired.expire()
+
+    async def catch_up_desired(self, *, at_least: int | None = None) -> None:
+        """Bring the desired-config cache up to date with the change log: when the check
+        is due, or now when a hint names a generation this process has not seen. One
+        catch-up at a time; whoever arrives meanwhile awaits it rather than read the
+        database on its own (a rollout stage hints thousands of agents at once)."""
+        cache = self.desired
+        if at_least is None and not cache.check_due():
+            return
+        if at_least is not None and cache.generation >= at_least:
+            return
+        running = self._catching_up
+        if running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(running)
+            if at_least is None or cache.generation >= at_least:
+                return
+        self._catching_up = asyncio.ensure_future(self._catch_up_desired())
+        await asyncio.shield(self._catching_up)
+
+    async def _catch_up_desired(self) -> None:
+        cache = self.desired
+        changes = await db(changes_since)(cache.start_check())
+        # The changed agents this process serves get their new desired config read now, in
+        # bulk: each would otherwise read its own on its next message or hint.
+        served = {
+            snapshot.agent_id: uid
+            for uid, snapshot in self.snapshots.items()
+            if changes.agent_ids is None or snapshot.agent_id in changes.agent_ids
+        }
+        fresh = await db(desired_configs_for_agents)(list(served)) if served else {}
+        cache.catch_up(changes)
+        for agent_id, desired in fresh.items():
+            # Read after the log: true as of `changes.generation`, and dropped by any later change.
+            entry = CachedDesired(generation=changes.generation, agent_id=agent_id, desired=desired)
+            cache.put(served[agent_id], entry)
 
 
 _runtime: FleetRuntime | None = None
@@ -405,15 +449,23 @@ class AgentSession:
         reply.custom_message.capability = CERTIFICATE_CAPABILITY
         reply.custom_message.type = RENEW_MESSAGE_TYPE
 
-    async def push_desired_state(self) -> opamp_pb2.ServerToAgent | None:
-        """A hint arrived: re-check now and return a message worth pushing, if any."""
+    async def push_desired_state(self, *, generation: int | None = None) -> opamp_pb2.ServerToAgent | None:
+        """A hint arrived: re-check now and return a message worth pushing, if any.
+
+        `generation`: the hint is for an assignment change logged under it (see
+        `FleetRuntime.catch_up_desired`); without one (a certificate was issued, say) the
+        agent's desired config is read again on its own.
+        """
         instance_uid = self.instance_uid
         if instance_uid is None or self.closed:
             return None
         snapshot = self.fleet.snapshots.get(instance_uid)
         if snapshot is None:
             return None
-        self.fleet.desired.forget(instance_uid)
+        if generation is None:
+            self.fleet.desired.forget(instance_uid)
+        else:
+            await self.fleet.catch_up_desired(at_least=generation)
         self.certificate_check_due = True  # the hint may be a newly issued certificate
         reply = opamp_pb2.ServerToAgent(instance_uid=instance_uid.bytes, capabilities=server_capabilities())
         offered_config = await self._offer_desired_config(reply, snapshot)
@@ -451,10 +503,8 @@ class AgentSession:
         return True
 
     async def _desired_config(self, snapshot: AgentSnapshot) -> DesiredConfig | None:
+        await self.fleet.catch_up_desired()
         cache = self.fleet.desired
-        if cache.check_due():
-            known = cache.start_check()
-            cache.catch_up(await db(changes_since)(known))
         cached = cache.get(snapshot.instance_uid)
         if cached is not None:
             return cached.desired

@@ -216,8 +216,8 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
 
     changed = [i for ids in changed_to.values() for i in ids] + cleared
     if changed:
-        log_changes(changed)
-        transaction.on_commit(lambda: notify_agents(changed))
+        generation = log_changes(changed)
+        transaction.on_commit(lambda: notify_agents(changed, generation=generation))
     return changed
 
 
@@ -283,37 +283,44 @@ def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[st
     return version_id
 
 
+_DESIRED_COLUMNS = (
+    "agent_id",
+    "offered_hash",
+    "offered_at",
+    "configuration_id",
+    "configuration__name",
+    "version_id",
+    "version__number",
+    "version__config_hash",
+    "version__signature",
+)
+
+
+def desired_configs_for_agents(agent_ids: Iterable[int]) -> dict[int, DesiredConfig | None]:
+    """The desired version of each agent (None: no assignment), one query per 2,000 agents;
+    the files come from the per-process cache by config hash (content-addressed, so never
+    stale)."""
+    ids = list(agent_ids)
+    found: dict[int, DesiredConfig | None] = dict.fromkeys(ids)
+    for chunk in _chunks(ids):
+        for row in AgentDesiredConfig.objects.filter(agent_id__in=chunk).values_list(*_DESIRED_COLUMNS):
+            agent_id, offered_hash, offered_at, configuration_id, name, version_id, number, config_hash, signature = row
+            found[agent_id] = DesiredConfig(
+                configuration_id=configuration_id,
+                configuration_name=name,
+                version_id=version_id,
+                version_number=number,
+                config_hash=config_hash,
+                files=config_files(config_hash, version_id=version_id),
+                signature=signature,
+                offered_hash=offered_hash,
+                offered_at_timestamp=offered_at.timestamp() if offered_at else None,
+            )
+    return found
+
+
 def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
-    """One query for the agent's desired version; the files come from the per-process
-    cache by config hash (content-addressed, so never stale)."""
-    row = (
-        AgentDesiredConfig.objects.filter(agent_id=agent_id)
-        .values_list(
-            "offered_hash",
-            "offered_at",
-            "configuration_id",
-            "configuration__name",
-            "version_id",
-            "version__number",
-            "version__config_hash",
-            "version__signature",
-        )
-        .first()
-    )
-    if row is None:
-        return None
-    offered_hash, offered_at, configuration_id, name, version_id, number, config_hash, signature = row
-    return DesiredConfig(
-        configuration_id=configuration_id,
-        configuration_name=name,
-        version_id=version_id,
-        version_number=number,
-        config_hash=config_hash,
-        files=config_files(config_hash, version_id=version_id),
-        signature=signature,
-        offered_hash=offered_hash,
-        offered_at_timestamp=offered_at.timestamp() if offered_at else None,
-    )
+    return desired_configs_for_agents([agent_id])[agent_id]
 
 
 @dataclass(frozen=True)
@@ -360,11 +367,11 @@ def record_offers(offers: dict[int, Offer]) -> int:
     return noted
 
 
-def notify_agents(agent_ids: Sequence[int]) -> None:
+def notify_agents(agent_ids: Sequence[int], *, generation: int | None = None) -> None:
     """Hint the agents' server processes to re-check their desired state now."""
     from fleet.notify import notify_desired_state_changed
 
     uids = []
     for ids in _chunks(list(agent_ids)):
         uids.extend(Agent.objects.filter(pk__in=ids).values_list("instance_uid", flat=True))
-    notify_desired_state_changed(uids)
+    notify_desired_state_changed(uids, generation=generation)

@@ -7,6 +7,7 @@ the model's change permission, checked apart from the read-only form.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -117,16 +118,19 @@ class CertificateRequestAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Approve and issue certificates", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
-        approved = 0
+        outcomes: Counter[services.ApprovalOutcome] = Counter()
         for certificate_request in queryset:
             try:
-                approved += services.certificate_request_approve(request=certificate_request, actor=request.user)
+                outcomes[services.certificate_request_approve(request=certificate_request, actor=request.user)] += 1
             except SigningError as error:
                 self.message_user(request, error.message, messages.ERROR)
                 return
-        skipped = queryset.count() - approved
         self.message_user(
-            request, f"{approved} request(s) approved; {skipped} were not pending or no longer pass.", messages.SUCCESS
+            request,
+            f"{outcomes[services.ApprovalOutcome.ISSUED]} request(s) approved; "
+            f"{outcomes[services.ApprovalOutcome.NO_LONGER_PASSES]} rejected because the CSR no longer passes the "
+            f"policy; {outcomes[services.ApprovalOutcome.NOT_PENDING]} were no longer pending.",
+            messages.SUCCESS,
         )
 
     @admin.action(description="Reject", permissions=["decide"])

@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -477,22 +478,29 @@ def _approve_and_issue(
     return True
 
 
-def certificate_request_approve(*, request: CertificateRequest, actor: Actor) -> bool:
-    """Approve a pending request and issue its certificate; False when it was not pending.
+class ApprovalOutcome(StrEnum):
+    ISSUED = "issued"
+    NOT_PENDING = "not pending"  # another decision came first; nothing changed
+    NO_LONGER_PASSES = "no longer passes"  # the re-check failed: rejected now, with its reason
+
+
+def certificate_request_approve(*, request: CertificateRequest, actor: Actor) -> ApprovalOutcome:
+    """Approve a pending request and issue its certificate.
 
     The CSR is checked again first (policy may have changed since it arrived); if it no
-    longer passes, the request is rejected with that reason instead.
+    longer passes, the request is rejected with that reason instead. `request` is
+    refreshed from the database either way.
     """
     loaded = _require_ca()
     try:
         checked = check_csr(request.csr_pem.encode("ascii", "replace"), instance_uid=request.instance_uid)
     except CsrRejected as error:
-        certificate_request_reject(request=request, actor=actor, reason=error.message)
-        return False
+        rejected = certificate_request_reject(request=request, actor=actor, reason=error.message)
+        return ApprovalOutcome.NO_LONGER_PASSES if rejected else ApprovalOutcome.NOT_PENDING
     with transaction.atomic():
         changed = _approve_and_issue(request=request, checked=checked, loaded=loaded, actor=actor, now=timezone.now())
     request.refresh_from_db()
-    return changed
+    return ApprovalOutcome.ISSUED if changed else ApprovalOutcome.NOT_PENDING
 
 
 @transaction.atomic

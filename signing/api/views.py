@@ -186,11 +186,10 @@ class CertificateRequestViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     def approve(self, request: Request, pk: str) -> Response:
         item = self.get_object()
         self._require_pending(item)
-        if services.certificate_request_approve(request=item, actor=request.user):
+        outcome = services.certificate_request_approve(request=item, actor=request.user)
+        if outcome is services.ApprovalOutcome.ISSUED:
             return self._encode(item)
-        # The service refreshed `item`. Rejected by this user now means the re-check failed;
-        # anything else means another decision came first.
-        if item.state == CertificateRequest.State.REJECTED and item.decided_by_id == request.user.pk:
+        if outcome is services.ApprovalOutcome.NO_LONGER_PASSES:
             # The rejection stands: answered, not raised, so nothing rolls it back.
             detail = CSR_NO_LONGER_PASSES.format(pk=item.pk, reason=item.reason)
             return Response(error_body(detail, field="csr"), status=status.HTTP_409_CONFLICT)

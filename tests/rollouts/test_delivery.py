@@ -164,3 +164,40 @@ async def test_offers_are_recorded_in_one_batch_per_flush():
     assert len(rows) == 3
     assert all(offered_hash == config_hash and offered_at is not None for offered_hash, offered_at in rows)
     assert not await RolloutTarget.objects.aexists()  # no rollout: nothing else to note
+
+
+async def test_a_hinted_change_reads_the_desired_configs_of_the_process_in_one_batch(monkeypatch):
+    """A publish hints every affected agent; their process catches up with the log once
+    and reads their new desired configs together, not one query per agent."""
+    import fleet.session
+
+    single_reads: list[int] = []
+    batch_reads: list[list[int]] = []
+    read_one, read_many = fleet.session.desired_config_for_agent, fleet.session.desired_configs_for_agents
+
+    def counting_one(agent_id: int):
+        single_reads.append(agent_id)
+        return read_one(agent_id)
+
+    def counting_many(agent_ids):
+        batch_reads.append(list(agent_ids))
+        return read_many(agent_ids)
+
+    first_hash = await publish()
+    uids = [uuid7().bytes for _ in range(4)]
+    agents = [WsAgent() for _ in uids]
+    for agent, uid in zip(agents, uids, strict=True):
+        await agent.__aenter__()
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(status(uid, 2, first_hash, APPLIED))
+    monkeypatch.setattr(fleet.session, "desired_config_for_agent", counting_one)
+    monkeypatch.setattr(fleet.session, "desired_configs_for_agents", counting_many)
+    try:
+        second_hash = await publish(files={"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}})
+        pushed = [await agent.receive(timeout=5) for agent in agents]
+    finally:
+        for agent in agents:
+            await agent.__aexit__(None)
+    assert [reply.remote_config.config_hash.hex() for reply in pushed] == [second_hash] * 4
+    assert single_reads == []
+    assert len(batch_reads) == 1 and len(batch_reads[0]) == 4

@@ -19,6 +19,7 @@ from signing import selectors, services
 from signing.ca import CSR_OTHER_AGENT, CSR_REQUESTS_CA, CsrRejected, build_crl, create_ca
 from signing.errors import CA_NOT_CONFIGURED, CSR_RATE_LIMITED, CsrRateLimited, SigningError
 from signing.models import CertificateRequest, IssuedCertificate
+from signing.services import ApprovalOutcome
 from tests.signing.csrs import make_csr
 
 pytestmark = pytest.mark.django_db
@@ -62,9 +63,9 @@ def test_without_auto_approval_a_csr_waits_for_an_operator(configured_ca, uid):
 
 def test_an_operator_approval_issues_the_certificate_once(configured_ca, uid, operator):
     request = submit(uid, kind="p256")
-    assert services.certificate_request_approve(request=request, actor=operator) is True
+    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.ISSUED
     assert request.state == State.ISSUED and request.decided_by == operator
-    assert services.certificate_request_approve(request=request, actor=operator) is False
+    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
     assert IssuedCertificate.objects.filter(instance_uid=uid).count() == 1
     assert AuditEvent.objects.filter(action="certificate_request.approve").count() == 1
 
@@ -73,7 +74,7 @@ def test_a_rejection_is_final_and_a_later_approval_changes_nothing(configured_ca
     request = submit(uid)
     assert services.certificate_request_reject(request=request, actor=operator, reason="unknown host") is True
     assert services.certificate_request_reject(request=request, actor=operator) is False
-    assert services.certificate_request_approve(request=request, actor=operator) is False
+    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
     request.refresh_from_db()
     assert (request.state, request.reason) == (State.REJECTED, "unknown host")
     assert not IssuedCertificate.objects.exists()
@@ -186,7 +187,7 @@ def test_concurrent_approvals_of_one_request_issue_one_certificate(configured_ca
         pytest.skip("row-level concurrency is only meaningful on PostgreSQL")
     request = submit(uid)
     barrier = threading.Barrier(4)
-    results: list[bool] = []
+    results: list[ApprovalOutcome] = []
 
     def approve() -> None:
         try:
@@ -201,7 +202,7 @@ def test_concurrent_approvals_of_one_request_issue_one_certificate(configured_ca
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(results) == [False, False, False, True]
+    assert sorted(results) == [ApprovalOutcome.ISSUED] + [ApprovalOutcome.NOT_PENDING] * 3
     assert IssuedCertificate.objects.filter(instance_uid=uid).count() == 1
 
 

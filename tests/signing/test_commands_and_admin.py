@@ -118,11 +118,15 @@ def test_the_admin_refuses_invalid_token_labels(admin_client):
 
 def test_the_admin_approves_and_revokes_through_the_services(admin_client, configured_ca):
     request = services.certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=False)
-    admin_client.post(
+    answer = admin_client.post(
         "/admin/signing/certificaterequest/", {"action": "approve", "_selected_action": [request.pk]}, follow=True
     )
     request.refresh_from_db()
     assert request.state == CertificateRequest.State.ISSUED
+    assert (
+        b"1 request(s) approved; 0 rejected because the CSR no longer passes the policy; 0 were no longer pending."
+        in (answer.content)
+    )
     certificate = IssuedCertificate.objects.get()
     admin_client.post(
         "/admin/signing/issuedcertificate/",
