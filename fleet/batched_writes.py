@@ -22,19 +22,34 @@ V = TypeVar("V")
 
 
 class BatchedWrites(Generic[K, V]):
-    def __init__(self, *, name: str, flush_seconds: float, write: Callable[[dict[K, V]], int]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        flush_seconds: float,
+        write: Callable[[dict[K, V]], int],
+        merge: Callable[[V, V], V] | None = None,
+    ) -> None:
+        """`merge(held, newer)` combines a held value with a newer one for the same key;
+        without it the newer value replaces the held one."""
         self.name = name
         self.flush_seconds = flush_seconds
         self._write = write
+        self._merge = merge
         self._pending: dict[K, V] = {}
         self._task: asyncio.Task[None] | None = None
 
     def note(self, key: K, value: V) -> None:
-        self._pending[key] = value
+        held = self._pending.get(key)
+        self._pending[key] = value if held is None or self._merge is None else self._merge(held, value)
         self._ensure_flusher()
 
     def forget(self, key: K) -> None:
         self._pending.pop(key, None)
+
+    def take(self, key: K) -> V | None:
+        """Remove and return what is held for `key`: its owner writes it now, itself."""
+        return self._pending.pop(key, None)
 
     @property
     def pending_count(self) -> int:

@@ -1,8 +1,9 @@
-"""Writes to the fleet inventory. Each function is one transaction over one agent row."""
+"""Writes to the fleet inventory: one transaction per agent row, or per batch of held status reports."""
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -12,7 +13,7 @@ from fleet.labels import merged_labels
 from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
 from rollouts.desired_state import resolve_agent, resolve_new_agent
-from rollouts.rollout_engine import record_answer
+from rollouts.rollout_engine import AnswerRecord, record_answer, record_answers
 
 
 @dataclass
@@ -128,40 +129,62 @@ def agent_record_report(
     return AgentSnapshot.of(agent)
 
 
-def agent_record_status(
-    *, snapshot: AgentSnapshot, report: AgentReport, sequence_num: int, seen_at: datetime
-) -> AgentSnapshot:
+@dataclass(frozen=True)
+class StatusWrite:
+    """A status report's writes to one agent row, held for a batch (fleet.session)."""
+
+    changes: dict[str, object]
+    answers: dict[str, AnswerRecord]  # by config hash: the newest answer about each
+
+    def merged(self, newer: StatusWrite) -> StatusWrite:
+        """This write followed by `newer`: newer values win field by field."""
+        return StatusWrite({**self.changes, **newer.changes}, {**self.answers, **newer.answers})
+
+
+def agent_status_write(*, snapshot: AgentSnapshot, report: AgentReport, seen_at: datetime) -> StatusWrite:
     """The hot path for a report that leaves identity and labels alone (config status,
-    health, effective config): one UPDATE instead of a locked read, validation and save.
+    health, effective config): what to write, with no database access. The session
+    updates `snapshot` and leaves the write to a batch (`write_statuses`).
 
     Config rollouts make every agent send two such reports (APPLYING, APPLIED) within
-    seconds; the full path cost several times the CPU per report.
+    seconds; one UPDATE per report (and one for its rollout answer) made a stage of
+    16,000 agents cost 32,000 round trips through the server's thread pool.
     """
     changes: dict[str, object] = {
         field: value for field in _REPORT_FIELDS if (value := getattr(report, field)) is not None
     }
     if report.health is not None:
         changes["healthy"] = bool(report.health.get("healthy"))
-    changes.update(
-        capabilities=report.capabilities,
-        last_seen=seen_at,
-        last_sequence_num=uint64_to_db(sequence_num),
-        updated_at=seen_at,
-    )
-    Agent.objects.filter(pk=snapshot.agent_id).update(**changes)
+    changes.update(capabilities=report.capabilities, updated_at=seen_at)
+    answers: dict[str, AnswerRecord] = {}
     if report.remote_config_hash is not None and report.remote_config_state is not None:
-        record_answer(
+        answers[report.remote_config_hash] = AnswerRecord(
             agent_id=snapshot.agent_id,
             config_hash=report.remote_config_hash,
             state=report.remote_config_state,
             error=report.remote_config_error or "",
+            at=seen_at,
         )
         snapshot.remote_config_hash = report.remote_config_hash
     if report.custom_capabilities is not None:
         snapshot.custom_capabilities = report.custom_capabilities
-    snapshot.last_sequence_num = sequence_num
     snapshot.capabilities = report.capabilities
-    return snapshot
+    return StatusWrite(changes, answers)
+
+
+def write_statuses(batch: dict[int, StatusWrite]) -> int:
+    """Write held status reports (by agent id) in one transaction: one UPDATE per set of
+    changed fields for the agent rows, one for the rollout answers. The number of agents."""
+    if not batch:
+        return 0
+    by_fields: dict[tuple[str, ...], list[Agent]] = defaultdict(list)
+    for agent_id, write in batch.items():
+        by_fields[tuple(sorted(write.changes))].append(Agent(pk=agent_id, **write.changes))
+    with transaction.atomic():
+        for fields, agents in by_fields.items():
+            Agent.objects.bulk_update(agents, fields, batch_size=500)
+        record_answers([answer for write in batch.values() for answer in write.answers.values()])
+    return len(batch)
 
 
 def agent_mark_disconnected(*, instance_uid: uuid.UUID, at: datetime, sequence_num: int | None) -> bool:

@@ -149,6 +149,16 @@ class FleetRuntime:
     def __init__(self) -> None:
         self.snapshots: dict[uuid.UUID, AgentSnapshot] = {}
         self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS)
+        # Status reports (config status, health, effective config) of agents already
+        # inventoried, written in batches: a crash loses at most one interval of them, and
+        # agents report the same state again when asked for their full state after the
+        # sequence gap a restart shows.
+        self.statuses = BatchedWrites[int, services.StatusWrite](
+            name="status",
+            flush_seconds=settings.OPAMP_STATUS_FLUSH_SECONDS,
+            write=services.write_statuses,
+            merge=services.StatusWrite.merged,
+        )
         # What was offered to whom, written in batches: the agent's answer, not this
         # record, is what rollouts judge, and a lost record costs at most a repeated offer.
         self.offers = BatchedWrites[int, Offer](
@@ -314,11 +324,13 @@ class AgentSession:
             and report.identifying_attributes is None
             and report.non_identifying_attributes is None
         ):
-            snapshot = await db(services.agent_record_status)(
-                snapshot=snapshot, report=report, sequence_num=message.sequence_num, seen_at=now
-            )
-            self.fleet.heartbeats.forget(instance_uid)
+            write = services.agent_status_write(snapshot=snapshot, report=report, seen_at=now)
+            self.fleet.statuses.note(snapshot.agent_id, write)
+            self.fleet.heartbeats.note(instance_uid, now, message.sequence_num)
+            snapshot.last_sequence_num = message.sequence_num
         elif report.has_status or snapshot is None or not snapshot.connected or snapshot.capabilities != capabilities:
+            if snapshot is not None:
+                await self._write_held_status(snapshot.agent_id)
             snapshot = await db(services.agent_record_report)(
                 instance_uid=instance_uid,
                 report=report,
@@ -351,6 +363,18 @@ class AgentSession:
         await self._offer_certificate(reply, snapshot)
         self._ask_for_renewal(reply, snapshot, now)
         return reply
+
+    async def _write_held_status_of(self, instance_uid: uuid.UUID) -> None:
+        snapshot = self.fleet.snapshots.get(instance_uid)
+        if snapshot is not None:
+            await self._write_held_status(snapshot.agent_id)
+
+    async def _write_held_status(self, agent_id: int) -> None:
+        """Before the full path writes the agent's row: a held status report goes first,
+        so it never lands over the newer values."""
+        held = self.fleet.statuses.take(agent_id)
+        if held is not None:
+            await db(services.write_statuses)({agent_id: held})
 
     async def _check_identity(self, instance_uid: uuid.UUID) -> None:
         """May this connection's credential speak for `instance_uid`? Once per connection and uid."""
@@ -561,6 +585,7 @@ class AgentSession:
         return reported_hash is not None and components is None and bool(reported_hash)
 
     async def _disconnect(self, instance_uid: uuid.UUID, now: datetime, sequence_num: int) -> None:
+        await self._write_held_status_of(instance_uid)
         self._forget(instance_uid)
         await db(services.agent_mark_disconnected)(instance_uid=instance_uid, at=now, sequence_num=sequence_num)
         self.instance_uid = None
@@ -587,6 +612,9 @@ class AgentSession:
             return
         if self.fleet.live.by_uid.get(instance_uid) not in (self, None):
             return  # a newer connection of the same agent is live
+        # What the agent last reported is stored before it counts as gone, and before a
+        # reconnect through another server process can write newer values.
+        await self._write_held_status_of(instance_uid)
         self._forget(instance_uid)
         await db(services.agent_mark_disconnected)(
             instance_uid=instance_uid, at=timezone.now(), sequence_num=self.last_sequence_num

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -476,12 +476,69 @@ def rollout_approve_stage(*, rollout: Rollout, stage_index: int, actor: Actor) -
 
 def record_answer(*, agent_id: int, config_hash: str, state: int, error: str) -> None:
     """Note an agent's answer on its target row of an active rollout (one UPDATE)."""
-    answer = ANSWERS.get(RemoteConfigState(state)) if state in RemoteConfigState.values else None
-    if answer is None or not config_hash:
-        return
-    RolloutTarget.objects.filter(
-        agent_id=agent_id, offered_hash=config_hash, rollout__state__in=ACTIVE_ROLLOUT_STATES
-    ).exclude(answer=answer).update(answer=answer, answered_at=timezone.now(), error=error[:2000])
+    record_answers([AnswerRecord(agent_id, config_hash, state, error, timezone.now())])
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """What an agent reported about a config hash (RemoteConfigStatus), and when."""
+
+    agent_id: int
+    config_hash: str
+    state: int
+    error: str
+    at: datetime
+
+
+_ANSWERS_SQL = """
+    UPDATE {targets} AS t SET answer = v.answer, answered_at = v.at, error = v.error
+    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])
+        AS v(agent_id, hash, answer, at, error),
+        {rollouts} AS r
+    WHERE t.agent_id = v.agent_id AND t.offered_hash = v.hash AND r.id = t.rollout_id
+        AND r.state = ANY(%s::text[]) AND t.answer IS DISTINCT FROM v.answer
+"""
+
+
+def record_answers(answers: Sequence[AnswerRecord]) -> int:
+    """Note answers on the agents' target rows of active rollouts: one statement on
+    PostgreSQL for any number of answers. Answers that are not about a rollout's offer
+    (another hash, no active rollout) or that repeat the recorded one change nothing."""
+    rows = [
+        (record, answer)
+        for record in answers
+        if record.config_hash
+        and record.state in RemoteConfigState.values
+        and (answer := ANSWERS.get(RemoteConfigState(record.state))) is not None
+    ]
+    if not rows:
+        return 0
+    if connection.vendor == "postgresql":
+        columns = [
+            [record.agent_id for record, _ in rows],
+            [record.config_hash for record, _ in rows],
+            [str(answer) for _, answer in rows],
+            [record.at for record, _ in rows],
+            [record.error[:2000] for record, _ in rows],
+            [state.value for state in ACTIVE_ROLLOUT_STATES],
+        ]
+        sql = _ANSWERS_SQL.format(targets=RolloutTarget._meta.db_table, rollouts=Rollout._meta.db_table)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, columns)
+            return cursor.rowcount
+    noted = 0
+    with transaction.atomic():
+        for record, answer in rows:
+            noted += (
+                RolloutTarget.objects.filter(
+                    agent_id=record.agent_id,
+                    offered_hash=record.config_hash,
+                    rollout__state__in=ACTIVE_ROLLOUT_STATES,
+                )
+                .exclude(answer=answer)
+                .update(answer=answer, answered_at=record.at, error=record.error[:2000])
+            )
+    return noted
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,9 @@ OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS = env_float("OPAMP_OFFLINE_AFTER_MISSED_HE
 # How often buffered per-agent facts (heartbeats: last_seen, sequence_num; config offers)
 # are written in one batch.
 OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
+# How often buffered status reports (config status, health, effective config) of known
+# agents are written in one batch; the rollout gate and the inventory trail by this much.
+OPAMP_STATUS_FLUSH_SECONDS = env_float("OPAMP_STATUS_FLUSH_SECONDS", 0.5)
 # A polling agent that has not acknowledged an offered config is offered it again after this.
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
 # How often Celery beat checks the gates of running rollouts.

@@ -9,7 +9,7 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 
 from fleet.models import Agent
-from fleet.session import SERVER_CAPABILITIES, reset_runtime
+from fleet.session import SERVER_CAPABILITIES, reset_runtime, runtime
 from opamp.capabilities import ServerToAgentFlags
 from opamp.identifiers import uuid7
 from tests.fleet.asgi_clients import WsAgent, http_exchange
@@ -88,6 +88,7 @@ async def test_an_absent_sub_message_leaves_the_stored_one_unchanged():
         update.health.healthy = False
         update.health.last_error = "exporter down"
         await agent.exchange(update)
+        await runtime().statuses.flush()  # status reports are written in batches
         row = await agent_row(uid)
     assert row.healthy is False
     assert row.health["last_error"] == "exporter down"

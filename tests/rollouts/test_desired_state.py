@@ -190,7 +190,8 @@ def test_a_rollback_is_a_new_higher_version_with_the_old_content():
 
 
 def test_recorded_offers_note_the_first_offer_of_a_rollout_target():
-    make_fleet(200)
+    make_fleet(199)
+    make_fleet(1, **{"deployment.canary": "true"})  # always in the first stage
     configuration, stable, candidate = configuration_with_candidate()
     rollout = standard_rollout(configuration, candidate)
     assert rollout_start(rollout=rollout, actor=None)

@@ -1,0 +1,118 @@
+"""Status reports of known agents are held per process and written in batches."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+
+from fleet.models import Agent, RemoteConfigState
+from fleet.session import runtime
+from opamp.identifiers import uuid7
+from opamp.proto import opamp_pb2
+from rollouts import services
+from rollouts.models import RolloutTarget
+from rollouts.rollout_engine import rollout_start
+from rollouts.services import agent_labels_set
+from tests.fleet.asgi_clients import WsAgent
+from tests.fleet.messages import full_report, heartbeat
+from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, standard_rollout
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+def config_status(uid: bytes, seq: int, config_hash: str, state: int, error: str = "") -> opamp_pb2.AgentToServer:
+    message = heartbeat(uid, seq)
+    message.remote_config_status.last_remote_config_hash = bytes.fromhex(config_hash)
+    message.remote_config_status.status = state
+    message.remote_config_status.error_message = error
+    return message
+
+
+def health(uid: bytes, seq: int, *, healthy: bool) -> opamp_pb2.AgentToServer:
+    message = heartbeat(uid, seq)
+    message.health.healthy = healthy
+    message.health.status = "running" if healthy else "degraded"
+    return message
+
+
+async def agent_row(uid: bytes) -> Agent:
+    return await Agent.objects.aget(instance_uid=uuid.UUID(bytes=uid))
+
+
+@database_sync_to_async
+def running_rollout() -> tuple[str, list[int]]:
+    """A rollout in its first stage over the agents inventoried so far: the candidate's
+    hash and the canaries' ids (one agent is labelled a canary, so there is one)."""
+    canary = Agent.objects.order_by("pk").first()
+    assert canary is not None
+    agent_labels_set(instance_uid=canary.instance_uid, labels={"deployment.canary": "true"}, actor=None, replace=False)
+    configuration = services.configuration_create(name="fleet", selector="service.name=checkout", actor=None)
+    services.configuration_publish(configuration=configuration, files=STABLE, author=None)
+    candidate, _ = services.configuration_publish(
+        configuration=configuration, files=CANDIDATE, author=None, activate=False
+    )
+    rollout = standard_rollout(configuration, candidate)
+    assert rollout_start(rollout=rollout, actor=None)
+    return candidate.config_hash, list(RolloutTarget.objects.values_list("agent_id", flat=True))
+
+
+async def test_status_reports_are_written_together_at_the_flush():
+    uids = [uuid7().bytes for _ in range(3)]
+    async with WsAgent() as agent:
+        for uid in uids:
+            await agent.exchange(full_report(uid, 1, service="other"))
+            await agent.exchange(health(uid, 2, healthy=False))
+        assert [(await agent_row(uid)).healthy for uid in uids] == [True, True, True]
+        assert runtime().statuses.pending_count == 3
+        assert await runtime().statuses.flush() == 3
+    assert [(await agent_row(uid)).healthy for uid in uids] == [False, False, False]
+
+
+async def test_reports_held_together_keep_the_newest_value_of_each_field_and_each_answer():
+    uids = [uuid7().bytes for _ in range(20)]
+    async with WsAgent() as agent:
+        for uid in uids:
+            await agent.exchange(full_report(uid, 1, service="checkout"))
+    candidate_hash, canaries = await running_rollout()
+    canary = await Agent.objects.aget(pk=canaries[0])
+    uid = canary.instance_uid.bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 10, service="checkout"))
+        await agent.exchange(config_status(uid, 11, candidate_hash, opamp_pb2.RemoteConfigStatuses_APPLYING))
+        await agent.exchange(health(uid, 12, healthy=False))
+        await agent.exchange(config_status(uid, 13, candidate_hash, opamp_pb2.RemoteConfigStatuses_APPLIED))
+        assert await runtime().statuses.flush() == 1
+    row = await agent_row(uid)
+    assert (row.remote_config_hash, row.remote_config_state, row.healthy) == (
+        candidate_hash,
+        RemoteConfigState.APPLIED,
+        False,
+    )
+    target = await RolloutTarget.objects.aget(agent_id=canary.pk)
+    assert target.answer == "applied" and target.answered_at is not None
+
+
+async def test_a_full_report_after_a_held_status_is_not_overwritten_by_it():
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(health(uid, 2, healthy=False))
+        # A changed description takes the full path: the held status is written first.
+        await agent.exchange(full_report(uid, 3, service="checkout", extra_identifying={"zone": "b"}))
+        assert runtime().statuses.pending_count == 0
+        assert await runtime().statuses.flush() == 0
+    row = await agent_row(uid)
+    assert row.healthy is True
+    assert row.identifying_attributes["zone"] == "b"
+
+
+async def test_a_closing_connection_writes_its_agents_held_status():
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(health(uid, 2, healthy=False))
+    assert runtime().statuses.pending_count == 0
+    row = await agent_row(uid)
+    assert (row.healthy, row.connected) == (False, False)
