@@ -42,3 +42,12 @@ def full_report(
 
 def heartbeat(uid: bytes, seq: int, *, capabilities: int = BASE_CAPABILITIES) -> opamp_pb2.AgentToServer:
     return opamp_pb2.AgentToServer(instance_uid=uid, sequence_num=seq, capabilities=capabilities)
+
+
+def config_status(uid: bytes, seq: int, config_hash: str, state: int, error: str = "") -> opamp_pb2.AgentToServer:
+    """A heartbeat carrying a RemoteConfigStatus about `config_hash` (hex)."""
+    message = heartbeat(uid, seq)
+    message.remote_config_status.last_remote_config_hash = bytes.fromhex(config_hash)
+    message.remote_config_status.status = state
+    message.remote_config_status.error_message = error
+    return message

@@ -16,18 +16,10 @@ from rollouts.models import RolloutTarget
 from rollouts.rollout_engine import rollout_start
 from rollouts.services import agent_labels_set
 from tests.fleet.asgi_clients import WsAgent
-from tests.fleet.messages import full_report, heartbeat
+from tests.fleet.messages import config_status, full_report, heartbeat
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, standard_rollout
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
-
-
-def config_status(uid: bytes, seq: int, config_hash: str, state: int, error: str = "") -> opamp_pb2.AgentToServer:
-    message = heartbeat(uid, seq)
-    message.remote_config_status.last_remote_config_hash = bytes.fromhex(config_hash)
-    message.remote_config_status.status = state
-    message.remote_config_status.error_message = error
-    return message
 
 
 def health(uid: bytes, seq: int, *, healthy: bool) -> opamp_pb2.AgentToServer:

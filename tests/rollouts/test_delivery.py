@@ -14,6 +14,7 @@ from opamp.proto import opamp_pb2
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, Configuration, RolloutTarget
 from tests.fleet.asgi_clients import WsAgent, http_exchange
+from tests.fleet.messages import config_status as status
 from tests.fleet.messages import full_report, heartbeat
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -36,14 +37,6 @@ def publish(name: str = "edge", files: dict | None = None, selector: str = "serv
 def rollback(name: str, to_number: int) -> str:
     configuration = Configuration.objects.get(name=name)
     return services.configuration_rollback(configuration=configuration, to_number=to_number, author=None).config_hash
-
-
-def status(uid: bytes, seq: int, config_hash: str, state: int, error: str = "") -> opamp_pb2.AgentToServer:
-    message = heartbeat(uid, seq)
-    message.remote_config_status.last_remote_config_hash = bytes.fromhex(config_hash)
-    message.remote_config_status.status = state
-    message.remote_config_status.error_message = error
-    return message
 
 
 async def test_a_matching_agent_gets_the_current_version_in_its_first_reply():
