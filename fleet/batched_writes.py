@@ -3,7 +3,15 @@
 A server process answering thousands of agents must not spend a database round trip
 (and a thread hop) on every heartbeat or every offer: each buffer keeps the newest value
 per key in memory and one task per event loop writes them all every `flush_seconds`.
-What a buffer holds may be lost in a crash; each user says why that is harmless.
+What a buffer holds may be lost in a crash; each user says why that is harmless. A failed
+flush (a deadlock, the database restarting) puts its batch back under what arrived since,
+and the next flush tries again.
+
+Buffers that write the same rows share a `RowWriters` lock: a process then writes those
+rows in one transaction at a time. Two flushes updating many agent rows in different
+orders deadlocked on PostgreSQL (and each lost its batch); and a batch is taken from the
+buffer only under the lock, so whatever it holds is written before a newer value for the
+same key can be (`write_now`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class RowWriters:
+    """One lock per event loop, shared by the buffers that write the same rows."""
+
+    def __init__(self) -> None:
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    def lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            self._locks = {known: held for known, held in self._locks.items() if not known.is_closed()}
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+
 class BatchedWrites(Generic[K, V]):
     def __init__(
         self,
@@ -29,13 +52,15 @@ class BatchedWrites(Generic[K, V]):
         flush_seconds: float,
         write: Callable[[dict[K, V]], int],
         merge: Callable[[V, V], V] | None = None,
+        writers: RowWriters | None = None,
     ) -> None:
         """`merge(held, newer)` combines a held value with a newer one for the same key;
-        without it the newer value replaces the held one."""
+        without it the newer value replaces the held one. `writers`: see the module doc."""
         self.name = name
         self.flush_seconds = flush_seconds
         self._write = write
         self._merge = merge
+        self._writers = writers or RowWriters()
         self._pending: dict[K, V] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -47,9 +72,12 @@ class BatchedWrites(Generic[K, V]):
     def forget(self, key: K) -> None:
         self._pending.pop(key, None)
 
-    def take(self, key: K) -> V | None:
-        """Remove and return what is held for `key`: its owner writes it now, itself."""
-        return self._pending.pop(key, None)
+    async def write_now(self, key: K) -> None:
+        """Write what is held for `key` now, after any batch already taken."""
+        async with self._writers.lock():
+            held = self._pending.pop(key, None)
+            if held is not None:
+                await self._write_batch({key: held})
 
     @property
     def pending_count(self) -> int:
@@ -69,12 +97,27 @@ class BatchedWrites(Generic[K, V]):
             try:
                 await self.flush()
             except Exception:
-                # A failed flush (database restarting) is dropped, never retried forever:
-                # every user of a buffer re-sends or re-derives what it holds.
-                logger.exception("%s flush failed", self.name)
+                logger.exception("%s flush failed; its batch is kept for the next one", self.name)
 
     async def flush(self) -> int:
-        batch, self._pending = self._pending, {}
-        if not batch:
-            return 0
-        return int(await db(self._write)(batch))
+        async with self._writers.lock():
+            batch, self._pending = self._pending, {}
+            if not batch:
+                return 0
+            return await self._write_batch(batch)
+
+    async def _write_batch(self, batch: dict[K, V]) -> int:
+        try:
+            return int(await db(self._write)(batch))
+        except BaseException:
+            self._put_back(batch)
+            raise
+
+    def _put_back(self, batch: dict[K, V]) -> None:
+        """Return a failed batch under what arrived since (newer values win)."""
+        for key, value in batch.items():
+            newer = self._pending.get(key)
+            if newer is None:
+                self._pending[key] = value
+            elif self._merge is not None:
+                self._pending[key] = self._merge(value, newer)

@@ -19,7 +19,7 @@ from datetime import datetime
 
 from django.db import connection, transaction
 
-from fleet.batched_writes import BatchedWrites
+from fleet.batched_writes import BatchedWrites, RowWriters
 from fleet.models import Agent, uint64_to_db
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
 class HeartbeatBuffer(BatchedWrites[uuid.UUID, Heartbeat]):
     """Newest heartbeat per agent, flushed periodically by one task per event loop."""
 
-    def __init__(self, flush_seconds: float) -> None:
-        super().__init__(name="heartbeat", flush_seconds=flush_seconds, write=write_heartbeats)
+    def __init__(self, flush_seconds: float, *, writers: RowWriters | None = None) -> None:
+        super().__init__(name="heartbeat", flush_seconds=flush_seconds, write=write_heartbeats, writers=writers)
 
     def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:  # type: ignore[override]
         super().note(instance_uid, Heartbeat(seen_at, sequence_num))

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from fleet import services
-from fleet.batched_writes import BatchedWrites
+from fleet.batched_writes import BatchedWrites, RowWriters
 from fleet.db import db
 from fleet.desired_cache import CachedDesired, DesiredConfigCache
 from fleet.heartbeats import HeartbeatBuffer
@@ -148,7 +148,10 @@ class FleetRuntime:
 
     def __init__(self) -> None:
         self.snapshots: dict[uuid.UUID, AgentSnapshot] = {}
-        self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS)
+        # The buffers write overlapping rows (agents, rollout targets): one transaction at
+        # a time per process (fleet.batched_writes).
+        agent_rows = RowWriters()
+        self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, writers=agent_rows)
         # Status reports (config status, health, effective config) of agents already
         # inventoried, written in batches: a crash loses at most one interval of them, and
         # agents report the same state again when asked for their full state after the
@@ -158,11 +161,12 @@ class FleetRuntime:
             flush_seconds=settings.OPAMP_STATUS_FLUSH_SECONDS,
             write=services.write_statuses,
             merge=services.StatusWrite.merged,
+            writers=agent_rows,
         )
         # What was offered to whom, written in batches: the agent's answer, not this
         # record, is what rollouts judge, and a lost record costs at most a repeated offer.
         self.offers = BatchedWrites[int, Offer](
-            name="offer", flush_seconds=settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, write=record_offers
+            name="offer", flush_seconds=settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, write=record_offers, writers=agent_rows
         )
         self.live = LiveConnections()
         self.desired = DesiredConfigCache()
@@ -372,9 +376,7 @@ class AgentSession:
     async def _write_held_status(self, agent_id: int) -> None:
         """Before the full path writes the agent's row: a held status report goes first,
         so it never lands over the newer values."""
-        held = self.fleet.statuses.take(agent_id)
-        if held is not None:
-            await db(services.write_statuses)({agent_id: held})
+        await self.fleet.statuses.write_now(agent_id)
 
     async def _check_identity(self, instance_uid: uuid.UUID) -> None:
         """May this connection's credential speak for `instance_uid`? Once per connection and uid."""
