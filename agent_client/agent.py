@@ -291,6 +291,7 @@ class Agent:
             except CredentialRefused as error:
                 failure: Exception = error
                 retry_after: float | None = self.settings.refused_credential_delay
+                presented = self._credential_hint()  # before the next credential is chosen
                 if self._enrollment is not None and self._enrollment.connection_refused(
                     presented_certificate=self._presented_certificate
                 ):
@@ -317,7 +318,7 @@ class Agent:
                 return
             delay = self._backoff.next_delay(at_least=retry_after)
             if isinstance(failure, CredentialRefused):
-                self._log.error("%s: %s; retrying in %.2f s", failure, self._credential_hint(), delay)
+                self._log.error("%s: %s; retrying in %.2f s", failure, presented, delay)
             else:
                 self._log.warning("disconnected: %s; reconnecting in %.2f s", failure, delay)
             self._observer.on_disconnected(self, failure, delay)

@@ -175,7 +175,9 @@ def test_enroll_over_tls_then_mtls_signed_config_and_revocation(tmp_path: Path, 
         assert by_nginx.text.strip() == "client certificate refused: FAILED:certificate revoked"
 
         # 5. An agent that still holds its enrollment token sets the refused certificate
-        # aside, comes back with the token and gets a new certificate, then uses that.
+        # aside and comes back with the token; its CSR waits for an operator (an agent
+        # whose certificate was revoked is never approved automatically), who approves it;
+        # the agent installs the new certificate and connects with it.
         agent = AgentProcess(
             agent_command(
                 "run", "--server", wss_url, "--state-dir", str(state), "--ca-file", str(server_ca),
@@ -187,6 +189,12 @@ def test_enroll_over_tls_then_mtls_signed_config_and_revocation(tmp_path: Path, 
             env=dict(os.environ),
         )  # fmt: skip
         agent.wait_for_output("presenting the enrollment token next", timeout=30)
+        pending = server.wait_for(
+            lambda: [r for r in server.api("certificate-requests/", state="pending")["results"]
+                     if r["instance_uid"] == str(uid)],
+            what="the agent's certificate request waiting for an operator",
+        )  # fmt: skip
+        server.api_post(f"certificate-requests/{pending[0]['id']}/approve/", {})
         renewed = server.wait_for(
             lambda: [c for c in server.api("certificates/", instance_uid=str(uid))["results"] if not c["revoked_at"]],
             what="a new certificate for the agent",

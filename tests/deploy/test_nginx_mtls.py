@@ -256,8 +256,9 @@ def test_a_certificate_that_does_not_verify_is_refused_before_the_upstream(
         response = request(
             nginx, certificates, client, method=method, path=path, content=b"\x00" if method == "POST" else None
         )
-        assert response.status_code == 400, response.text
-        assert "certificate" in response.text.lower()
+        # 403, as the application refuses credentials, so agents fall back to their token.
+        assert response.status_code == 403, response.text
+        assert response.text.startswith("client certificate refused: FAILED:")
         assert path not in upstream.received_paths()
 
 
@@ -273,11 +274,11 @@ def test_a_revoked_certificate_is_refused_after_the_crl_is_rewritten_and_nginx_r
         assert request(server, certificates, certificates.revoked_later).status_code == 200
         server.reload()
         path = unique_path()
-        assert request(server, certificates, certificates.revoked_later, path=path).status_code == 400
+        assert request(server, certificates, certificates.revoked_later, path=path).status_code == 403
         assert path not in upstream.received_paths()
         # Everyone else carries on; the earlier revocation still holds.
         assert single(echoed(request(server, certificates, certificates.good)), "X-Client-Verify") == "SUCCESS"
-        assert request(server, certificates, certificates.revoked).status_code == 400
+        assert request(server, certificates, certificates.revoked).status_code == 403
     finally:
         server.stop()
 
@@ -314,7 +315,7 @@ def test_a_websocket_with_a_revoked_certificate_is_refused(nginx: Nginx, certifi
     url = f"wss://127.0.0.1:{nginx.port}/v1/opamp"
     with pytest.raises(InvalidStatus) as refused:
         websocket_connect(url, ssl=tls_context(certificates, certificates.revoked), open_timeout=10)
-    assert refused.value.response.status_code == 400
+    assert refused.value.response.status_code == 403
 
 
 # --- no TLS session resumption ----------------------------------------------------------
