@@ -69,6 +69,10 @@ class BatchedWrites(Generic[K, V]):
         self._pending[key] = value if held is None or self._merge is None else self._merge(held, value)
         self._ensure_flusher()
 
+    def holds(self, key: K) -> bool:
+        """Whether a value for `key` waits for the next flush."""
+        return key in self._pending
+
     def forget(self, key: K) -> None:
         self._pending.pop(key, None)
 

@@ -141,10 +141,21 @@ class StatusWrite:
         return StatusWrite({**self.changes, **newer.changes}, {**self.answers, **newer.answers})
 
 
-def agent_status_write(*, snapshot: AgentSnapshot, report: AgentReport, seen_at: datetime) -> StatusWrite:
+def heartbeat_status_write(*, sequence_num: int, seen_at: datetime) -> StatusWrite:
+    """A heartbeat's facts as a status write, for an agent with a status report held: the
+    agent's facts then stay in one buffer, so its sequence number never reaches the
+    database ahead of a report that came before it (after a crash, the gap makes the
+    server ask for the agent's full state, and the lost report comes again)."""
+    return StatusWrite({"last_seen": seen_at, "last_sequence_num": uint64_to_db(sequence_num), "connected": True}, {})
+
+
+def agent_status_write(
+    *, snapshot: AgentSnapshot, report: AgentReport, sequence_num: int, seen_at: datetime
+) -> StatusWrite:
     """The hot path for a report that leaves identity and labels alone (config status,
     health, effective config): what to write, with no database access. The session
-    updates `snapshot` and leaves the write to a batch (`write_statuses`).
+    updates `snapshot` and leaves the write to a batch (`write_statuses`); the write
+    carries the message's sequence number, for the reason `heartbeat_status_write` gives.
 
     Config rollouts make every agent send two such reports (APPLYING, APPLIED) within
     seconds; one UPDATE per report (and one for its rollout answer) made a stage of
@@ -155,7 +166,11 @@ def agent_status_write(*, snapshot: AgentSnapshot, report: AgentReport, seen_at:
     }
     if report.health is not None:
         changes["healthy"] = bool(report.health.get("healthy"))
-    changes.update(capabilities=report.capabilities, updated_at=seen_at)
+    changes.update(
+        capabilities=report.capabilities,
+        updated_at=seen_at,
+        **heartbeat_status_write(sequence_num=sequence_num, seen_at=seen_at).changes,
+    )
     answers: dict[str, AnswerRecord] = {}
     if report.remote_config_hash is not None and report.remote_config_state is not None:
         answers[report.remote_config_hash] = AnswerRecord(

@@ -154,8 +154,9 @@ class FleetRuntime:
         self.heartbeats = HeartbeatBuffer(settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, writers=agent_rows)
         # Status reports (config status, health, effective config) of agents already
         # inventoried, written in batches: a crash loses at most one interval of them, and
-        # agents report the same state again when asked for their full state after the
-        # sequence gap a restart shows.
+        # the agents report them again when asked for their full state after the sequence
+        # gap a restart shows (an agent's facts are in one buffer at a time, so its
+        # sequence number is never written ahead of a held report).
         self.statuses = BatchedWrites[int, services.StatusWrite](
             name="status",
             flush_seconds=settings.OPAMP_STATUS_FLUSH_SECONDS,
@@ -328,9 +329,11 @@ class AgentSession:
             and report.identifying_attributes is None
             and report.non_identifying_attributes is None
         ):
-            write = services.agent_status_write(snapshot=snapshot, report=report, seen_at=now)
+            write = services.agent_status_write(
+                snapshot=snapshot, report=report, sequence_num=message.sequence_num, seen_at=now
+            )
             self.fleet.statuses.note(snapshot.agent_id, write)
-            self.fleet.heartbeats.note(instance_uid, now, message.sequence_num)
+            self.fleet.heartbeats.forget(instance_uid)
             snapshot.last_sequence_num = message.sequence_num
         elif report.has_status or snapshot is None or not snapshot.connected or snapshot.capabilities != capabilities:
             if snapshot is not None:
@@ -345,6 +348,10 @@ class AgentSession:
             )
             self.fleet.heartbeats.forget(instance_uid)
             self.fleet.desired.forget(instance_uid)  # labels may have changed
+        elif self.fleet.statuses.holds(snapshot.agent_id):
+            beat = services.heartbeat_status_write(sequence_num=message.sequence_num, seen_at=now)
+            self.fleet.statuses.note(snapshot.agent_id, beat)
+            snapshot.last_sequence_num = message.sequence_num
         else:
             self.fleet.heartbeats.note(instance_uid, now, message.sequence_num)
             snapshot.last_sequence_num = message.sequence_num

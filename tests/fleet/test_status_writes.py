@@ -108,3 +108,21 @@ async def test_a_closing_connection_writes_its_agents_held_status():
     assert runtime().statuses.pending_count == 0
     row = await agent_row(uid)
     assert (row.healthy, row.connected) == (False, False)
+
+
+async def test_heartbeats_of_an_agent_with_a_held_status_wait_with_it():
+    """Its sequence number must not reach the database ahead of the held report: after a
+    crash the gap is what makes the server ask for the lost report again."""
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(uid, 1, service="checkout"))
+        await agent.exchange(health(uid, 2, healthy=False))
+        await agent.exchange(heartbeat(uid, 3))
+        assert runtime().heartbeats.pending_count == 0
+        assert await runtime().heartbeats.flush() == 0
+        assert (await agent_row(uid)).last_sequence_num == 1
+        assert await runtime().statuses.flush() == 1
+        row = await agent_row(uid)
+        assert (row.last_sequence_num, row.healthy) == (3, False)
+        await agent.exchange(heartbeat(uid, 4))  # nothing held now: the heartbeat buffer again
+        assert runtime().heartbeats.pending_count == 1
