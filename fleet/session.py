@@ -50,6 +50,7 @@ from signing.agent_credentials import (
     AgentCredential,
     CredentialKind,
     CredentialRefused,
+    agent_instance_uid_reassign,
     ca_configured,
     certificate_offer_for,
     certificate_request_from_agent,
@@ -299,11 +300,18 @@ class AgentSession:
 
         report = report_from_message(message, self.fleet.limits, capabilities)
 
+        # The credential was checked above; its enrollment is counted before anything of
+        # another session changes (an agent asking for a new uid enrols under that one).
+        requests_uid = bool(message.flags & AgentToServerFlags.REQUEST_INSTANCE_UID) and (
+            self.credential.bound_uid is None
+        )
+        enrollment_labels = {} if requests_uid else await self._enroll(instance_uid)
+
         new_uid = self._new_instance_uid_if_needed(message, instance_uid, snapshot, report.identifying_attributes)
         if new_uid is not None:
             reply.agent_identification.new_instance_uid = new_uid.bytes
-            if message.flags & AgentToServerFlags.REQUEST_INSTANCE_UID and snapshot is not None:
-                await db(services.agent_change_instance_uid)(old=instance_uid, new=new_uid)
+            if requests_uid and snapshot is not None:
+                await db(agent_instance_uid_reassign)(credential=self.credential, old=instance_uid, new=new_uid)
                 self.fleet.snapshots.pop(instance_uid, None)
                 snapshot = None
             # The agent switches to the new uid with its next message, which arrives as
@@ -311,8 +319,6 @@ class AgentSession:
             self.fleet.live.release(instance_uid, self)
             self.instance_uid = new_uid
             return reply
-
-        enrollment_labels = await self._enroll(instance_uid)
 
         if self.transport == "websocket":
             self.fleet.live.claim(instance_uid, self)

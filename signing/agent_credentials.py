@@ -31,18 +31,22 @@ from urllib.parse import unquote_to_bytes
 from cryptography import x509
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 from django.utils import timezone
 
+from fleet.services import agent_change_instance_uid
 from opamp.proto import opamp_pb2
-from rollouts.services import agent_labels_set
+from rollouts.services import agent_labels_set, audit_record
 from signing import ca as ca_module
+from signing.ca import CsrRejected
 from signing.errors import EnrollmentTokenRefused, SigningError
-from signing.models import CertificateRequest, EnrollmentToken
+from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
 from signing.selectors import agent_current_certificate, certificate_for_fingerprint, valid_certificates
 from signing.services import (
     ca_certificate_pem,
     certificate_request_submit,
     enrollment_token_authenticate,
+    enrollment_token_refusal,
     enrollment_token_use,
 )
 
@@ -65,7 +69,14 @@ CERTIFICATE_NOT_CURRENT = (
     "the client certificate is not a current certificate of this server (revoked, expired or unknown)"
 )
 AUTHORIZATION_MALFORMED = "the Authorization header must be 'Bearer <enrollment token>'"
-CERTIFIED_AGENT = "agent {uid} holds a client certificate and must connect with it, not with an enrollment token"
+CERTIFIED_AGENT = (
+    "agent {uid} holds a client certificate: only that certificate, or the enrollment token that requested it, "
+    "may speak for it"
+)
+TOKEN_GONE = "the enrollment token no longer exists"
+CSR_AGENT_OF_OTHER_TOKEN = (
+    "agent {uid} was enrolled with another enrollment token; only that token may request certificates for it"
+)
 SPEAKS_FOR_OTHER = "the client certificate belongs to agent {bound}; this connection may not speak for {claimed}"
 
 
@@ -223,17 +234,63 @@ def credential_still_valid(credential: AgentCredential, *, now: datetime | None 
     return certificate_for_fingerprint(credential.fingerprint_sha256, now or timezone.now()) is not None
 
 
-def token_identity_check(credential: AgentCredential, instance_uid: uuid.UUID) -> None:
-    """Refuse a token connection that speaks for an agent holding a valid certificate.
+def token_identity_check(credential: AgentCredential, instance_uid: uuid.UUID, *, now: datetime | None = None) -> None:
+    """May a token connection speak for `instance_uid`? Read-only: run before anything changes.
 
-    A token is shared by many agents, a certificate belongs to one: once an agent has
-    its certificate, only that certificate may speak for it, so a token holder can neither
-    impersonate it nor push its live session aside.
+    A token is shared by many agents, a certificate belongs to one. Once an agent holds a
+    valid certificate, only that certificate or the token that requested it may speak for
+    it: an agent connecting over ws:// or http:// cannot present its certificate, so the
+    token it enrolled with keeps working there, and an approved certificate not yet
+    delivered reaches the agent presenting the token that asked for it. Any other token is
+    refused, so a token holder can neither impersonate a certified agent nor push its live
+    session aside. An agent without a certificate may be spoken for by a token that
+    enrolled it, or by one that may still enrol an agent (not used up, revoked or expired;
+    `enrollment_record` counts the use once the message is accepted).
     """
-    if credential.kind is not CredentialKind.TOKEN:
+    if credential.kind is not CredentialKind.TOKEN or credential.token_id is None:
         return
-    if valid_certificates().filter(instance_uid=instance_uid).exists():
+    certified = valid_certificates(now).filter(instance_uid=instance_uid)
+    if certified.exists():
+        if certified.filter(request__enrollment_token_id=credential.token_id).exists():
+            return
         raise CredentialRefused(CERTIFIED_AGENT.format(uid=instance_uid))
+    if EnrollmentTokenUse.objects.filter(token_id=credential.token_id, instance_uid=instance_uid).exists():
+        return
+    token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
+    if token is None:
+        raise CredentialRefused(TOKEN_GONE)
+    refusal = enrollment_token_refusal(token, now=now)
+    if refusal is not None:
+        raise CredentialRefused(refusal.message)
+
+
+def agent_instance_uid_reassign(*, credential: AgentCredential, old: uuid.UUID, new: uuid.UUID) -> bool:
+    """Move an agent that asked for a new instance_uid (RequestInstanceUid) to `new`.
+
+    Only a credential that owns the old uid moves its row: the token that enrolled it (its
+    enrollment moves along, so a used-up token still admits the agent under its new uid),
+    or, on an open server, an anonymous agent. Any other requester just gets the new uid
+    as a new agent, and the row it named is left alone. Audited; False when nothing moved.
+    """
+    from fleet.models import Agent
+
+    with transaction.atomic():
+        token_id = credential.token_id if credential.kind is CredentialKind.TOKEN else None
+        if token_id is not None:
+            if not EnrollmentTokenUse.objects.filter(token_id=token_id, instance_uid=old).update(instance_uid=new):
+                return False
+        elif credential.kind is not CredentialKind.ANONYMOUS:
+            return False
+        agent = Agent.objects.filter(instance_uid=old).first()
+        if agent is None or not agent_change_instance_uid(old=old, new=new):
+            return token_id is not None
+        audit_record(
+            actor=None,
+            action="agent.instance_uid_change",
+            target=agent,
+            details={"old": str(old), "new": str(new), "enrollment_token": token_id},
+        )
+    return True
 
 
 def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> dict[str, str]:
@@ -248,7 +305,7 @@ def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> d
         return {}
     token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
     if token is None:
-        raise CredentialRefused("the enrollment token no longer exists")
+        raise CredentialRefused(TOKEN_GONE)
     from fleet.models import Agent
 
     known = Agent.objects.filter(instance_uid=instance_uid).exists()
@@ -279,27 +336,53 @@ def ca_configured() -> bool:
 
 
 def certificate_request_from_agent(
-    credential: AgentCredential, instance_uid: uuid.UUID, csr_pem: bytes
+    credential: AgentCredential, instance_uid: uuid.UUID, csr_pem: bytes, *, now: datetime | None = None
 ) -> CertificateRequest:
     """Submit a CSR that arrived on an OpAMP connection.
 
     Auto-approved when the enrollment token says so, or when a valid certificate of the
     same agent authenticates the connection (a renewal: the agent already proved who it
-    is); otherwise it waits for an operator. Raises `CsrRejected` (policy, rate limit) or
-    `SigningError` (no usable CA): the session answers BadRequest with the message.
+    is; the renewal keeps the token the first certificate was requested with, so that
+    token keeps speaking for the agent where the certificate cannot be presented);
+    otherwise it waits for an operator. Without such a certificate, the request is refused
+    when another enrollment token that may still speak for the agent enrolled it: a token
+    requests certificates only for agents it enrolled, or is enrolling now. Raises
+    `CsrRejected` (identity, policy, rate limit) or `SigningError` (no usable CA): the
+    session answers BadRequest with the message.
     """
     if not ca_configured():
         raise SigningError(CSR_NOT_ACCEPTED, status=400)
-    token = None
-    if credential.kind is CredentialKind.TOKEN and credential.token_id is not None:
-        token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
     renewal = credential.is_certificate and credential.bound_uid == instance_uid
+    token = None
+    if renewal:
+        token_id = (
+            IssuedCertificate.objects.filter(fingerprint_sha256=credential.fingerprint_sha256)
+            .values_list("request__enrollment_token", flat=True)
+            .first()
+        )
+        token = EnrollmentToken.objects.filter(pk=token_id).first() if token_id is not None else None
+    else:
+        if credential.kind is CredentialKind.TOKEN and credential.token_id is not None:
+            token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
+        _check_enrolled_by(token, instance_uid, now=now or timezone.now())
     return certificate_request_submit(
         instance_uid=instance_uid,
         csr_pem=csr_pem,
         auto_approve=renewal or (token is not None and token.auto_approve),
         token=token,
+        now=now,
     )
+
+
+def _check_enrolled_by(token: EnrollmentToken | None, instance_uid: uuid.UUID, *, now: datetime) -> None:
+    """Refuse a CSR for an agent enrolled with another token that still admits it."""
+    others = EnrollmentTokenUse.objects.filter(
+        instance_uid=instance_uid, token__revoked_at__isnull=True, token__expires_at__gt=now
+    )
+    if token is not None:
+        others = others.exclude(token=token)
+    if others.exists():
+        raise CsrRejected(CSR_AGENT_OF_OTHER_TOKEN.format(uid=instance_uid))
 
 
 @dataclass(frozen=True)

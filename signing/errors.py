@@ -29,6 +29,13 @@ class CsrRateLimited(SigningError, CsrRejected):
         super().__init__(message, field="csr", status=429)
 
 
+class CertificateRequestHeld(SigningError, CsrRejected):
+    """A CSR refused because the agent has a pending request from another credential."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="csr", status=409)
+
+
 class EnrollmentTokenRefused(SigningError):
     """An enrollment secret that is unknown, expired, revoked or used up."""
 

@@ -57,6 +57,7 @@ from signing.errors import (
     TOKEN_NAME_INVALID,
     TOKEN_REVOKED,
     TOKEN_UNKNOWN,
+    CertificateRequestHeld,
     CertificateRequestRejected,
     CsrRateLimited,
     EnrollmentTokenRefused,
@@ -76,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 RATE_LIMIT_WINDOW = timedelta(hours=1)
 SUPERSEDED_REASON = "superseded by a newer request from the same agent"
+CSR_PENDING_FROM_OTHER_CREDENTIAL = (
+    "agent {uid} has a certificate request pending from another credential; an operator must decide it first"
+)
 AUTO_APPROVAL_WITHHELD = "auto-approval withheld: this agent has a revoked certificate; an operator must approve"
 TOKEN_PREFIX = "opamp_et_"
 # Characters of the secret kept for display: the fixed prefix and 8 random characters
@@ -372,6 +376,14 @@ def certificate_request_submit(
         limit = settings.OPAMP_CSR_MAX_PER_HOUR
         if recent >= limit:
             raise CsrRateLimited(CSR_RATE_LIMITED.format(limit=limit))
+        # A pending request is replaced only by one from the same credential (the same
+        # token, or none): anyone else would lock the agent out of its own request.
+        if (
+            CertificateRequest.objects.filter(instance_uid=instance_uid, state=CertificateRequest.State.PENDING)
+            .exclude(enrollment_token=token)
+            .exists()
+        ):
+            raise CertificateRequestHeld(CSR_PENDING_FROM_OTHER_CREDENTIAL.format(uid=instance_uid))
         if checked is None:
             request = CertificateRequest.objects.create(
                 instance_uid=instance_uid,
@@ -724,6 +736,11 @@ def _refusal(token: EnrollmentToken, now: datetime) -> EnrollmentTokenRefused | 
     if token.use_count >= token.max_uses:
         return EnrollmentTokenRefused(TOKEN_EXHAUSTED)
     return None
+
+
+def enrollment_token_refusal(token: EnrollmentToken, *, now: datetime | None = None) -> EnrollmentTokenRefused | None:
+    """Why `token` may not enrol a further agent now (revoked, expired, used up), or None."""
+    return _refusal(token, now or timezone.now())
 
 
 def enrollment_token_authenticate(
