@@ -9,7 +9,9 @@ An agent proves itself with one of two credentials:
   the database (revoked or expired since the proxy's last CRL reload -> refused) and binds
   the connection to the certificate's instance_uid;
 - an enrollment token (`Authorization: Bearer opamp_et_...`), which admits any agent until
-  it expires, is revoked or has been used by `max_uses` distinct agents.
+  it expires, is revoked or has been used by `max_uses` distinct agents. Which agents a
+  token may then speak for, and request certificates for, is `token_identity_check` and
+  `certificate_request_from_agent`: checked before anything changes.
 
 With OPAMP_AGENT_AUTH = "open" (the embedded default) an agent without either is admitted
 as anonymous; a credential that is presented is checked all the same.
