@@ -8,11 +8,16 @@ from fleet import selectors
 from fleet.api.filters import AgentFilter
 from fleet.api.serializers import AgentSerializer, AgentSummarySerializer
 from fleet.models import Agent
+from rollouts.api.permissions import RolePermission
 
 
 class AgentViewSet(viewsets.ReadOnlyModelViewSet):
-    """The fleet inventory: list (filterable, paginated) and detail by instance_uid."""
+    """The fleet inventory: list (filterable, paginated) and detail by instance_uid.
 
+    Effective configs and addresses are operator data: reading them needs a role.
+    """
+
+    permission_classes = [RolePermission]
     lookup_field = "instance_uid"
     filterset_class = AgentFilter
     ordering_fields = ["last_seen", "first_seen", "connected_at"]

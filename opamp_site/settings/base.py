@@ -108,7 +108,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Every endpoint checks roles (viewer reads, operator writes), unless it says otherwise.
+    "DEFAULT_PERMISSION_CLASSES": ["rollouts.api.permissions.RolePermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "DEFAULT_FILTER_BACKENDS": [
@@ -126,6 +127,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Fleet inventory and management of OpAMP agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rollouts.api.permissions.RolePermission"],
     # Choice sets that share a field name with another (state) or appear under two field
     # names (reason, revocation_reason) get one explicit name each.
     "ENUM_NAME_OVERRIDES": {

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rest_framework.permissions import SAFE_METHODS, BasePermission
-from rest_framework.request import Request
-from rest_framework.views import APIView
 
 from rollouts.api.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
+
+if TYPE_CHECKING:
+    # Typing only: rest_framework.views imports this module (DEFAULT_PERMISSION_CLASSES).
+    from rest_framework.request import Request
+    from rest_framework.views import APIView
 
 
 class RolePermission(BasePermission):

@@ -6,12 +6,15 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from rollouts.api.roles import OPERATOR, grant_role
 from tests.fleet import factories
 
 
 @pytest.fixture
 def operator(db: Any) -> Any:
-    return factories.UserFactory(username="operator")
+    user = factories.UserFactory(username="operator")
+    grant_role(user=user, role=OPERATOR)
+    return user
 
 
 @pytest.fixture
