@@ -266,12 +266,20 @@ def token_identity_check(credential: AgentCredential, instance_uid: uuid.UUID, *
         raise CredentialRefused(refusal.message)
 
 
+def _has_credentials(instance_uid: uuid.UUID) -> bool:
+    return (
+        EnrollmentTokenUse.objects.filter(instance_uid=instance_uid).exists()
+        or valid_certificates().filter(instance_uid=instance_uid).exists()
+    )
+
+
 def agent_instance_uid_reassign(*, credential: AgentCredential, old: uuid.UUID, new: uuid.UUID) -> bool:
     """Move an agent that asked for a new instance_uid (RequestInstanceUid) to `new`.
 
     Only a credential that owns the old uid moves its row: the token that enrolled it (its
     enrollment moves along, so a used-up token still admits the agent under its new uid),
-    or, on an open server, an anonymous agent. Any other requester just gets the new uid
+    or, on an open server, an anonymous agent, for an agent that no token enrolled and that
+    holds no certificate. Any other requester just gets the new uid
     as a new agent, and the row it named is left alone. Audited; False when nothing moved.
     """
     from fleet.models import Agent
@@ -281,7 +289,7 @@ def agent_instance_uid_reassign(*, credential: AgentCredential, old: uuid.UUID, 
         if token_id is not None:
             if not EnrollmentTokenUse.objects.filter(token_id=token_id, instance_uid=old).update(instance_uid=new):
                 return False
-        elif credential.kind is not CredentialKind.ANONYMOUS:
+        elif credential.kind is not CredentialKind.ANONYMOUS or _has_credentials(old):
             return False
         agent = Agent.objects.filter(instance_uid=old).first()
         if agent is None or not agent_change_instance_uid(old=old, new=new):

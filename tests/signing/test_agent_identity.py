@@ -259,3 +259,21 @@ async def test_the_same_token_may_replace_its_own_pending_request(required, conf
     assert not reply.HasField("error_response")
     states = await sync_to_async(lambda: sorted(CertificateRequest.objects.values_list("state", flat=True)))()
     assert states == [CertificateRequest.State.PENDING, CertificateRequest.State.REJECTED]
+
+
+async def test_on_an_open_server_an_anonymous_agent_cannot_rekey_an_enrolled_agent(settings):
+    settings.OPAMP_AGENT_AUTH = "open"
+    _, secret = await new_token()
+    enrolled, anonymous = uuid7(), uuid7()
+    await http_exchange(full_report(enrolled.bytes, 1), headers=bearer(secret))
+    await http_exchange(full_report(anonymous.bytes, 1))
+
+    first = await http_exchange(requesting_uid(enrolled.bytes, 2))
+    second = await http_exchange(requesting_uid(anonymous.bytes, 2))
+
+    assert first.agent_identification.new_instance_uid and second.agent_identification.new_instance_uid
+    assert await sync_to_async(Agent.objects.filter(instance_uid=enrolled).exists)()
+    # An agent nobody enrolled is still re-keyed as it asks (the open server's default).
+    moved = uuid.UUID(bytes=second.agent_identification.new_instance_uid)
+    assert await sync_to_async(Agent.objects.filter(instance_uid=moved).exists)()
+    assert not await sync_to_async(Agent.objects.filter(instance_uid=anonymous).exists)()
