@@ -4,7 +4,8 @@ a configured CA), with the real `agent_client` command line over ws://.
 - `enroll` with a manual-approval token exits 3 (pending); an operator approves through the
   API; `enroll` run again receives the certificate and exits 0.
 - `run --token` with an auto-approving token gets its certificate, installs it, reconnects
-  and keeps working with its token (a ws:// connection cannot present the certificate).
+  and keeps working with its token (a ws:// or http:// connection cannot present the
+  certificate).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ EXIT_OK = 0
 EXIT_PENDING = 3
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One server for the module: each test enrols its own agents with its own token."""
+    tmp_path = tmp_path_factory.mktemp("enrollment")
     ca = create_ca(common_name="live agent CA", days=30)
     write_ca(ca, key_file=tmp_path / "ca.key", cert_file=tmp_path / "ca.pem")
     live = LiveOpampServer(
@@ -81,7 +84,7 @@ def test_enroll_pending_then_approved_then_enroll_again_delivers_the_certificate
     first = run_cli("enroll", *common, "--timeout", "4")
     assert first.returncode == EXIT_PENDING, first.stderr
     uid = (state_dir / INSTANCE_UID_FILE).read_text().strip()
-    pending = server.api("certificate-requests/", state="pending")["results"]
+    pending = server.api("certificate-requests/", state="pending", instance_uid=uid)["results"]
     assert [request["instance_uid"] for request in pending] == [uid]
 
     server.api_post(f"certificate-requests/{pending[0]['id']}/approve/", None)
@@ -97,8 +100,10 @@ def test_enroll_pending_then_approved_then_enroll_again_delivers_the_certificate
     assert format(stored.serial_number, "x") == issued[0]["serial"].lstrip("0")
 
 
-def test_run_with_an_auto_approving_token_over_ws_gets_a_certificate_and_keeps_working(server, tmp_path):
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_run_with_an_auto_approving_token_without_tls_gets_a_certificate_and_keeps_working(server, tmp_path, transport):
     token = new_token(server, auto_approve=True)
+    url = server.ws_url if transport == "ws" else server.http_url
     state_dir = tmp_path / "agent"
     log_path = tmp_path / "agent.log"
     with log_path.open("wb") as log:
@@ -106,7 +111,9 @@ def test_run_with_an_auto_approving_token_over_ws_gets_a_certificate_and_keeps_w
             agent_command(
                 "run",
                 "--server",
-                server.ws_url,
+                url,
+                "--transport",
+                transport,
                 "--state-dir",
                 str(state_dir),
                 "--token",
