@@ -121,6 +121,11 @@ def is_full_report(message: opamp_pb2.AgentToServer) -> bool:
     )
 
 
+CERTIFIED_SESSION_LIVE = (
+    "agent {uid} is connected with its client certificate; only that certificate may replace its session"
+)
+
+
 class ProtocolError(ValueError):
     """A well-formed protobuf that breaks a protocol rule; answered with BadRequest."""
 
@@ -589,6 +594,12 @@ class AgentSession:
         if identifying is not None and snapshot is not None and snapshot.identifying_attributes != identifying:
             logger.warning("duplicate instance_uid %s from %s: assigning a new one", instance_uid, self.remote_address)
             return uuid7()
+        if other.credential.is_certificate:
+            # Only the certificate may replace a session the certificate proved: a holder
+            # of the token that requested it (shared by many agents) may not.
+            problem = CERTIFIED_SESSION_LIVE.format(uid=instance_uid)
+            logger.warning("refused a message from %s: %s", self.remote_address, problem)
+            raise ProtocolError(problem)
         other.superseded()
         return None
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from channels.db import database_sync_to_async as sync_to_async
 
 from fleet.models import Agent
-from fleet.session import reset_runtime
+from fleet.session import CERTIFIED_SESSION_LIVE, reset_runtime
 from opamp.capabilities import AgentCapabilities, AgentToServerFlags
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
@@ -277,3 +278,24 @@ async def test_on_an_open_server_an_anonymous_agent_cannot_rekey_an_enrolled_age
     moved = uuid.UUID(bytes=second.agent_identification.new_instance_uid)
     assert await sync_to_async(Agent.objects.filter(instance_uid=moved).exists)()
     assert not await sync_to_async(Agent.objects.filter(instance_uid=anonymous).exists)()
+
+
+async def test_the_token_that_requested_a_certificate_cannot_push_aside_the_certified_session(settings, configured_ca):
+    settings.OPAMP_AGENT_AUTH = "required"
+    settings.OPAMP_TRUSTED_PROXIES = ["10.0.0.5/32"]
+    _, shared = await new_token(name="shared", auto_approve=True)
+    uid = uuid7()
+    issued = await http_exchange(
+        csr_message(uid.bytes, 1, make_csr("p256", common_name=str(uid))), headers=bearer(shared)
+    )
+    certificate = issued.connection_settings.opamp.certificate.cert.decode()
+    forwarded = [(b"x-client-cert", quote(certificate).encode()), (b"x-client-verify", b"SUCCESS")]
+
+    async with WsAgent(headers=forwarded, client="10.0.0.5") as agent:
+        assert not (await agent.exchange(full_report(uid.bytes, 2))).HasField("error_response")
+        async with WsAgent(headers=bearer(shared)) as other_holder:
+            refused = await other_holder.exchange(full_report(uid.bytes, 3))
+        still = await agent.exchange(heartbeat(uid.bytes, 3))
+
+    assert refused.error_response.error_message == CERTIFIED_SESSION_LIVE.format(uid=uid)
+    assert not still.HasField("error_response")
