@@ -148,7 +148,7 @@ class LiveOpampServer:
                 [
                     sys.executable,
                     "-m",
-                    "daphne",
+                    "opamp_site.server",
                     "-b",
                     "127.0.0.1",
                     "-p",
