@@ -23,15 +23,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNSUPPORTED_DATA = 4003  # a text frame on the binary OpAMP socket
 CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIAL_REVOKED = 4008  # the connection's client certificate was revoked
-# No message in time (OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS after the accept, then the
-# offline timeout): 4000 + 408, the status the HTTP transport answers a late body with.
+# No message in time (opamp_site/server.py closes the socket: OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS
+# after the accept, then the offline timeout): 4000 + 408, as the HTTP transport answers a late body.
 CLOSE_TIMED_OUT = 4408
-
-
-def silence_timeouts() -> tuple[float, float]:
-    """Seconds a socket may stay silent: before its first message, and between messages."""
-    idle = settings.OPAMP_HEARTBEAT_INTERVAL_SECONDS * settings.OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS
-    return float(settings.OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS), float(idle)
 
 
 class OpampConsumer(AsyncWebsocketConsumer):
@@ -39,7 +33,6 @@ class OpampConsumer(AsyncWebsocketConsumer):
 
     session: AgentSession
     agent_group: str | None = None
-    _silence_timer: asyncio.TimerHandle | None = None
 
     async def dispatch(self, message: dict[str, object]) -> None:
         """Channels' dispatch without its `aclose_old_connections()` before every handler.
@@ -69,19 +62,6 @@ class OpampConsumer(AsyncWebsocketConsumer):
         )
         self.session.on_superseded = self._close_superseded
         await self.accept()
-        self._watch_silence(silence_timeouts()[0])
-
-    def _watch_silence(self, seconds: float) -> None:
-        """Close the socket if no message arrives within `seconds` (restarted by each one)."""
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
-        self._silence_timer = None
-        if seconds > 0:
-            self._silence_timer = asyncio.get_running_loop().call_later(seconds, self._close_silent)
-
-    def _close_silent(self) -> None:
-        logger.info("closing %s: no message in time", self.session.remote_address)
-        self._silence_task = asyncio.ensure_future(self.close(code=CLOSE_TIMED_OUT))
 
     def _close_superseded(self) -> None:
         # Called synchronously from the session of the newer connection, in another
@@ -89,7 +69,6 @@ class OpampConsumer(AsyncWebsocketConsumer):
         self._close_task = asyncio.ensure_future(self.close(code=1000))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        self._watch_silence(silence_timeouts()[1])
         if bytes_data is None:
             logger.info("closing %s: text frame on the OpAMP socket", self.session.remote_address)
             await self.close(code=CLOSE_UNSUPPORTED_DATA)
@@ -141,8 +120,6 @@ class OpampConsumer(AsyncWebsocketConsumer):
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
         if self.agent_group and self.channel_layer is not None:
             await self.channel_layer.group_discard(self.agent_group, self.channel_name)
         session = getattr(self, "session", None)  # absent when the handshake was refused

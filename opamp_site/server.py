@@ -16,6 +16,11 @@ Takes daphne's command line. What stock daphne leaves open, and what this change
   its first byte (or of the connection), its body within OPAMP_HTTP_BODY_TIMEOUT_SECONDS of
   the headers; else 408 and the connection is closed. (Twisted's own timeout is an idle
   timeout, reset by every byte, so a trickle never hit it.)
+- WebSocket silence: a socket must send its first message within
+  OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS of its accept, and then one at least every offline
+  timeout (OPAMP_HEARTBEAT_INTERVAL_SECONDS x OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS); else
+  it is closed with CLOSE_TIMED_OUT. Counted from a message's arrival here, not from when
+  the consumer gets to it, so a backlog under load never closes a talking agent.
 - WebSocket messages: daphne's 1 MiB default, enforced by dropping the connection, becomes
   OPAMP_MAX_MESSAGE_BYTES (the HTTP transport's limit), and a message over it is answered
   with the close code the consumer uses (CLOSE_MESSAGE_TOO_BIG). The command line cannot set
@@ -29,7 +34,9 @@ has nothing in front.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+import time
 from functools import partial
 from io import BytesIO
 from typing import Any
@@ -46,6 +53,8 @@ from twisted.web import http
 # and how little before it is read again.
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
+
+logger = logging.getLogger(__name__)
 
 HEADERS_TIMED_OUT = b"request headers not received in time\n"
 BODY_TIMED_OUT = b"request body not received in time\n"
@@ -176,8 +185,9 @@ class BoundedRequest(WebRequest):
 
     def _resume_reading(self) -> None:
         self.paused = False
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel._networkProducer.resumeProducing()
+        channel = getattr(self, "channel", None)  # Twisted deletes it once the request is done
+        if channel is not None and channel.transport is not None:
+            channel._networkProducer.resumeProducing()
 
     # --- Responses that complete before the body ------------------------------------------
 
@@ -208,7 +218,7 @@ class BoundedRequest(WebRequest):
 
     def _body_timed_out(self) -> None:
         self.body_timer = None
-        if self.body_complete or self._disconnected or self.channel is None:
+        if self.body_complete or self._disconnected or getattr(self, "channel", None) is None:
             return
         if not self._response_started:
             self.handle_reply(
@@ -276,6 +286,46 @@ class BoundedHTTPFactory(HTTPFactory):
 
 
 class BoundedWebSocketProtocol(WebSocketProtocol):
+    _last_message: float | None = None
+    _silence_call: Any = None
+
+    def onOpen(self) -> None:
+        super().onOpen()
+        self._watch_silence(self.server.ws_first_message_timeout)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._last_message = time.monotonic()
+        if self._silence_call is None and self.server.ws_idle_timeout > 0:
+            self._watch_silence(self.server.ws_idle_timeout)  # no first-message bound was set
+        super().onMessage(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._silence_call is not None and self._silence_call.active():
+            self._silence_call.cancel()
+        self._silence_call = None
+        super().onClose(wasClean, code, reason)
+
+    def _watch_silence(self, seconds: float) -> None:
+        # One timer per socket, moved on only when it fires: a message costs a timestamp.
+        self._silence_call = reactor.callLater(seconds, self._check_silence) if seconds > 0 else None
+
+    def _check_silence(self) -> None:
+        self._silence_call = None
+        if self.state != self.STATE_OPEN:
+            return
+        if self._last_message is not None:
+            idle = self.server.ws_idle_timeout
+            if idle <= 0:
+                return
+            remaining = self._last_message + idle - time.monotonic()
+            if remaining > 0:
+                self._watch_silence(remaining)
+                return
+        from fleet.consumers import CLOSE_TIMED_OUT  # (this module loads before Django is set up)
+
+        logger.info("closing the WebSocket of %s: no message in time", self.client_addr)
+        self.serverClose(code=CLOSE_TIMED_OUT)
+
     def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
         # autobahn drops the TCP connection without a word (failByDrop); say why, with the
         # code the consumer uses for the same refusal. Frames still arriving are skipped.
@@ -298,6 +348,11 @@ class OpampServer(daphne_server.Server):
         super().__init__(*args, **kwargs)
         self.http_header_timeout = float(settings.OPAMP_HTTP_HEADER_TIMEOUT_SECONDS)
         self.http_body_timeout = float(settings.OPAMP_HTTP_BODY_TIMEOUT_SECONDS)
+        self.ws_first_message_timeout = float(settings.OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS)
+        # The offline timeout: by then the agent is shown offline anyway.
+        self.ws_idle_timeout = float(
+            settings.OPAMP_HEARTBEAT_INTERVAL_SECONDS * settings.OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS
+        )
 
     def run(self) -> None:
         # Server.run() builds its two factories from these names of daphne.server, then
