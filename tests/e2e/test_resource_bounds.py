@@ -342,3 +342,22 @@ def test_a_websocket_that_keeps_reporting_stays_open(server: LiveOpampServer, be
 
     # Twice the offline timeout (2 x 1.5 s) and then some, with a message every second.
     assert asyncio.run(report_for(7)) >= 6
+
+
+def test_requests_on_a_kept_alive_connection_are_each_answered(server: LiveOpampServer, bearer: bytes) -> None:
+    body = full_report(new_instance_uid(), 0).SerializeToString()
+    agent_headers = {"Authorization": bearer.decode(), "Content-Type": "application/x-protobuf"}
+    api_headers = {"Authorization": f"Token {server.token}"}
+    ports = set()
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+        responses = []
+        for _ in range(2):
+            responses.append(client.post("/v1/opamp", content=body, headers=agent_headers))
+            responses.append(client.get("/api/v1/agents/", headers=api_headers))
+        # Longer than the header timeout between two requests: an idle connection is not cut.
+        time.sleep(TIMEOUT + 0.5)
+        responses.append(client.get("/api/v1/agents/", headers=api_headers))
+        for response in responses:
+            assert response.status_code == 200
+            ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+    assert len(ports) == 1  # one connection carried them all
