@@ -139,6 +139,22 @@ def test_a_sender_that_writes_its_whole_body_first_still_reads_the_refusal(serve
     assert status_line(response) == b"HTTP/1.1 401 Unauthorized", response[:300]
 
 
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(server: LiveOpampServer, bearer: bytes) -> None:
+    # No Content-Length to refuse from: the running total decides, and the rest is discarded.
+    head = (
+        b"POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nContent-Type: application/x-protobuf\r\n"
+        b"Authorization: " + bearer + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (MIB, b"\x00" * MIB)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head)
+        for _ in range(MESSAGE_LIMIT // MIB + 1):
+            sock.sendall(chunk)
+        assert seconds_to_answer(sock, timeout=5) < 2
+        response = read_response(sock, timeout=5)
+    assert status_line(response) == b"HTTP/1.1 413 Request Entity Too Large", response[:300]
+
+
 def test_concurrent_large_posts_without_a_credential_do_not_grow_the_process(server: LiveOpampServer) -> None:
     assert server.process is not None
     before = rss_bytes(server.process.pid)
