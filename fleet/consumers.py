@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNSUPPORTED_DATA = 4003  # a text frame on the binary OpAMP socket
 CLOSE_MESSAGE_TOO_BIG = 4009
 CLOSE_CREDENTIAL_REVOKED = 4008  # the connection's client certificate was revoked
+# No message in time (opamp_site/server.py closes the socket: OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS
+# after the accept, then the offline timeout): 4000 + 408, as the HTTP transport answers a late body.
+CLOSE_TIMED_OUT = 4408
 
 
 class OpampConsumer(AsyncWebsocketConsumer):

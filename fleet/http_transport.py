@@ -2,7 +2,10 @@
 
 A raw ASGI application rather than a Django view, so the size limit is enforced while
 the body streams in (Content-Length first, then the running total, then the inflated
-size of a gzip body) instead of after Django has buffered it.
+size of a gzip body) instead of after Django has buffered it. The server
+(opamp_site/server.py) starts this application as soon as a request's headers are in, so
+everything decided before `read_body` (the credential, the announced length) costs the
+server none of the body.
 """
 
 from __future__ import annotations

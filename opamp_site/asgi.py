@@ -1,6 +1,7 @@
 """ASGI entry point: OpAMP over WebSocket and HTTP at /v1/opamp, Django for the rest.
 
-Served by daphne: `daphne -b 0.0.0.0 -p 4320 opamp_site.asgi:application`.
+Served by daphne through opamp_site/server.py (its bounds on bodies, timeouts and message
+sizes): `python -m opamp_site.server -b 0.0.0.0 -p 4320 opamp_site.asgi:application`.
 """
 
 from __future__ import annotations

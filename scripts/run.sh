@@ -24,4 +24,4 @@ echo "  admin:          http://$bind:$port/admin/"
 echo "  REST API:       http://$bind:$port/api/v1/  (schema: /api/v1/schema/)"
 .venv/bin/python manage.py ensure_admin | sed 's/^/  /'
 echo "  celery worker + beat log: var/celery.log"
-.venv/bin/python -m daphne -b "$bind" -p "$port" opamp_site.asgi:application
+.venv/bin/python -m opamp_site.server -b "$bind" -p "$port" opamp_site.asgi:application

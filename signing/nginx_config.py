@@ -56,6 +56,9 @@ class Site:
     max_body_bytes: int
     websocket_timeout_seconds: int
     static_root: Path | None = None
+    # OPAMP_HTTP_HEADER_TIMEOUT_SECONDS and OPAMP_HTTP_BODY_TIMEOUT_SECONDS by default.
+    header_timeout_seconds: int = 15
+    body_timeout_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,8 @@ def render_site(site: Site, template: str) -> str:
             "crl": str(site.crl),
             "max_body_bytes": str(site.max_body_bytes),
             "websocket_timeout": str(site.websocket_timeout_seconds),
+            "header_timeout": str(site.header_timeout_seconds),
+            "body_timeout": str(site.body_timeout_seconds),
             "static_location": static_location,
         },
     )

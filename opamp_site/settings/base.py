@@ -158,6 +158,15 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # --- OpAMP ------------------------------------------------------------------------------
 # Largest AgentToServer accepted, measured after decompression (WS close 1009, HTTP 413).
 OPAMP_MAX_MESSAGE_BYTES = env_int("OPAMP_MAX_MESSAGE_BYTES", 64 * 1024 * 1024)
+# The server (opamp_site/server.py) gives a request's headers this long from its first
+# byte, and its body this long from the end of the headers; then 408 and the connection
+# is closed.
+OPAMP_HTTP_HEADER_TIMEOUT_SECONDS = env_float("OPAMP_HTTP_HEADER_TIMEOUT_SECONDS", 15.0)
+OPAMP_HTTP_BODY_TIMEOUT_SECONDS = env_float("OPAMP_HTTP_BODY_TIMEOUT_SECONDS", 60.0)
+# A WebSocket must send its first message this long after it is accepted (else closed);
+# after that, one that sends nothing for the offline timeout (heartbeat interval times
+# missed heartbeats) is closed as well.
+OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS = env_float("OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS", 30.0)
 # The interval agents are expected to report at; the offline timeout derives from it.
 OPAMP_HEARTBEAT_INTERVAL_SECONDS = env_float("OPAMP_HEARTBEAT_INTERVAL_SECONDS", 30.0)
 # An agent is offline after this many heartbeat intervals without a message.
@@ -179,6 +188,10 @@ OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS = env_int("OPAMP_DESIRED_STATE_LOG_RET
 OPAMP_CONFIG_MAX_FILE_BYTES = env_int("OPAMP_CONFIG_MAX_FILE_BYTES", 1024 * 1024)
 OPAMP_CONFIG_MAX_TOTAL_BYTES = env_int("OPAMP_CONFIG_MAX_TOTAL_BYTES", 4 * 1024 * 1024)
 OPAMP_CONFIG_MAX_FILES = env_int("OPAMP_CONFIG_MAX_FILES", 64)
+# The largest REST request body (Django reads it into memory; 413 over it). A version's
+# files travel as JSON strings: room for twice the total (quotes, backslashes and newlines
+# are escaped to two bytes each) and the rest of the request.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("OPAMP_API_MAX_BODY_BYTES", 2 * OPAMP_CONFIG_MAX_TOTAL_BYTES + 1024 * 1024)
 # Caps applied to what agents report before it is stored.
 OPAMP_MAX_ATTRIBUTE_VALUE_CHARS = env_int("OPAMP_MAX_ATTRIBUTE_VALUE_CHARS", 4096)
 OPAMP_MAX_ATTRIBUTES = env_int("OPAMP_MAX_ATTRIBUTES", 256)

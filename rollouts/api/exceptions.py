@@ -4,13 +4,16 @@ Every refusal a service or selector can raise (DomainError, a config map that fa
 validation, a malformed label selector, a model that fails full_clean, a delete blocked
 by a protecting reference) is answered with one body shape,
 `{"detail": str, "field": str | null, "problems": [str, ...]}`: 400, or 409 for a blocked
-delete, or the status the DomainError carries. Anything else is left to DRF's handler.
+delete, 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, or the status the DomainError
+carries. Anything else is left to DRF's handler.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import ProtectedError, RestrictedError
 from rest_framework import status
@@ -23,6 +26,7 @@ from rollouts.label_selectors import SelectorError
 
 CONFIG_FILES_INVALID = "the configuration files are invalid"
 STILL_REFERENCED = "this cannot be deleted while other records refer to it"
+REQUEST_BODY_TOO_LARGE = "the request body is larger than {limit} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)"
 
 
 def error_body(detail: str, *, field: str | None = None, problems: list[str] | None = None) -> dict[str, Any]:
@@ -54,6 +58,12 @@ def _domain_response(exc: Exception) -> Response | None:
         return Response(
             error_body(CONFIG_FILES_INVALID, field="files", problems=list(exc.problems)),
             status=status.HTTP_400_BAD_REQUEST,
+        )
+    if isinstance(exc, RequestDataTooBig):
+        # Django's own answer would be an empty HTML 400.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response(
+            error_body(REQUEST_BODY_TOO_LARGE.format(limit=limit)), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
         )
     if isinstance(exc, SelectorError):
         return Response(error_body(str(exc), field="selector"), status=status.HTTP_400_BAD_REQUEST)

@@ -114,6 +114,8 @@ def test_defaults_come_from_the_settings(files: Files, settings: Any) -> None:
     config = render(*args)
     assert f"ssl_client_certificate {files.ca_cert};" in config
     assert "client_max_body_size 12345;" in config
+    assert "client_header_timeout 15s;" in config
+    assert "client_body_timeout 60s;" in config
     assert "listen 443 ssl;" in config
     assert "server 127.0.0.1:8000;" in config
 
@@ -261,3 +263,13 @@ def test_write_crl_without_a_configured_ca_says_so(files: Files, settings: Any) 
     with pytest.raises(CommandError, match="--write-crl"):
         render(*args, "--write-crl")
     assert not fresh.exists()
+
+
+def test_the_timeouts_come_from_the_servers_settings(files: Files, settings: Any) -> None:
+    settings.OPAMP_HTTP_HEADER_TIMEOUT_SECONDS = 7.5
+    settings.OPAMP_HTTP_BODY_TIMEOUT_SECONDS = 20
+    config = render(*base_args(files))
+    assert "client_header_timeout 8s;" in config
+    assert "client_body_timeout 20s;" in config
+    # Bodies stream to the server, which refuses from the headers.
+    assert directives(location(config, "= /v1/opamp"), "proxy_request_buffering") == ["proxy_request_buffering off"]

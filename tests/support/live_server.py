@@ -1,4 +1,5 @@
-"""A real server process for end-to-end and interop tests: migrate, then daphne on a free port.
+"""A real server process for end-to-end and interop tests: migrate, then the server
+(`python -m opamp_site.server`, daphne with its resource bounds) on a free port.
 
 Each server gets a database of its own (a fresh PostgreSQL database under the production
 profile, a SQLite file otherwise), so it never shares state with pytest-django's test
@@ -148,7 +149,7 @@ class LiveOpampServer:
                 [
                     sys.executable,
                     "-m",
-                    "daphne",
+                    "opamp_site.server",
                     "-b",
                     "127.0.0.1",
                     "-p",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import math
 import pwd
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class Command(BaseCommand):
             crl=_absolute(options["crl"]),
             max_body_bytes=max_body_bytes,
             websocket_timeout_seconds=options["websocket_timeout"],
+            header_timeout_seconds=math.ceil(settings.OPAMP_HTTP_HEADER_TIMEOUT_SECONDS),
+            body_timeout_seconds=math.ceil(settings.OPAMP_HTTP_BODY_TIMEOUT_SECONDS),
             static_root=_absolute(options["static_root"]) if options["static_root"] else None,
         )
         standalone = None
