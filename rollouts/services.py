@@ -169,17 +169,16 @@ def _create_version(
     version.full_clean()
     version.save()
     # Imported here: signing's services use this module's audit and label helpers.
-    from signing.services import sign_version
+    from signing.models import ConfigSigning
+    from signing.services import config_version_sign
 
-    signed = sign_version(
-        configuration_name=configuration.name,
-        version_number=version.number,
-        config_hash=config_hash,
-        issued_at=version.created_at,
+    # Under the next signing sequence of the configuration (the caller holds its lock), so
+    # agents accept a rollback to older content as the newer delivery it is.
+    config_version_sign(
+        version=version,
+        reason=ConfigSigning.Reason.ROLLBACK if rolled_back_from is not None else ConfigSigning.Reason.PUBLISH,
+        detail=f"version {version.number}",
     )
-    if signed is not None:
-        version.signature = signed.to_json_bytes().decode("utf-8")
-        version.save(update_fields=["signature"])
     if activate:
         configuration.current_version = version
         configuration.save(update_fields=["current_version", "updated_at"])
