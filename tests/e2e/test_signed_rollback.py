@@ -72,26 +72,34 @@ class SignedFleet:
         return "\n".join(process.output() for process in self.processes)
 
 
-@pytest.fixture
-def signed_server(tmp_path: Path) -> Iterator[tuple[LiveOpampServer, SignedFleet]]:
-    pair = generate_signing_key(tmp_path / "signing-key.pem")
-    public_key = tmp_path / "trusted.pem"
+@pytest.fixture(scope="module")
+def live_signing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveOpampServer, Path]]:
+    """One server and Celery worker for the module (each test uses a configuration and
+    agents of its own), signing with a key its agents trust."""
+    root = tmp_path_factory.mktemp("signed-rollback")
+    pair = generate_signing_key(root / "signing-key.pem")
+    public_key = root / "trusted.pem"
     public_key.write_text(pair.public_key_pem)
     server = LiveOpampServer(
-        tmp_path / "server",
-        extra_env={
-            "OPAMP_SIGNING_KEY_FILE": str(tmp_path / "signing-key.pem"),
-            "OPAMP_ROLLOUT_TICK_SECONDS": "1",
-        },
+        root / "server",
+        extra_env={"OPAMP_SIGNING_KEY_FILE": str(root / "signing-key.pem"), "OPAMP_ROLLOUT_TICK_SECONDS": "1"},
     )
     server.start()
     server.start_celery()
+    try:
+        yield server, public_key
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def signed_server(live_signing_server, tmp_path: Path) -> Iterator[tuple[LiveOpampServer, SignedFleet]]:
+    server, public_key = live_signing_server
     fleet = SignedFleet(server, tmp_path / "agents", public_key)
     try:
         yield server, fleet
     finally:
         fleet.stop()
-        server.close()
 
 
 def config_states(server: LiveOpampServer, service: str) -> list[dict[str, Any]]:
