@@ -194,6 +194,12 @@ class IssuedCertificate(models.Model):
         return int(self.serial_hex, 16)
 
 
+# Plain strings for the reasons code passes around (see REVOKED_UNSPECIFIED).
+SIGNED_ON_PUBLISH = "publish"
+SIGNED_ON_ROLLBACK = "rollback"
+SIGNED_FOR_DELIVERY = "rollout"
+
+
 class ConfigSigning(models.Model):
     """One signed delivery of a configuration version: its envelope under a sequence.
 
@@ -209,9 +215,9 @@ class ConfigSigning(models.Model):
     """
 
     class Reason(models.TextChoices):
-        PUBLISH = "publish", "published"
-        ROLLBACK = "rollback", "rolled back to"
-        ROLLOUT = "rollout", "rollout transition"
+        PUBLISH = SIGNED_ON_PUBLISH, "published"
+        ROLLBACK = SIGNED_ON_ROLLBACK, "rolled back to"
+        ROLLOUT = SIGNED_FOR_DELIVERY, "made desired again"
         MIGRATED = "migrated", "signed before sequences"
 
     configuration = models.ForeignKey("rollouts.Configuration", on_delete=models.CASCADE, related_name="signings")

@@ -65,6 +65,7 @@ from signing.errors import (
 )
 from signing.models import (
     REVOKED_UNSPECIFIED,
+    SIGNED_FOR_DELIVERY,
     CertificateAuthority,
     CertificateRequest,
     ConfigSigning,
@@ -310,7 +311,7 @@ def config_version_sign_for_delivery(*, version_id: int, detail: str = "") -> Co
         newest = ConfigSigning.objects.filter(version_id=version_id).aggregate(top=Max("sequence"))["top"]
         if newest is not None and newest == _top_sequence(version.configuration_id):
             return None
-        return _sign_next(version=version, reason=ConfigSigning.Reason.ROLLOUT, detail=detail, issued_at=None)
+        return _sign_next(version=version, reason=SIGNED_FOR_DELIVERY, detail=detail, issued_at=None)
 
 
 # --- certificate authority --------------------------------------------------------------

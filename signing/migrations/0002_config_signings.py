@@ -20,7 +20,7 @@ class Migration(migrations.Migration):
                 ('key_id', models.CharField(max_length=16)),
                 ('issued_at', models.DateTimeField()),
                 ('document', models.TextField()),
-                ('reason', models.CharField(choices=[('publish', 'published'), ('rollback', 'rolled back to'), ('rollout', 'rollout transition'), ('migrated', 'signed before sequences')], max_length=16)),
+                ('reason', models.CharField(choices=[('publish', 'published'), ('rollback', 'rolled back to'), ('rollout', 'made desired again'), ('migrated', 'signed before sequences')], max_length=16)),
                 ('detail', models.CharField(blank=True, max_length=200)),
                 ('created_at', models.DateTimeField(auto_now_add=True)),
                 ('configuration', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='signings', to='rollouts.configuration')),
