@@ -1,8 +1,10 @@
 """Rollouts: creation, the verbs, and the timed stage gate that Celery beat drives.
 
 Every transition is one conditional UPDATE on (state, stage_index) inside a transaction
-that also writes its RolloutEvent and re-resolves the configuration's agents, so a
-duplicated, stale or concurrent call changes nothing (`False` is returned). Counts are
+that also writes its RolloutEvent, signs anew the version it makes desired when another
+signing is newer (signed agents refuse older sequences), and re-resolves the
+configuration's agents, so a duplicated, stale or concurrent call changes nothing
+(`False` is returned). Counts are
 read outside any lock; the conditional UPDATE is what makes a decision stick once.
 """
 

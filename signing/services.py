@@ -306,7 +306,8 @@ def config_version_sign_for_delivery(*, version_id: int, detail: str = "") -> Co
     if active_signing_key_pair() is None:
         return None
     with transaction.atomic():
-        version = ConfigVersion.objects.get(pk=version_id)
+        # Not the files: they can be megabytes, and only the hash is signed.
+        version = ConfigVersion.objects.only("id", "configuration_id", "config_hash").get(pk=version_id)
         _lock_configuration(version.configuration_id)
         newest = ConfigSigning.objects.filter(version_id=version_id).aggregate(top=Max("sequence"))["top"]
         if newest is not None and newest == _top_sequence(version.configuration_id):
