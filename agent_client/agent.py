@@ -45,7 +45,7 @@ from agent_client.enrollment import (
     OfferKind,
 )
 from agent_client.remote_config import ConfigFile, ConfigRejected, check_remote_config
-from agent_client.signed_config import CUSTOM_CAPABILITY, content_hash, record_version, verify_remote_config
+from agent_client.signed_config import CUSTOM_CAPABILITY, content_hash, record_signing, verify_remote_config
 from agent_client.state import AgentState, RemoteConfigRecord
 from agent_client.transport import CredentialRefused, Transport, TransportError
 from agent_client.version import __version__
@@ -691,17 +691,17 @@ class Agent:
         (never the signature file) are checked, installed and reported as effective.
         """
         failed = replace(previous, last_hash=config_hash, status=pb.RemoteConfigStatuses_FAILED)
-        signed_versions = previous.signed_versions
+        signings = previous.signings
         try:
             if self.settings.trusted_keys is not None:
                 verified = verify_remote_config(
                     files,
                     offered_hash=config_hash,
                     trusted_keys=self.settings.trusted_keys,
-                    applied_versions=previous.signed_versions,
+                    applied=previous.signings,
                 )
                 files = verified.files
-                signed_versions = record_version(previous.signed_versions, verified.envelope)
+                signings = record_signing(previous.signings, verified.envelope)
             check_remote_config(
                 files,
                 fail_if_contains=self.settings.fail_if_contains,
@@ -717,5 +717,5 @@ class Agent:
             status=pb.RemoteConfigStatuses_APPLIED,
             applied_hash=config_hash,
             files=files,
-            signed_versions=signed_versions,
+            signings=signings,
         )

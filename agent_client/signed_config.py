@@ -3,14 +3,16 @@
 An agent given trusted Ed25519 public keys declares the custom capability
 `io.opamp.signed-config/v1`; the server then adds the file `opamp-signature.json` to the
 config map it offers. The signature covers the canonical hash of the OTHER files, the
-configuration name and a version that only goes up. The agent:
+configuration name and a signing sequence that goes up with every delivery of the
+configuration (going back to older content is a new delivery, under a higher sequence).
+The agent:
 
 - refuses a config without the signature file;
 - hashes the remaining files itself and refuses them when they do not hash to the offered
   `config_hash` (a changed body);
 - verifies the signature with `signing.config_signing.verify_signed_config` against that
-  hash and the highest version it applied so far for the configuration (a replay of an
-  older version is refused; the same version again is a re-delivery and accepted);
+  hash and the signing it runs for the configuration (a lower sequence is a replay of an
+  older delivery and refused; the same envelope again is a re-delivery and accepted);
 - applies only the remaining files, never the signature file.
 
 Every refusal is a `ConfigRejected`, so it is reported as FAILED like any other rejected
@@ -29,6 +31,7 @@ from opamp.hashing import config_map_hash
 from signing.config_signing import (
     CUSTOM_CAPABILITY,
     SIGNATURE_FILE_NAME,
+    AppliedSigning,
     SignatureError,
     SignedConfig,
     SignedEnvelope,
@@ -43,9 +46,10 @@ __all__ = [
     "OFFERED_HASH_MISMATCH",
     "SIGNATURE_FILE_NAME",
     "SIGNATURE_REFUSED",
+    "AppliedSigning",
     "VerifiedConfig",
     "content_hash",
-    "record_version",
+    "record_signing",
     "trusted_keys_by_id",
     "verify_remote_config",
 ]
@@ -79,11 +83,11 @@ def verify_remote_config(
     *,
     offered_hash: bytes,
     trusted_keys: Mapping[str, Ed25519PublicKey],
-    applied_versions: Mapping[str, int],
+    applied: Mapping[str, AppliedSigning],
 ) -> VerifiedConfig:
     """The files to apply, or ConfigRejected saying why the offer is refused.
 
-    `applied_versions` maps a configuration name to the highest version applied so far.
+    `applied` maps a configuration name to the signing applied last (the highest sequence).
     """
     rest, signature_file = split_signature_file(files)
     if signature_file is None:
@@ -95,12 +99,11 @@ def verify_remote_config(
         signed = SignedConfig.from_json_bytes(signature_file.body)
         # The name is looked up before the signature is checked, but nothing comes of it
         # unless the signature (which covers the name) verifies.
-        min_version = applied_versions.get(signed.envelope.configuration, 0)
         envelope = verify_signed_config(
             signed,
             trusted_keys=trusted_keys,
             config_hash_hex=actual.hex(),
-            min_version=min_version,
+            running=applied.get(signed.envelope.configuration),
             configuration=signed.envelope.configuration,
         )
     except SignatureError as error:
@@ -108,8 +111,8 @@ def verify_remote_config(
     return VerifiedConfig(files=rest, envelope=envelope)
 
 
-def record_version(applied_versions: Mapping[str, int], envelope: SignedEnvelope) -> dict[str, int]:
-    """`applied_versions` after applying `envelope`'s version (versions never go down)."""
-    versions = dict(applied_versions)
-    versions[envelope.configuration] = max(versions.get(envelope.configuration, 0), envelope.version)
-    return versions
+def record_signing(applied: Mapping[str, AppliedSigning], envelope: SignedEnvelope) -> dict[str, AppliedSigning]:
+    """`applied` after applying `envelope` (verified: its sequence is not below the one recorded)."""
+    signings = dict(applied)
+    signings[envelope.configuration] = AppliedSigning.of(envelope)
+    return signings

@@ -4,7 +4,8 @@
 
     <state-dir>/instance_uid         the instance_uid as a canonical UUID string
     <state-dir>/remote_config.json   last received hash, status, error, applied hash, file list,
-                                     highest signed version applied per configuration
+                                     the signing (sequence, config hash) applied last per
+                                     configuration
     <state-dir>/config/<name>        the applied config files, and nothing else
 
 `MemoryState` keeps the same facts in memory, for simulated fleets.
@@ -29,9 +30,12 @@ from typing import Protocol
 from agent_client.remote_config import ConfigFile, ConfigRejected, disk_name
 from opamp.identifiers import instance_uid_problem
 from opamp.proto import opamp_pb2 as pb
+from signing.config_signing import AppliedSigning
 
 INSTANCE_UID_FILE = "instance_uid"
 REMOTE_CONFIG_FILE = "remote_config.json"
+SIGNINGS_KEY = "signed_config_sequences"
+LEGACY_SIGNINGS_KEY = "signed_config_versions"
 CONFIG_DIR = "config"
 _TEMP_PREFIX = ".tmp-"
 
@@ -56,8 +60,8 @@ class RemoteConfigRecord:
 
     `last_hash` is the last `config_hash` received, whatever came of it (the spec's
     `last_remote_config_hash`); `applied_hash` and `files` describe the config in effect.
-    `signed_versions` is the highest signed version applied per configuration name: a
-    signed config older than that is a replay and refused.
+    `signings` is the signing applied last per configuration name (sequences only go
+    up): a signed config under a lower sequence is a replay and refused.
     """
 
     last_hash: bytes = b""
@@ -65,7 +69,7 @@ class RemoteConfigRecord:
     error_message: str = ""
     applied_hash: bytes = b""
     files: Mapping[str, ConfigFile] = field(default_factory=dict)
-    signed_versions: Mapping[str, int] = field(default_factory=dict)
+    signings: Mapping[str, AppliedSigning] = field(default_factory=dict)
 
 
 class AgentState(Protocol):
@@ -157,8 +161,7 @@ class FileState:
                 error_message=str(document["error_message"]),
                 applied_hash=bytes.fromhex(document["applied_config_hash"]),
                 files=self._read_config_files(content_types),
-                # Absent from records written before signed configs existed.
-                signed_versions=_parse_signed_versions(document.get("signed_config_versions", {})),
+                signings=_parse_signings(document),
             )
         except (KeyError, TypeError, ValueError, AttributeError, ConfigRejected) as error:
             raise StateError(f"{path}: malformed remote config record: {error!r}") from error
@@ -201,22 +204,43 @@ class FileState:
             "error_message": record.error_message,
             "applied_config_hash": record.applied_hash.hex(),
             "files": {name: file.content_type for name, file in sorted(record.files.items())},
-            "signed_config_versions": dict(sorted(record.signed_versions.items())),
+            SIGNINGS_KEY: {
+                name: {"sequence": signing.sequence, "config_hash": signing.config_hash}
+                for name, signing in sorted(record.signings.items())
+            },
         }
         data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         write_atomically(self.directory / REMOTE_CONFIG_FILE, data)
         fsync_directory(self.directory)
 
 
-def _parse_signed_versions(document: object) -> dict[str, int]:
-    if not isinstance(document, dict):
-        raise TypeError("signed_config_versions must be an object")
-    versions: dict[str, int] = {}
-    for name, version in document.items():
-        if not isinstance(name, str) or not isinstance(version, int) or isinstance(version, bool) or version < 1:
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _parse_signings(document: Mapping[str, object]) -> dict[str, AppliedSigning]:
+    signings: dict[str, AppliedSigning] = {}
+    # Records written before signing sequences kept the highest signed version applied;
+    # those numbers are the sequences the server continued from, so they are read as
+    # sequences without a hash. Absent from records written before signed configs existed.
+    legacy = document.get(LEGACY_SIGNINGS_KEY, {})
+    if not isinstance(legacy, dict):
+        raise TypeError(f"{LEGACY_SIGNINGS_KEY} must be an object")
+    for name, version in legacy.items():
+        if not isinstance(name, str) or not _positive_int(version):
             raise ValueError(f"bad signed config version {name!r}: {version!r}")
-        versions[name] = version
-    return versions
+        signings[name] = AppliedSigning(sequence=int(version))
+    current = document.get(SIGNINGS_KEY, {})
+    if not isinstance(current, dict):
+        raise TypeError(f"{SIGNINGS_KEY} must be an object")
+    for name, entry in current.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise ValueError(f"bad signed config entry {name!r}: {entry!r}")
+        sequence, config_hash = entry.get("sequence"), entry.get("config_hash", "")
+        if not _positive_int(sequence) or not isinstance(config_hash, str):
+            raise ValueError(f"bad signed config entry {name!r}: {entry!r}")
+        signings[name] = AppliedSigning(sequence=int(sequence), config_hash=config_hash)  # type: ignore[arg-type]
+    return signings
 
 
 class MemoryState:

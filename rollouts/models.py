@@ -50,7 +50,7 @@ class Configuration(models.Model):
 class ConfigVersion(models.Model):
     """One immutable version of a configuration: named files and their canonical SHA-256.
 
-    Never updated after creation. Rolling back creates a new version (a higher number)
+    Its content never changes after creation. Rolling back creates a new version (a higher number)
     with an earlier version's content, so version numbers only ever go up.
     """
 
@@ -64,8 +64,10 @@ class ConfigVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     note = models.TextField(blank=True)
-    # The Ed25519-signed envelope (signing.config_signing.SignedConfig as JSON), made at
-    # publish time; empty when no signing key is configured.
+    # The version's newest Ed25519-signed envelope (signing.config_signing.SignedConfig as
+    # JSON), the one delivered: a copy of its newest signing.ConfigSigning, replaced when a
+    # rollout transition signs the version anew. Empty when no signing key is configured.
+    # The only field that changes after creation.
     signature = models.TextField(blank=True)
     rolled_back_from = models.ForeignKey(
         "self",

@@ -1,8 +1,10 @@
 """Rollouts: creation, the verbs, and the timed stage gate that Celery beat drives.
 
 Every transition is one conditional UPDATE on (state, stage_index) inside a transaction
-that also writes its RolloutEvent and re-resolves the configuration's agents, so a
-duplicated, stale or concurrent call changes nothing (`False` is returned). Counts are
+that also writes its RolloutEvent, signs anew the version it makes desired when another
+signing is newer (signed agents refuse older sequences), and re-resolves the
+configuration's agents, so a duplicated, stale or concurrent call changes nothing
+(`False` is returned). Counts are
 read outside any lock; the conditional UPDATE is what makes a decision stick once.
 """
 
@@ -246,6 +248,7 @@ def _transition(
     transaction as the transition, and only when the transition happened.
     """
     with transaction.atomic():
+        _lock_configuration(rollout)
         guard = Rollout.objects.filter(pk=rollout.pk, state__in=list(from_states))
         if from_stage is not None:
             guard = guard.filter(stage_index=from_stage)
@@ -275,8 +278,27 @@ def _transition(
         if audit:
             audit_record(actor=actor, action=audit, target=rollout)
         if resolve:
+            rolling_back = to_state == RolloutState.ROLLING_BACK
+            _sign_for_delivery(
+                rollout, rollout.stable_version_id if rolling_back else rollout.candidate_version_id, kind
+            )
             desired_state.resolve_for_configuration(rollout.configuration)
     return True
+
+
+def _lock_configuration(rollout: Rollout) -> None:
+    """The configuration's row lock, taken first by every transition: the signing sequence
+    is allocated under it, and taking it before anything else keeps the lock order of
+    configuration_publish (configuration, then the desired-state generation)."""
+    Configuration.objects.select_for_update().filter(pk=rollout.configuration_id).values_list("pk").first()
+
+
+def _sign_for_delivery(rollout: Rollout, version_id: int, kind: str) -> None:
+    """Before agents are moved to `version_id`: its delivered signing must be newer than any
+    they run, or signing agents refuse going back to the stable content as a replay."""
+    from signing.services import config_version_sign_for_delivery
+
+    config_version_sign_for_delivery(version_id=version_id, detail=f"rollout {rollout.pk}: {kind}")
 
 
 def _require(rollout: Rollout, verb: str, states: Sequence[str]) -> None:
@@ -308,6 +330,7 @@ def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
     if other is not None:
         raise DomainError(ROLLOUT_ACTIVE.format(name=rollout.configuration.name, rollout_id=other.pk), status=409)
     with transaction.atomic():
+        _lock_configuration(rollout)
         _fix_thresholds(rollout)
         now = timezone.now()
         started = _transition(
@@ -429,6 +452,7 @@ def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
             f"configuration {configuration.name!r} moved on since this rollout; create a new one", status=409
         )
     with transaction.atomic():
+        _lock_configuration(rollout)
         RolloutTarget.objects.filter(rollout=rollout).delete()
         # A draft aborted before it started never had its thresholds fixed.
         _fix_thresholds(rollout)
@@ -752,6 +776,7 @@ def _succeed(rollout: Rollout, snapshot: Mapping[str, Any]) -> str:
         )
         if done:
             # The candidate becomes what every matching agent runs from now on.
+            _sign_for_delivery(rollout, rollout.candidate_version_id, Kind.SUCCEEDED)
             Configuration.objects.filter(pk=rollout.configuration_id).update(
                 current_version=rollout.candidate_version_id, updated_at=timezone.now()
             )

@@ -25,8 +25,8 @@ from rollouts.errors import (
     DomainError,
 )
 from rollouts.label_selectors import SelectorError, check_label, parse_selector
-from rollouts.models import AuditEvent, Configuration, ConfigVersion
-from rollouts.resolver_cache import bump_definitions
+from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
+from rollouts.resolver_cache import bump_definitions, resolver_definitions
 
 Actor: TypeAlias = AbstractBaseUser | AnonymousUser | None
 
@@ -169,17 +169,16 @@ def _create_version(
     version.full_clean()
     version.save()
     # Imported here: signing's services use this module's audit and label helpers.
-    from signing.services import sign_version
+    from signing.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK
+    from signing.services import config_version_sign
 
-    signed = sign_version(
-        configuration_name=configuration.name,
-        version_number=version.number,
-        config_hash=config_hash,
-        issued_at=version.created_at,
+    # Under the next signing sequence of the configuration (the caller holds its lock), so
+    # agents accept a rollback to older content as the newer delivery it is.
+    config_version_sign(
+        version=version,
+        reason=SIGNED_ON_ROLLBACK if rolled_back_from is not None else SIGNED_ON_PUBLISH,
+        detail=f"version {version.number}",
     )
-    if signed is not None:
-        version.signature = signed.to_json_bytes().decode("utf-8")
-        version.save(update_fields=["signature"])
     if activate:
         configuration.current_version = version
         configuration.save(update_fields=["current_version", "updated_at"])
@@ -273,6 +272,38 @@ def configuration_rollback(
     return version
 
 
+def _sign_for_label_move(*, instance_uid: uuid.UUID, labels: dict[str, str], replace: bool) -> None:
+    """When new labels move an agent to another version of a configuration (out of a
+    rollout's first stage, say), that version's delivered signing must be the newest of the
+    configuration, or an agent that verifies signatures refuses it as a replay.
+
+    Done before the agent's row is locked, so the configuration's lock comes first, as in
+    publishing and every rollout transition. A concurrent change that moves the agent
+    differently signs for its own move.
+    """
+    agent = Agent.objects.filter(instance_uid=instance_uid).first()
+    if agent is None:
+        return
+    new_labels = merged_labels(
+        identifying=agent.identifying_attributes,
+        non_identifying=agent.non_identifying_attributes,
+        operator=labels if replace else {**agent.operator_labels, **labels},
+    )
+    definitions = resolver_definitions()
+    configuration = desired_state.choose_configuration(new_labels, definitions.candidates)
+    if configuration is None:
+        return
+    version_id, _ = desired_state.version_for_agent(
+        configuration, agent_id=agent.pk, instance_uid=instance_uid, labels=new_labels, plans=definitions.plans
+    )
+    current = AgentDesiredConfig.objects.filter(agent_id=agent.pk).values_list("version_id", flat=True).first()
+    if current is None or current == version_id:
+        return  # not moved (a first assignment has no signing to be newer than)
+    from signing.services import config_version_sign_for_delivery
+
+    config_version_sign_for_delivery(version_id=version_id, detail=f"agent {instance_uid}: labels changed")
+
+
 def check_labels(labels: Any) -> dict[str, str]:
     """Operator labels, each one a selector can select; DomainError names the first bad one."""
     if not isinstance(labels, Mapping):
@@ -291,6 +322,7 @@ def check_labels(labels: Any) -> dict[str, str]:
 def agent_labels_set(*, instance_uid: uuid.UUID, labels: Any, actor: Actor, replace: bool = True) -> Agent:
     """Set (or, with replace=False, merge) the operator labels of an agent and re-resolve it."""
     checked = check_labels(labels)
+    _sign_for_label_move(instance_uid=instance_uid, labels=checked, replace=replace)
     agent = Agent.objects.select_for_update().get(instance_uid=instance_uid)
     before = dict(agent.operator_labels)
     agent.operator_labels = checked if replace else {**agent.operator_labels, **checked}

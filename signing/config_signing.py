@@ -1,11 +1,23 @@
-"""Ed25519 signatures over configuration versions: signing, verification, key files.
+"""Ed25519 signatures over configuration deliveries: signing, verification, key files.
 
 Pure (the standard library and `cryptography` only) so the agent client can verify what
 the server signs with the very same code. What is signed is a small canonical envelope,
-not the config map itself: the envelope names the canonical config-map hash
-(`opamp.hashing.config_map_hash`, hex), the configuration, a version number that only
-goes up, the issue time and the signing key's id. The verifier recomputes the hash of
-the files it received, so a changed body, a swapped key or an older version is refused.
+not the config map itself: the envelope names the config hash (the canonical digest of
+the config map, `opamp.hashing.config_map_hash`, hex), the configuration, a signing
+sequence, the issue time and the signing key's id. The verifier recomputes the hash of
+the files it received, so a changed body or a swapped key is refused.
+
+The sequence counts deliveries, not content: the server signs a version anew, under a
+sequence above every one it issued before for the configuration, each time that version
+becomes what agents should run (published, rolled back to, a rollout started, stepped,
+promoted or retried, aborted or rolled back automatically). An agent refuses a sequence
+lower than the one it runs (a replay of an older delivery) and accepts the very envelope
+it runs again (a re-delivery); going back to older content arrives under a higher
+sequence, so it is never mistaken for a replay.
+
+Envelopes of format v1 (before sequences) carried a per-configuration `version` that only
+went up; they still verify, under their own domain string, with that number read as the
+sequence (the server continued its sequences above those numbers).
 
 On the wire the signature travels next to the files it covers, as the extra config-map
 file `SIGNATURE_FILE_NAME` (JSON), to agents that declared `CUSTOM_CAPABILITY`. The hash
@@ -35,8 +47,12 @@ SIGNATURE_CONTENT_TYPE = "application/json"
 CUSTOM_CAPABILITY = "io.opamp.signed-config/v1"
 # A different domain per signed thing: a signature made for one purpose can never be
 # replayed as another (e.g. a package signature passed off as a config signature).
-SIGNED_CONFIG_DOMAIN = b"opamp-signed-config/v1\n"
-ENVELOPE_FIELDS = frozenset({"config_hash", "configuration", "version", "issued_at", "key_id"})
+SIGNED_CONFIG_DOMAIN = b"opamp-signed-config/v2\n"
+ENVELOPE_FIELDS = frozenset({"config_hash", "configuration", "sequence", "issued_at", "key_id"})
+# Format v1: `version` instead of `sequence`, signed under its own domain string, so a v1
+# signature can never be presented as a v2 one or the other way round.
+LEGACY_SIGNED_CONFIG_DOMAIN = b"opamp-signed-config/v1\n"
+LEGACY_ENVELOPE_FIELDS = frozenset({"config_hash", "configuration", "version", "issued_at", "key_id"})
 # A signature document is a few hundred bytes; anything far larger is not one of ours and
 # is refused before json.loads spends memory on it.
 MAX_SIGNATURE_DOCUMENT_BYTES = 16 * 1024
@@ -52,13 +68,16 @@ UNKNOWN_KEY = "the config is signed with key {key_id}, which this agent does not
 BAD_SIGNATURE = "the config signature does not verify with key {key_id}"
 HASH_MISMATCH = "the config does not match its signature: signed hash {signed}, received content hashes to {actual}"
 CONFIGURATION_MISMATCH = "the signature is for configuration {signed!r}, not {expected!r}"
-VERSION_ROLLBACK = "the signed config is version {version}, older than version {min_version} already in use"
+SEQUENCE_REPLAYED = (
+    "the signed config has signing sequence {sequence}, older than sequence {running} already in use (a replay)"
+)
+SEQUENCE_REUSED = "the signed config reuses signing sequence {sequence} of the config in use for other content"
 KEY_FILE_EXISTS = "refusing to overwrite the existing key file {path}"
 KEY_FILE_NOT_ED25519 = "the key file {path} does not hold an Ed25519 private key"
 KEY_FILE_UNREADABLE = "cannot load a private key from {path}: {problem}"
 PUBLIC_KEY_NOT_ED25519 = "the public key is not an Ed25519 key"
 PUBLIC_KEY_UNREADABLE = "cannot load a public key: {problem}"
-VERSION_INVALID = "the version must be a positive integer"
+SEQUENCE_INVALID = "the signing sequence must be a positive integer"
 CONFIG_HASH_INVALID = "the config hash must be 64 lowercase hex characters (SHA-256)"
 CONFIGURATION_NAME_INVALID = "the configuration name must be 1-200 characters"
 
@@ -91,8 +110,13 @@ class ConfigurationMismatch(SignatureError):
     """A valid signature made for another configuration."""
 
 
-class VersionRollback(SignatureError):
-    """A valid signature for a version older than the one already in use (replay/rollback)."""
+class SequenceReplayed(SignatureError):
+    """A valid signature under a sequence lower than the one in use: an older delivery replayed."""
+
+
+class SequenceReused(SignatureError):
+    """A valid signature under the sequence in use, for other content (never issued by a server
+    that allocates each sequence once; refused all the same)."""
 
 
 class SigningKeyError(Exception):
@@ -234,22 +258,30 @@ def rfc3339_utc(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class SignedEnvelope:
-    """What a config signature says; `version` only goes up within one configuration."""
+    """What a config signature says; `sequence` only goes up within one configuration.
+
+    `legacy` marks a format-v1 envelope, whose `version` field is read as the sequence.
+    """
 
     config_hash: str
     configuration: str
-    version: int
+    sequence: int
     issued_at: str
     key_id: str
+    legacy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config_hash": self.config_hash,
             "configuration": self.configuration,
-            "version": self.version,
+            "version" if self.legacy else "sequence": self.sequence,
             "issued_at": self.issued_at,
             "key_id": self.key_id,
         }
+
+    @property
+    def domain(self) -> bytes:
+        return LEGACY_SIGNED_CONFIG_DOMAIN if self.legacy else SIGNED_CONFIG_DOMAIN
 
     @property
     def issued_at_datetime(self) -> datetime:
@@ -259,7 +291,7 @@ class SignedEnvelope:
 def canonical_envelope_bytes(envelope: SignedEnvelope) -> bytes:
     """The exact bytes signed: domain string + sorted, whitespace-free JSON."""
     body = json.dumps(envelope.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return SIGNED_CONFIG_DOMAIN + body.encode("ascii")
+    return envelope.domain + body.encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -299,28 +331,35 @@ class SignedConfig:
 
 def _parse_envelope(document: Any) -> SignedEnvelope:
     # Strict on purpose: unknown fields are refused rather than ignored, because an
-    # ignored field would be unsigned data the agent might still act on. A v2 envelope
-    # comes with a new domain string.
+    # ignored field would be unsigned data the agent might still act on. Each format comes
+    # with its own domain string.
     def bad(problem: str) -> MalformedSignature:
         return MalformedSignature(MALFORMED_DOCUMENT.format(problem=problem))
 
-    if not isinstance(document, dict) or set(document) != ENVELOPE_FIELDS:
+    legacy = isinstance(document, dict) and set(document) == LEGACY_ENVELOPE_FIELDS
+    if not isinstance(document, dict) or (set(document) != ENVELOPE_FIELDS and not legacy):
         raise bad("the envelope must have exactly the fields " + ", ".join(sorted(ENVELOPE_FIELDS)))
     config_hash, configuration = document["config_hash"], document["configuration"]
-    version, issued_at, key_id = document["version"], document["issued_at"], document["key_id"]
+    sequence = document["version" if legacy else "sequence"]
+    issued_at, key_id = document["issued_at"], document["key_id"]
     if not isinstance(config_hash, str) or not _SHA256_HEX.match(config_hash):
         raise bad("config_hash must be 64 lowercase hex characters")
     if not isinstance(configuration, str) or not 0 < len(configuration) <= MAX_CONFIGURATION_NAME_CHARS:
         raise bad("configuration must be a non-empty string")
-    # bool is an int in Python; a JSON `true` is not a version.
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise bad("version must be a positive integer")
+    # bool is an int in Python; a JSON `true` is not a sequence.
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
+        raise bad("sequence must be a positive integer")
     if not isinstance(issued_at, str) or not _RFC3339_UTC_SECONDS.match(issued_at):
         raise bad("issued_at must be an RFC 3339 UTC time such as 2025-01-31T12:00:00Z")
     if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
         raise bad("key_id must be 16 lowercase hex characters")
     return SignedEnvelope(
-        config_hash=config_hash, configuration=configuration, version=version, issued_at=issued_at, key_id=key_id
+        config_hash=config_hash,
+        configuration=configuration,
+        sequence=sequence,
+        issued_at=issued_at,
+        key_id=key_id,
+        legacy=legacy,
     )
 
 
@@ -329,25 +368,24 @@ def sign_config(
     key: SigningKeyPair,
     config_hash_hex: str,
     configuration: str,
-    version: int,
+    sequence: int,
     issued_at: datetime | None = None,
 ) -> SignedConfig:
-    """Sign one configuration version.
+    """Sign one delivery of a configuration's content under `sequence`.
 
-    Pass a fixed `issued_at` (e.g. when the version was published) to get byte-identical
-    output from every server process; the signature file is then stable and never causes
-    a config-map hash to change between offers.
+    The server signs once per sequence and stores the result, so every process delivers
+    the same bytes for it.
     """
     if not isinstance(config_hash_hex, str) or not _SHA256_HEX.match(config_hash_hex):
         raise ValueError(CONFIG_HASH_INVALID)
     if not isinstance(configuration, str) or not 0 < len(configuration) <= MAX_CONFIGURATION_NAME_CHARS:
         raise ValueError(CONFIGURATION_NAME_INVALID)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(VERSION_INVALID)
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
+        raise ValueError(SEQUENCE_INVALID)
     envelope = SignedEnvelope(
         config_hash=config_hash_hex,
         configuration=configuration,
-        version=version,
+        sequence=sequence,
         issued_at=rfc3339_utc(issued_at or datetime.now(UTC)),
         key_id=key.key_id,
     )
@@ -360,16 +398,17 @@ def verify_signed_config(
     *,
     trusted_keys: Mapping[str, Ed25519PublicKey],
     config_hash_hex: str,
-    min_version: int,
+    running: AppliedSigning | None,
     configuration: str | None = None,
 ) -> SignedEnvelope:
     """The verified envelope, or a `SignatureError` subclass saying why not.
 
     Order matters: nothing in the envelope is believed before its signature verifies, so
-    the hash and version checks come after the signature check.
+    the hash and sequence checks come after the signature check.
     `config_hash_hex` is the hash the agent computed itself over the files it received
-    (without the signature file). `min_version` is the version it runs now (0 for none);
-    the same version again is accepted (a re-delivery), a lower one is not.
+    (without the signature file). `running` is the signing the agent runs now for the
+    envelope's configuration (None for none): a lower sequence is a replay and refused;
+    the same sequence is accepted as a re-delivery when it names the same content.
     """
     parsed = signed if isinstance(signed, SignedConfig) else SignedConfig.from_json_bytes(signed)
     envelope = parsed.envelope
@@ -390,9 +429,30 @@ def verify_signed_config(
         raise ConfigurationMismatch(
             CONFIGURATION_MISMATCH.format(signed=envelope.configuration, expected=configuration)
         )
-    if envelope.version < min_version:
-        raise VersionRollback(VERSION_ROLLBACK.format(version=envelope.version, min_version=min_version))
+    if running is not None:
+        if envelope.sequence < running.sequence:
+            raise SequenceReplayed(SEQUENCE_REPLAYED.format(sequence=envelope.sequence, running=running.sequence))
+        # A record kept before hashes were recorded has none: the sequence alone decides.
+        if (
+            envelope.sequence == running.sequence
+            and running.config_hash
+            and running.config_hash != envelope.config_hash
+        ):
+            raise SequenceReused(SEQUENCE_REUSED.format(sequence=envelope.sequence))
     return envelope
+
+
+@dataclass(frozen=True)
+class AppliedSigning:
+    """The signing an agent runs for one configuration: its sequence and the config hash it
+    vouched for ("" when unknown, in records kept before hashes were)."""
+
+    sequence: int
+    config_hash: str = ""
+
+    @classmethod
+    def of(cls, envelope: SignedEnvelope) -> AppliedSigning:
+        return cls(sequence=envelope.sequence, config_hash=envelope.config_hash)
 
 
 FileT = TypeVar("FileT")

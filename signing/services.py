@@ -26,12 +26,13 @@ from cryptography import x509
 from cryptography.x509 import ReasonFlags
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Max
 from django.utils import timezone
 
 from fleet.models import Agent
 from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
 from rollouts.errors import DomainError
+from rollouts.models import Configuration, ConfigVersion
 from rollouts.services import Actor, agent_labels_set, audit_record, check_labels
 from signing import ca as ca_module
 from signing import config_signing
@@ -65,8 +66,10 @@ from signing.errors import (
 )
 from signing.models import (
     REVOKED_UNSPECIFIED,
+    SIGNED_FOR_DELIVERY,
     CertificateAuthority,
     CertificateRequest,
+    ConfigSigning,
     EnrollmentToken,
     EnrollmentTokenUse,
     IssuedCertificate,
@@ -211,14 +214,13 @@ def signing_key_retire(*, key: SigningKey, actor: Actor) -> bool:
     return bool(moved)
 
 
-def sign_version(
-    *, configuration_name: str, version_number: int, config_hash: str, issued_at: datetime | None = None
+def sign_delivery(
+    *, configuration_name: str, sequence: int, config_hash: str, issued_at: datetime | None = None
 ) -> SignedConfig | None:
-    """The signature for one config version, or None when no signing key is configured.
+    """An envelope for content `config_hash` under `sequence`, signed with the configured key,
+    or None when no signing key is configured. A retired key refuses to sign.
 
-    Pass the version's creation time as `issued_at`: the output is then byte-identical in
-    every process and on every call, so the signature file never changes the delivered
-    config map between offers. A retired key refuses to sign.
+    Only signs: the sequence is allocated, and the result stored, by `config_version_sign`.
     """
     pair = active_signing_key_pair()
     if pair is None:
@@ -234,9 +236,87 @@ def sign_version(
         key=pair,
         config_hash_hex=config_hash,
         configuration=configuration_name,
-        version=version_number,
+        sequence=sequence,
         issued_at=issued_at,
     )
+
+
+def _lock_configuration(configuration_id: int) -> str:
+    """Take the configuration's row lock (held to commit); its name.
+
+    Every signing of the configuration allocates its sequence under this lock, so two
+    concurrent transitions never issue the same one. Publishing and the rollout
+    transitions take it first, before anything else they lock.
+    """
+    name: str = Configuration.objects.select_for_update().values_list("name", flat=True).get(pk=configuration_id)
+    return name
+
+
+def _top_sequence(configuration_id: int) -> int:
+    top = ConfigSigning.objects.filter(configuration_id=configuration_id).aggregate(top=Max("sequence"))["top"]
+    return int(top or 0)
+
+
+def config_version_sign(
+    *, version: ConfigVersion, reason: str, detail: str = "", issued_at: datetime | None = None
+) -> ConfigSigning | None:
+    """Sign `version` under its configuration's next sequence; None without a signing key.
+
+    The signing becomes the version's newest, the one delivered from now on (copied to
+    `ConfigVersion.signature`); older signings stay valid for the agents that run them.
+    Runs in the caller's transaction, under the configuration's row lock.
+    """
+    if active_signing_key_pair() is None:
+        return None  # nothing to sign with: no query, no lock
+    with transaction.atomic():
+        return _sign_next(version=version, reason=reason, detail=detail, issued_at=issued_at)
+
+
+def _sign_next(*, version: ConfigVersion, reason: str, detail: str, issued_at: datetime | None) -> ConfigSigning | None:
+    name = _lock_configuration(version.configuration_id)
+    sequence = _top_sequence(version.configuration_id) + 1
+    signed = sign_delivery(
+        configuration_name=name, sequence=sequence, config_hash=version.config_hash, issued_at=issued_at
+    )
+    if signed is None:
+        return None
+    document = signed.to_json_bytes().decode("ascii")
+    signing = ConfigSigning.objects.create(
+        configuration_id=version.configuration_id,
+        version=version,
+        sequence=sequence,
+        key_id=signed.envelope.key_id,
+        issued_at=signed.envelope.issued_at_datetime,
+        document=document,
+        reason=reason,
+        detail=detail[:200],
+    )
+    ConfigVersion.objects.filter(pk=version.pk).update(signature=document)
+    version.signature = document
+    return signing
+
+
+def config_version_sign_for_delivery(*, version_id: int, detail: str = "") -> ConfigSigning | None:
+    """Make sure the signing delivered with `version_id` is its configuration's newest.
+
+    Called by every transition that makes the version what some agents should run: those
+    agents run another signing of the configuration, which is lower than the newest, so
+    the version's own newest signing is fresh to them only if it is the configuration's
+    newest. When it is not (another version was signed since, e.g. a candidate after the
+    stable version, or the stable version after the candidate when a rollout is aborted),
+    the version is signed anew under the next sequence. None: nothing was signed (already
+    the newest, or no signing key configured).
+    """
+    if active_signing_key_pair() is None:
+        return None
+    with transaction.atomic():
+        # Not the files: they can be megabytes, and only the hash is signed.
+        version = ConfigVersion.objects.only("id", "configuration_id", "config_hash").get(pk=version_id)
+        _lock_configuration(version.configuration_id)
+        newest = ConfigSigning.objects.filter(version_id=version_id).aggregate(top=Max("sequence"))["top"]
+        if newest is not None and newest == _top_sequence(version.configuration_id):
+            return None
+        return _sign_next(version=version, reason=SIGNED_FOR_DELIVERY, detail=detail, issued_at=None)
 
 
 # --- certificate authority --------------------------------------------------------------

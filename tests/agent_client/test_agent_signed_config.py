@@ -21,6 +21,7 @@ from signing.config_signing import (
     CUSTOM_CAPABILITY,
     SIGNATURE_CONTENT_TYPE,
     SIGNATURE_FILE_NAME,
+    AppliedSigning,
     SigningKeyPair,
     sign_config,
 )
@@ -49,7 +50,7 @@ def signed_offer(
     files: Mapping[str, ConfigFile],
     *,
     key: SigningKeyPair,
-    version: int = 1,
+    sequence: int = 1,
     configuration: str = "edge",
     sent_files: Mapping[str, ConfigFile] | None = None,
     offered_hash: bytes | None = None,
@@ -57,7 +58,7 @@ def signed_offer(
     """What the server sends: `files` (or `sent_files`, to tamper) plus the signature file."""
     config_hash = config_map_hash(files)
     signed = sign_config(
-        key=key, config_hash_hex=config_hash.hex(), configuration=configuration, version=version, issued_at=ISSUED_AT
+        key=key, config_hash_hex=config_hash.hex(), configuration=configuration, sequence=sequence, issued_at=ISSUED_AT
     )
     wire = {
         **(files if sent_files is None else sent_files),
@@ -100,7 +101,7 @@ async def test_a_correctly_signed_config_is_applied_without_its_signature_file(
     record = FileState(state_dir).load_remote_config()
     assert record.applied_hash == config_hash
     assert record.files == CONFIG_V1
-    assert record.signed_versions == {"edge": 1}
+    assert record.signings == {"edge": AppliedSigning(1, config_hash.hex())}
 
 
 async def test_a_tampered_body_under_the_offered_hash_fails_and_writes_nothing(
@@ -178,11 +179,11 @@ async def test_an_unsigned_config_fails_when_signatures_are_required(
     assert config_dir_names(state_dir) == []
 
 
-async def test_a_replayed_older_version_fails_and_the_newer_config_stays_in_effect(
+async def test_a_replayed_older_delivery_fails_and_the_newer_config_stays_in_effect(
     ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
 ) -> None:
-    newer, newer_hash = signed_offer(CONFIG_V2, key=key, version=2)
-    older, older_hash = signed_offer(CONFIG_V1, key=key, version=1)
+    newer, newer_hash = signed_offer(CONFIG_V2, key=key, sequence=2)
+    older, older_hash = signed_offer(CONFIG_V1, key=key, sequence=1)
     async with running(make_agent(ws_server.url, state_dir, signed_settings)):
         await ws_server.next_message()
         applied = await push_and_wait(ws_server, newer, newer_hash)
@@ -191,55 +192,128 @@ async def test_a_replayed_older_version_fails_and_the_newer_config_stays_in_effe
 
     assert failed.remote_config_status.status == FAILED
     assert failed.remote_config_status.error_message == (
-        "signature refused: the signed config is version 1, older than version 2 already in use"
+        "signature refused: the signed config has signing sequence 1, older than sequence 2 already in use (a replay)"
     )
     assert (state_dir / "config" / "collector.yaml").read_bytes() == CONFIG_V2["collector.yaml"].body
     record = FileState(state_dir).load_remote_config()
     assert record.applied_hash == newer_hash
-    assert record.signed_versions == {"edge": 2}
+    assert record.signings == {"edge": AppliedSigning(2, newer_hash.hex())}
 
 
 async def test_the_replay_check_survives_a_restart(
     ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
 ) -> None:
-    newer, newer_hash = signed_offer(CONFIG_V2, key=key, version=2)
+    newer, newer_hash = signed_offer(CONFIG_V2, key=key, sequence=2)
     async with running(make_agent(ws_server.url, state_dir, signed_settings)):
         await ws_server.next_message()
         await push_and_wait(ws_server, newer, newer_hash)
     await ws_server.next_message()  # disconnect
 
-    older, older_hash = signed_offer(CONFIG_V1, key=key, version=1)
+    older, older_hash = signed_offer(CONFIG_V1, key=key, sequence=1)
     async with running(make_agent(ws_server.url, state_dir, signed_settings)):
         first = await ws_server.next_message()
         assert first.remote_config_status.status == APPLIED
         failed = await push_and_wait(ws_server, older, older_hash)
     assert failed.remote_config_status.status == FAILED
-    assert "older than version 2" in failed.remote_config_status.error_message
+    assert "older than sequence 2" in failed.remote_config_status.error_message
 
 
-async def test_a_rollback_signed_as_a_new_version_is_applied(
+async def test_older_content_signed_anew_under_a_higher_sequence_is_applied(
     ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
 ) -> None:
     async with running(make_agent(ws_server.url, state_dir, signed_settings)):
         await ws_server.next_message()
-        for files, version in ((CONFIG_V1, 1), (CONFIG_V2, 2), (CONFIG_V1, 3)):
-            message, config_hash = signed_offer(files, key=key, version=version)
+        for files, sequence in ((CONFIG_V1, 1), (CONFIG_V2, 2), (CONFIG_V1, 3)):
+            message, config_hash = signed_offer(files, key=key, sequence=sequence)
             outcome = await push_and_wait(ws_server, message, config_hash)
             assert outcome.remote_config_status.status == APPLIED
     assert (state_dir / "config" / "collector.yaml").read_bytes() == CONFIG_V1["collector.yaml"].body
-    assert FileState(state_dir).load_remote_config().signed_versions == {"edge": 3}
+    assert FileState(state_dir).load_remote_config().signings == {"edge": AppliedSigning(3, config_hash.hex())}
 
 
-async def test_versions_are_tracked_per_configuration(
+async def test_sequences_are_tracked_per_configuration(
     ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
 ) -> None:
     async with running(make_agent(ws_server.url, state_dir, signed_settings)):
         await ws_server.next_message()
-        message, config_hash = signed_offer(CONFIG_V2, key=key, version=5, configuration="edge")
+        message, config_hash = signed_offer(CONFIG_V2, key=key, sequence=5, configuration="edge")
         assert (await push_and_wait(ws_server, message, config_hash)).remote_config_status.status == APPLIED
-        message, config_hash = signed_offer(CONFIG_V1, key=key, version=1, configuration="gateway")
+        message, config_hash = signed_offer(CONFIG_V1, key=key, sequence=1, configuration="gateway")
         assert (await push_and_wait(ws_server, message, config_hash)).remote_config_status.status == APPLIED
-    assert FileState(state_dir).load_remote_config().signed_versions == {"edge": 5, "gateway": 1}
+    signings = FileState(state_dir).load_remote_config().signings
+    assert {name: signing.sequence for name, signing in signings.items()} == {"edge": 5, "gateway": 1}
+
+
+async def test_a_candidate_then_the_stable_content_signed_anew_is_applied_and_a_replay_of_its_old_envelope_is_not(
+    ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
+) -> None:
+    """Stable (sequence 2), candidate (3), abort: stable again under 4; the old 2 is a replay."""
+    stable_old, stable_hash = signed_offer(CONFIG_V1, key=key, sequence=2)
+    candidate, candidate_hash = signed_offer(CONFIG_V2, key=key, sequence=3)
+    stable_again, _ = signed_offer(CONFIG_V1, key=key, sequence=4)
+    async with running(make_agent(ws_server.url, state_dir, signed_settings)):
+        await ws_server.next_message()
+        assert (await push_and_wait(ws_server, stable_old, stable_hash)).remote_config_status.status == APPLIED
+        assert (await push_and_wait(ws_server, candidate, candidate_hash)).remote_config_status.status == APPLIED
+        back = await push_and_wait(ws_server, stable_again, stable_hash)
+        assert back.remote_config_status.status == APPLIED
+        # The candidate's envelope replayed: lower than the stable's new sequence.
+        replayed = await push_and_wait(ws_server, candidate, candidate_hash)
+    assert replayed.remote_config_status.status == FAILED
+    assert "older than sequence 4" in replayed.remote_config_status.error_message
+    assert (state_dir / "config" / "collector.yaml").read_bytes() == CONFIG_V1["collector.yaml"].body
+    assert FileState(state_dir).load_remote_config().signings == {"edge": AppliedSigning(4, stable_hash.hex())}
+
+
+async def test_the_envelope_in_use_delivered_again_is_applied_as_a_re_delivery(
+    ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair, signed_settings: AgentSettings
+) -> None:
+    stable, stable_hash = signed_offer(CONFIG_V1, key=key, sequence=2)
+    candidate, candidate_hash = signed_offer(CONFIG_V2, key=key, sequence=1, configuration="other")
+    async with running(make_agent(ws_server.url, state_dir, signed_settings)):
+        await ws_server.next_message()
+        assert (await push_and_wait(ws_server, stable, stable_hash)).remote_config_status.status == APPLIED
+        # Another hash in between, so the agent does not skip the repeat as already received.
+        await push_and_wait(ws_server, candidate, candidate_hash)
+        again = await push_and_wait(ws_server, stable, stable_hash)
+    assert again.remote_config_status.status == APPLIED
+    assert FileState(state_dir).load_remote_config().signings["edge"] == AppliedSigning(2, stable_hash.hex())
+
+
+async def test_envelopes_signed_by_several_trusted_keys_keep_one_sequence(
+    ws_server: FakeWebSocketServer, state_dir: Path, key: SigningKeyPair
+) -> None:
+    """Keys rotate: the sequence is the configuration's, whichever key signed."""
+    next_key = SigningKeyPair.generate()
+    settings = replace(QUIET, trusted_keys=trusted_keys_by_id([key.public_key, next_key.public_key]))
+    first, first_hash = signed_offer(CONFIG_V1, key=key, sequence=5)
+    second, second_hash = signed_offer(CONFIG_V2, key=next_key, sequence=6)
+    replay, _ = signed_offer(CONFIG_V1, key=next_key, sequence=5)
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await ws_server.next_message()
+        assert (await push_and_wait(ws_server, first, first_hash)).remote_config_status.status == APPLIED
+        assert (await push_and_wait(ws_server, second, second_hash)).remote_config_status.status == APPLIED
+        refused = await push_and_wait(ws_server, replay, first_hash)
+    assert refused.remote_config_status.status == FAILED
+    assert "older than sequence 6" in refused.remote_config_status.error_message
+
+
+def test_a_record_of_signed_versions_loads_them_as_sequences(state_dir: Path) -> None:
+    """Kept before sequences existed: the highest signed version is the sequence to beat."""
+    state = FileState(state_dir)
+    document = {
+        "last_remote_config_hash": "",
+        "status": "UNSET",
+        "error_message": "",
+        "applied_config_hash": "",
+        "files": {},
+        "signed_config_versions": {"edge": 7},
+    }
+    (state_dir / "remote_config.json").write_text(json.dumps(document), encoding="utf-8")
+    record = state.load_remote_config()
+    assert record.signings == {"edge": AppliedSigning(7)}
+    state.save_remote_config(record)
+    assert state.load_remote_config().signings == {"edge": AppliedSigning(7)}
 
 
 async def test_the_capability_is_declared_in_full_reports_only_when_keys_are_configured(
@@ -277,7 +351,7 @@ def test_an_empty_key_set_still_requires_signatures() -> None:
     assert AgentSettings().custom_capabilities == []
 
 
-def test_a_record_written_before_signed_configs_loads_with_no_versions(state_dir: Path) -> None:
+def test_a_record_written_before_signed_configs_loads_with_no_signings(state_dir: Path) -> None:
     state = FileState(state_dir)
     document = {
         "last_remote_config_hash": "",
@@ -287,7 +361,7 @@ def test_a_record_written_before_signed_configs_loads_with_no_versions(state_dir
         "files": {},
     }
     (state_dir / "remote_config.json").write_text(json.dumps(document), encoding="utf-8")
-    assert state.load_remote_config().signed_versions == {}
+    assert state.load_remote_config().signings == {}
 
 
 # --- command line -----------------------------------------------------------------------

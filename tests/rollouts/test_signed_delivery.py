@@ -40,19 +40,19 @@ def publish() -> tuple[str, int, str]:
     return version.config_hash, version.number, version.signature
 
 
-async def test_a_version_is_signed_at_publish_time_over_its_hash_name_and_number(signing_key):
-    config_hash, number, signature = await publish()
+async def test_a_version_is_signed_at_publish_time_over_its_hash_name_and_the_first_sequence(signing_key):
+    config_hash, _, signature = await publish()
     envelope = verify_signed_config(
         SignedConfig.from_json_bytes(signature.encode()),
         trusted_keys={signing_key.key_id: signing_key.public_key},
         config_hash_hex=config_hash,
-        min_version=number,
+        running=None,
     )
-    assert (envelope.configuration, envelope.version, envelope.key_id) == ("signed", number, signing_key.key_id)
+    assert (envelope.configuration, envelope.sequence, envelope.key_id) == ("signed", 1, signing_key.key_id)
 
 
 async def test_an_agent_that_declared_the_capability_gets_the_signature_file(signing_key):
-    config_hash, number, _ = await publish()
+    config_hash, _, _ = await publish()
     message = full_report(uuid7().bytes, 1, service="checkout")
     message.custom_capabilities.capabilities.append(CUSTOM_CAPABILITY)
     async with WsAgent() as agent:
@@ -66,7 +66,7 @@ async def test_an_agent_that_declared_the_capability_gets_the_signature_file(sig
         SignedConfig.from_json_bytes(signature_file.body),
         trusted_keys={signing_key.key_id: signing_key.public_key},
         config_hash_hex=config_hash,
-        min_version=number,
+        running=None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import stat
@@ -14,18 +15,22 @@ from signing.config_signing import (
     CONFIGURATION_MISMATCH,
     HASH_MISMATCH,
     KEY_FILE_EXISTS,
+    LEGACY_SIGNED_CONFIG_DOMAIN,
+    SEQUENCE_REPLAYED,
+    SEQUENCE_REUSED,
     SIGNED_CONFIG_DOMAIN,
     UNKNOWN_KEY,
-    VERSION_ROLLBACK,
+    AppliedSigning,
     BadSignature,
     ConfigHashMismatch,
     ConfigurationMismatch,
     MalformedSignature,
+    SequenceReplayed,
+    SequenceReused,
     SignedConfig,
     SigningKeyError,
     SigningKeyPair,
     UnknownSigningKey,
-    VersionRollback,
     canonical_envelope_bytes,
     generate_signing_key,
     key_id_for,
@@ -46,8 +51,12 @@ def key() -> SigningKeyPair:
     return SigningKeyPair.generate()
 
 
-def signed(key: SigningKeyPair, *, version: int = 3, config_hash: str = HASH) -> SignedConfig:
-    return sign_config(key=key, config_hash_hex=config_hash, configuration="edge", version=version, issued_at=ISSUED)
+def signed(key: SigningKeyPair, *, sequence: int = 3, config_hash: str = HASH) -> SignedConfig:
+    return sign_config(key=key, config_hash_hex=config_hash, configuration="edge", sequence=sequence, issued_at=ISSUED)
+
+
+def running(sequence: int, config_hash: str = HASH) -> AppliedSigning:
+    return AppliedSigning(sequence=sequence, config_hash=config_hash)
 
 
 def trusting(*keys: SigningKeyPair) -> dict:
@@ -55,17 +64,19 @@ def trusting(*keys: SigningKeyPair) -> dict:
 
 
 def test_a_signed_config_verifies_and_returns_its_envelope(key):
-    envelope = verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0)
+    envelope = verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, running=None)
     assert envelope.config_hash == HASH
     assert envelope.configuration == "edge"
-    assert envelope.version == 3
+    assert envelope.sequence == 3
     assert envelope.issued_at == "2025-03-01T12:30:15Z"
     assert envelope.key_id == key.key_id
 
 
 def test_the_signature_survives_serialisation_to_json_bytes(key):
     data = signed(key).to_json_bytes()
-    assert verify_signed_config(data, trusted_keys=trusting(key), config_hash_hex=HASH, min_version=3).version == 3
+    assert (
+        verify_signed_config(data, trusted_keys=trusting(key), config_hash_hex=HASH, running=running(3)).sequence == 3
+    )
     assert SignedConfig.from_json_bytes(data) == signed(key)
 
 
@@ -86,7 +97,7 @@ def test_the_key_id_is_the_start_of_the_sha256_of_the_raw_public_key(key):
 
 def test_a_tampered_body_is_refused_as_a_hash_mismatch(key):
     with pytest.raises(ConfigHashMismatch) as refused:
-        verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=OTHER_HASH, min_version=0)
+        verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=OTHER_HASH, running=None)
     assert refused.value.message == HASH_MISMATCH.format(signed=HASH, actual=OTHER_HASH)
 
 
@@ -95,7 +106,7 @@ def test_a_changed_envelope_is_refused_as_a_bad_signature(key):
     document["envelope"]["config_hash"] = OTHER_HASH
     with pytest.raises(BadSignature) as refused:
         verify_signed_config(
-            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=OTHER_HASH, min_version=0
+            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=OTHER_HASH, running=None
         )
     assert refused.value.message == BAD_SIGNATURE.format(key_id=key.key_id)
 
@@ -103,7 +114,7 @@ def test_a_changed_envelope_is_refused_as_a_bad_signature(key):
 def test_a_signature_by_an_untrusted_key_is_refused(key):
     stranger = SigningKeyPair.generate()
     with pytest.raises(UnknownSigningKey) as refused:
-        verify_signed_config(signed(stranger), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0)
+        verify_signed_config(signed(stranger), trusted_keys=trusting(key), config_hash_hex=HASH, running=None)
     assert refused.value.message == UNKNOWN_KEY.format(key_id=stranger.key_id)
 
 
@@ -114,25 +125,88 @@ def test_a_signature_claiming_a_trusted_key_id_but_made_by_another_key_is_refuse
     document["envelope"]["key_id"] = key.key_id
     with pytest.raises(BadSignature):
         verify_signed_config(
-            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0
+            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=HASH, running=None
         )
 
 
-def test_a_replayed_older_version_is_refused(key):
-    with pytest.raises(VersionRollback) as refused:
-        verify_signed_config(signed(key, version=2), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=3)
-    assert refused.value.message == VERSION_ROLLBACK.format(version=2, min_version=3)
+def test_a_replayed_older_delivery_is_refused(key):
+    with pytest.raises(SequenceReplayed) as refused:
+        verify_signed_config(
+            signed(key, sequence=2), trusted_keys=trusting(key), config_hash_hex=HASH, running=running(3)
+        )
+    assert refused.value.message == SEQUENCE_REPLAYED.format(sequence=2, running=3)
 
 
-def test_the_version_already_in_use_is_accepted_again(key):
-    envelope = verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=3)
-    assert envelope.version == 3
+def test_a_replayed_older_delivery_of_the_very_content_in_use_is_refused_too(key):
+    with pytest.raises(SequenceReplayed):
+        verify_signed_config(
+            signed(key, sequence=2), trusted_keys=trusting(key), config_hash_hex=HASH, running=running(5)
+        )
+
+
+def test_the_envelope_already_in_use_is_accepted_again_as_a_re_delivery(key):
+    envelope = verify_signed_config(signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, running=running(3))
+    assert envelope.sequence == 3
+
+
+def test_the_sequence_in_use_signed_over_other_content_is_refused(key):
+    with pytest.raises(SequenceReused) as refused:
+        verify_signed_config(
+            signed(key, config_hash=OTHER_HASH),
+            trusted_keys=trusting(key),
+            config_hash_hex=OTHER_HASH,
+            running=running(3, HASH),
+        )
+    assert refused.value.message == SEQUENCE_REUSED.format(sequence=3)
+
+
+def test_older_content_signed_anew_under_a_higher_sequence_is_accepted(key):
+    """Going back to the stable content after a candidate: a new delivery, not a replay."""
+    stable_again = signed(key, sequence=4, config_hash=HASH)
+    envelope = verify_signed_config(
+        stable_again, trusted_keys=trusting(key), config_hash_hex=HASH, running=running(3, OTHER_HASH)
+    )
+    assert envelope.sequence == 4
+
+
+def legacy_signed(key: SigningKeyPair, *, version: int, config_hash: str = HASH) -> bytes:
+    """A format-v1 document, as servers signed before sequences existed."""
+    envelope = {
+        "config_hash": config_hash,
+        "configuration": "edge",
+        "version": version,
+        "issued_at": "2025-03-01T12:30:15Z",
+        "key_id": key.key_id,
+    }
+    body = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+    signature = base64.b64encode(key.private_key.sign(LEGACY_SIGNED_CONFIG_DOMAIN + body)).decode()
+    return json.dumps({"envelope": envelope, "signature": signature}).encode()
+
+
+def test_a_v1_envelope_still_verifies_with_its_version_read_as_the_sequence(key):
+    envelope = verify_signed_config(
+        legacy_signed(key, version=2), trusted_keys=trusting(key), config_hash_hex=HASH, running=None
+    )
+    assert (envelope.sequence, envelope.legacy) == (2, True)
+    with pytest.raises(SequenceReplayed):
+        verify_signed_config(
+            legacy_signed(key, version=2), trusted_keys=trusting(key), config_hash_hex=HASH, running=running(3)
+        )
+
+
+def test_a_v1_envelope_relabelled_as_v2_does_not_verify(key):
+    document = json.loads(legacy_signed(key, version=7))
+    document["envelope"]["sequence"] = document["envelope"].pop("version")
+    with pytest.raises(BadSignature):
+        verify_signed_config(
+            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=HASH, running=None
+        )
 
 
 def test_a_signature_for_another_configuration_is_refused_when_the_agent_names_its_own(key):
     with pytest.raises(ConfigurationMismatch) as refused:
         verify_signed_config(
-            signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0, configuration="core"
+            signed(key), trusted_keys=trusting(key), config_hash_hex=HASH, running=None, configuration="core"
         )
     assert refused.value.message == CONFIGURATION_MISMATCH.format(signed="edge", expected="core")
 
@@ -140,8 +214,10 @@ def test_a_signature_for_another_configuration_is_refused_when_the_agent_names_i
 def test_after_a_key_rotation_both_accepted_keys_verify(key):
     next_key = SigningKeyPair.generate()
     trusted = trusting(key, next_key)
-    old = verify_signed_config(signed(key), trusted_keys=trusted, config_hash_hex=HASH, min_version=0)
-    new = verify_signed_config(signed(next_key, version=4), trusted_keys=trusted, config_hash_hex=HASH, min_version=3)
+    old = verify_signed_config(signed(key), trusted_keys=trusted, config_hash_hex=HASH, running=None)
+    new = verify_signed_config(
+        signed(next_key, sequence=4), trusted_keys=trusted, config_hash_hex=HASH, running=running(3)
+    )
     assert (old.key_id, new.key_id) == (key.key_id, next_key.key_id)
 
 
@@ -158,19 +234,19 @@ def test_after_a_key_rotation_both_accepted_keys_verify(key):
 )
 def test_malformed_signature_documents_are_refused(key, document):
     with pytest.raises(MalformedSignature):
-        verify_signed_config(document, trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0)
+        verify_signed_config(document, trusted_keys=trusting(key), config_hash_hex=HASH, running=None)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("version", True), ("version", 0), ("version", "3"), ("issued_at", "2025-03-01 12:30"), ("extra", 1)],
+    [("sequence", True), ("sequence", 0), ("sequence", "3"), ("issued_at", "2025-03-01 12:30"), ("extra", 1)],
 )
 def test_an_envelope_with_a_wrong_field_is_refused_even_when_otherwise_valid(key, field, value):
     document = signed(key).to_dict()
     document["envelope"][field] = value
     with pytest.raises(MalformedSignature):
         verify_signed_config(
-            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=HASH, min_version=0
+            json.dumps(document).encode(), trusted_keys=trusting(key), config_hash_hex=HASH, running=None
         )
 
 

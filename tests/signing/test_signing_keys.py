@@ -34,22 +34,22 @@ def key_file(settings, tmp_path) -> Path:
 
 def test_without_a_configured_key_versions_are_not_signed(settings):
     settings.OPAMP_SIGNING_KEY_FILE = ""
-    assert services.sign_version(configuration_name="edge", version_number=1, config_hash=HASH) is None
+    assert services.sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is None
     assert services.signing_key_register_active() is None
 
 
-def test_a_signed_version_verifies_with_the_trusted_keys_the_server_publishes(key_file):
-    signed = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
+def test_a_signed_delivery_verifies_with_the_trusted_keys_the_server_publishes(key_file):
+    signed = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
     assert signed is not None
     envelope = verify_signed_config(
-        signed.to_json_bytes(), trusted_keys=selectors.trusted_public_keys(), config_hash_hex=HASH, min_version=1
+        signed.to_json_bytes(), trusted_keys=selectors.trusted_public_keys(), config_hash_hex=HASH, running=None
     )
-    assert (envelope.configuration, envelope.version, envelope.issued_at) == ("edge", 2, "2025-05-01T08:00:00Z")
+    assert (envelope.configuration, envelope.sequence, envelope.issued_at) == ("edge", 2, "2025-05-01T08:00:00Z")
 
 
-def test_signing_the_same_version_twice_gives_the_same_bytes(key_file):
-    first = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
-    second = services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH, issued_at=PUBLISHED)
+def test_signing_the_same_sequence_at_the_same_time_twice_gives_the_same_bytes(key_file):
+    first = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
+    second = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
     assert first is not None and second is not None
     assert first.to_json_bytes() == second.to_json_bytes()
 
@@ -66,9 +66,9 @@ def test_the_configured_key_becomes_the_single_active_key_and_the_previous_one_s
     trusted = selectors.trusted_public_keys()
     assert set(trusted) == {old.key_id, new.key_id}
     # What the old key signed before the rotation still verifies, and so does the new key's work.
-    for pair, version in ((old, 1), (new, 2)):
-        signed = sign_config(key=pair, config_hash_hex=HASH, configuration="edge", version=version)
-        assert verify_signed_config(signed, trusted_keys=trusted, config_hash_hex=HASH, min_version=0).key_id == (
+    for pair, sequence in ((old, 1), (new, 2)):
+        signed = sign_config(key=pair, config_hash_hex=HASH, configuration="edge", sequence=sequence)
+        assert verify_signed_config(signed, trusted_keys=trusted, config_hash_hex=HASH, running=None).key_id == (
             pair.key_id
         )
 
@@ -80,7 +80,7 @@ def test_a_retired_key_is_no_longer_trusted_and_refuses_to_sign(key_file, operat
     assert services.signing_key_retire(key=key, actor=operator) is False
     assert key.key_id not in selectors.trusted_public_keys()
     with pytest.raises(SigningError) as refused:
-        services.sign_version(configuration_name="edge", version_number=3, config_hash=HASH)
+        services.sign_delivery(configuration_name="edge", sequence=3, config_hash=HASH)
     assert refused.value.message == SIGNING_KEY_RETIRED.format(key_id=key.key_id)
     assert AuditEvent.objects.filter(action="signing_key.retire").count() == 1
 
