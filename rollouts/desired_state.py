@@ -324,8 +324,35 @@ def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[st
         if target is not None:
             _record_targets([target], now)
     if locked_definitions_token() != definitions.token:
-        transaction.on_commit(lambda: resolve_agent(agent_id))
+        transaction.on_commit(lambda: resolve_agents_in_lock_order([agent_id]))
     return version_id
+
+
+_CONFIGURATIONS_KEY_SHARE_SQL = "SELECT id FROM {table} ORDER BY id FOR KEY SHARE"
+
+
+@transaction.atomic
+def resolve_agents_in_lock_order(agent_ids: Sequence[int]) -> list[int]:
+    """Re-resolve `agent_ids` outside any writer's transaction (a new agent that raced a
+    change, the reconciler's repairs); the ids whose assignment changed.
+
+    A plain resolve writes assignments first and the generation row last, while a writer
+    of definitions holds its configuration row (FOR UPDATE), then the generation row,
+    then writes assignments: run side by side on the same agent, each waits for the other.
+    Here locks are taken in the writers' order instead, so each waits at most for writers
+    to finish: the configurations (key share: what an assignment's foreign key, checked at
+    commit, needs; a writer holding one is waited for), the agents' rows (no key update: a relabel, which
+    holds its agent, is waited for; a writer's inserts only key-share them), then the
+    generation row, which makes a change of the definitions in flight finish first and
+    keeps the next one from starting until this resolution has committed.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_CONFIGURATIONS_KEY_SHARE_SQL.format(table=Configuration._meta.db_table))
+    ids = sorted(set(agent_ids))
+    list(Agent.objects.select_for_update(no_key=True).filter(pk__in=ids).order_by("pk").values_list("pk"))
+    DesiredStateGeneration.objects.select_for_update().filter(pk=1).first()
+    return resolve_agents(Agent.objects.filter(pk__in=ids))
 
 
 _TOKEN_FOR_SHARE_SQL = "SELECT definitions FROM {table} WHERE id = 1 FOR SHARE"
@@ -335,6 +362,12 @@ def locked_definitions_token() -> str:
     """The definitions token, read under a share lock held until the caller's commit: a
     writer of definitions that holds the row is waited for, one that comes later waits.
 
+    The caller's foreign keys are checked first: they are deferred to commit, and the
+    check key-shares the configuration row an assignment names, which a writer of
+    definitions holds (FOR UPDATE) while it waits for the generation row. Checked after
+    the share lock was taken, each would wait for the other; checked before, the caller
+    takes the two locks in the writer's order.
+
     Elsewhere than on PostgreSQL, writing transactions are serialised by the database
     (SQLite's single writer), so a plain read is enough.
     """
@@ -342,6 +375,7 @@ def locked_definitions_token() -> str:
         return definitions_token()
     sql = _TOKEN_FOR_SHARE_SQL.format(table=DesiredStateGeneration._meta.db_table)
     with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(sql)
         row = cursor.fetchone()
         if row is None:

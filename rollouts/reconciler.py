@@ -21,8 +21,7 @@ from django.utils import timezone
 from fleet.models import Agent
 from rollouts.desired_state import (
     computed_assignments,
-    locked_definitions_token,
-    resolve_agents,
+    resolve_agents_in_lock_order,
     stored_assignments,
 )
 from rollouts.models import ReconcilerState
@@ -56,17 +55,10 @@ def _describe(assignment: tuple[int, int] | None) -> str:
 
 
 def _repair(agent_ids: list[int]) -> list[Repair]:
-    """Re-resolve `agent_ids` through the resolver; the assignments it actually changed.
-
-    Locks are taken in the order every other writer allows: the agents' rows first (no key
-    update: a publish's inserts only key-share them; a relabel, which holds its agent,
-    is waited for), then a share lock on the definitions row, so a change of the
-    definitions in flight is waited for and the resolution below is not older than it.
-    """
-    list(Agent.objects.select_for_update(no_key=True).filter(pk__in=agent_ids).order_by("pk").values_list("pk"))
-    locked_definitions_token()
+    """Re-resolve `agent_ids` through the resolver, in the writers' lock order (see
+    resolve_agents_in_lock_order); the assignments it actually changed."""
     before = stored_assignments(agent_ids)
-    changed = resolve_agents(Agent.objects.filter(pk__in=agent_ids))
+    changed = resolve_agents_in_lock_order(agent_ids)
     after = stored_assignments(changed)
     return [Repair(agent_id, before.get(agent_id), after.get(agent_id)) for agent_id in sorted(changed)]
 

@@ -52,6 +52,7 @@ def first_report(uid: uuid.UUID) -> int:
 
 def in_thread(target: Callable[[], Any], results: dict[str, Any], key: str) -> threading.Thread:
     """Run `target` in a thread named `key`, its result (or error) in `results[key]`."""
+
     def run() -> None:
         try:
             results[key] = target()
@@ -66,9 +67,7 @@ def in_thread(target: Callable[[], Any], results: dict[str, Any], key: str) -> t
 
 
 def assigned_version(uid: uuid.UUID) -> int | None:
-    return (
-        AgentDesiredConfig.objects.filter(agent__instance_uid=uid).values_list("version_id", flat=True).first()
-    )
+    return AgentDesiredConfig.objects.filter(agent__instance_uid=uid).values_list("version_id", flat=True).first()
 
 
 def test_a_publish_committed_between_a_new_agents_resolution_and_its_commit_reaches_the_agent(
