@@ -340,11 +340,11 @@ def resolve_agents_in_lock_order(agent_ids: Sequence[int]) -> list[int]:
     of definitions holds its configuration row (FOR UPDATE), then the generation row,
     then writes assignments: run side by side on the same agent, each waits for the other.
     Here locks are taken in the writers' order instead, so each waits at most for writers
-    to finish: the configurations (key share: what an assignment's foreign key, checked at
-    commit, needs; a writer holding one is waited for), the agents' rows (no key update: a relabel, which
-    holds its agent, is waited for; a writer's inserts only key-share them), then the
-    generation row, which makes a change of the definitions in flight finish first and
-    keeps the next one from starting until this resolution has committed.
+    to finish: the configurations (key share: what an assignment's foreign key, checked
+    at commit, needs; a writer holding one is waited for), the agents' rows (no key
+    update: a relabel, which holds its agent, is waited for; a writer's inserts only
+    key-share them), then the generation row, which makes a change of the definitions in
+    flight finish first and keeps the next one from starting until this one commits.
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
