@@ -70,32 +70,34 @@ def test_a_deleted_and_an_altered_assignment_are_repaired_within_one_run(
     agents = converged_fleet()
     web = services.configuration_create(name="other", selector="nobody=here", actor=None)
     other_version, _ = services.configuration_publish(configuration=web, files=STABLE, author=None)
-    deleted, altered = agents[10], agents[20]
-    expected = stored_assignments([deleted.pk, altered.pk])
+    deleted, altered, mislabelled = agents[10], agents[20], agents[30]
+    expected = stored_assignments([deleted.pk, altered.pk, mislabelled.pk])
     AgentDesiredConfig.objects.filter(agent=deleted).delete()
     AgentDesiredConfig.objects.filter(agent=altered).update(configuration=web, version=other_version)
+    # The right version under the wrong configuration is a difference too.
+    AgentDesiredConfig.objects.filter(agent=mislabelled).update(configuration=web)
     generation = current_generation()
     with (
         caplog.at_level(logging.WARNING, logger="rollouts.reconciler"),
         django_capture_on_commit_callbacks(execute=False) as callbacks,
     ):
         run = reconcile(1000)
-    assert sorted(r.agent_id for r in run.repairs) == sorted([deleted.pk, altered.pk])
-    assert stored_assignments([deleted.pk, altered.pk]) == expected
+    assert sorted(r.agent_id for r in run.repairs) == sorted([deleted.pk, altered.pk, mislabelled.pk])
+    assert stored_assignments([deleted.pk, altered.pk, mislabelled.pk]) == expected
     assert converged()
     # Through the resolver's write path: logged under a new generation, and hinted.
     assert current_generation() == generation + 1
     assert len(callbacks) == 1
     messages = [r.getMessage() for r in caplog.records if r.msg == REPAIR_LOG]
-    assert len(messages) == 2
+    assert len(messages) == 3
     assert any(str(deleted.instance_uid) in m and "was unassigned" in m for m in messages)
     assert any(str(altered.instance_uid) in m and f"version {other_version.pk}, the resolver" in m for m in messages)
     state = ReconcilerState.objects.get()
-    assert (state.last_run_repaired, state.repairs_total) == (2, 2)
+    assert (state.last_run_repaired, state.repairs_total) == (3, 3)
     assert state.last_repair_at is not None
     # And the next run finds nothing more.
     assert reconcile(1000).repairs == ()
-    assert ReconcilerState.objects.get().repairs_total == 2
+    assert ReconcilerState.objects.get().repairs_total == 3
 
 
 def test_an_assignment_no_configuration_wants_is_removed():
