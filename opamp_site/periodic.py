@@ -19,6 +19,11 @@ PERIODIC_TASKS = [
     PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30),
     PeriodicTaskSpec("rollouts: advance", "rollouts.tasks.advance_rollouts", settings.OPAMP_ROLLOUT_TICK_SECONDS),
     PeriodicTaskSpec("rollouts: prune the desired-state log", "rollouts.tasks.prune_desired_state_log", 600),
+    PeriodicTaskSpec(
+        "rollouts: reconcile desired state",
+        "rollouts.tasks.reconcile_desired_state",
+        settings.OPAMP_RECONCILE_SECONDS,
+    ),
     # Hourly, against a nextUpdate of OPAMP_CRL_NEXT_UPDATE_HOURS (24 by default).
     PeriodicTaskSpec("signing: refresh the CRL file", "signing.tasks.refresh_crl", 3600),
 ]

@@ -35,6 +35,7 @@ from rollouts.models import (
     AuditEvent,
     Configuration,
     ConfigVersion,
+    ReconcilerState,
     Rollout,
     RolloutEvent,
     RolloutState,
@@ -433,6 +434,31 @@ class AgentDesiredConfigAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
     list_filter = ["configuration"]
     list_select_related = ["agent", "configuration", "version__configuration"]
     search_fields = ["agent__instance_uid", "configuration__name"]
+
+
+@admin.register(ReconcilerState)
+class ReconcilerStateAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
+    """The reconciler's counters: a non-zero repair count means assignments went wrong."""
+
+    list_display = [
+        "__str__",
+        "last_run_at",
+        "last_run_checked",
+        "last_run_repaired",
+        "repairs_total",
+        "last_repair_at",
+    ]
+    fields = [
+        "runs",
+        "passes_completed",
+        "cursor_agent_id",
+        "last_run_at",
+        "last_run_checked",
+        "last_run_repaired",
+        "repairs_total",
+        "last_repair_at",
+    ]
+    readonly_fields = fields
 
 
 @admin.register(AuditEvent)

@@ -29,7 +29,12 @@ from rollouts.models import (
     DesiredStateGeneration,
     RolloutTarget,
 )
-from rollouts.resolver_cache import CandidateConfiguration, config_files, resolver_definitions
+from rollouts.resolver_cache import (
+    CandidateConfiguration,
+    config_files,
+    definitions_token,
+    resolver_definitions,
+)
 from rollouts.rollout_plans import RolloutPlan
 from rollouts.selector_queries import selector_q
 
@@ -164,6 +169,36 @@ def _chunks(items: Sequence[int], size: int = BATCH) -> Iterable[Sequence[int]]:
         yield items[start : start + size]
 
 
+def stored_assignments(agent_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The stored (configuration id, version id) of each of `agent_ids` that has one."""
+    return {
+        agent_id: (configuration_id, version_id)
+        for agent_id, configuration_id, version_id in AgentDesiredConfig.objects.filter(
+            agent_id__in=agent_ids
+        ).values_list("agent_id", "configuration_id", "version_id")
+    }
+
+
+def computed_assignments(
+    rows: Iterable[tuple[int, uuid.UUID, dict[str, str] | None]],
+) -> dict[int, tuple[int, int] | None]:
+    """What the resolver gives each agent of `rows` (id, instance uid, labels) now:
+    (configuration id, version id), or None for no configuration. Reads only the
+    definitions, writes nothing."""
+    definitions = resolver_definitions()
+    computed: dict[int, tuple[int, int] | None] = {}
+    for agent_id, instance_uid, labels in rows:
+        configuration = choose_configuration(labels or {}, definitions.candidates)
+        if configuration is None:
+            computed[agent_id] = None
+            continue
+        version_id, _ = version_for_agent(
+            configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=definitions.plans
+        )
+        computed[agent_id] = (configuration.configuration_id, version_id)
+    return computed
+
+
 @transaction.atomic
 def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
     """Recompute the desired version of `agents`; return the ids whose assignment changed."""
@@ -177,11 +212,7 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
     rows = list(agents.values_list("id", "instance_uid", "labels"))
     for chunk_start in range(0, len(rows), BATCH):
         chunk = rows[chunk_start : chunk_start + BATCH]
-        current = dict(
-            AgentDesiredConfig.objects.filter(agent_id__in=[row[0] for row in chunk]).values_list(
-                "agent_id", "version_id"
-            )
-        )
+        current = stored_assignments([row[0] for row in chunk])
         for agent_id, instance_uid, labels in chunk:
             configuration = choose_configuration(labels or {}, candidates)
             if configuration is None:
@@ -191,7 +222,9 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
             version_id, target = version_for_agent(
                 configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=plans
             )
-            if current.get(agent_id) != version_id:
+            # The configuration is compared too: a row whose version is right but whose
+            # configuration is not (written by other means) is rewritten, not kept.
+            if current.get(agent_id) != (configuration.configuration_id, version_id):
                 if target is not None:
                     targets.append(target)
                 changed_to[(configuration.configuration_id, version_id)].append(agent_id)
@@ -258,6 +291,7 @@ def resolve_agent(agent_id: int) -> list[int]:
 
 def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[str, str]) -> int | None:
     """Assign a version to an agent created in the caller's transaction; its id or None.
+    Call it last in that transaction (see the end of this docstring).
 
     The path of every new agent's first report, so it does only what such an agent needs:
     it has no assignment to read or compare (it did not exist), the report being answered
@@ -266,21 +300,91 @@ def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[st
     with 18,000 agents connecting, the hint alone (a thread and a Redis round trip per
     agent) cost more server CPU than the rest of the report, and every bump made every
     process re-read the desired config of every agent it serves.
+
+    A change of the definitions committed meanwhile must not be missed: its own resolution
+    selects agents by a query that cannot see this uncommitted agent. So the definitions
+    token is read again at the end, under a share lock on the row every such change
+    updates (and holds until it commits) before its resolution runs: a change in flight is
+    waited for and shows as a new token; one not yet begun must wait for this commit, and
+    its resolution then sees the agent. A new token means the agent is resolved again
+    after commit, by the full path (logged and hinted): only agents that raced a change
+    pay for it.
     """
     definitions = resolver_definitions()
     configuration = choose_configuration(labels or {}, definitions.candidates)
-    if configuration is None:
-        return None
-    version_id, target = version_for_agent(
-        configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=definitions.plans
-    )
-    now = timezone.now()
-    AgentDesiredConfig.objects.create(
-        agent_id=agent_id, configuration_id=configuration.configuration_id, version_id=version_id, updated_at=now
-    )
-    if target is not None:
-        _record_targets([target], now)
+    version_id: int | None = None
+    if configuration is not None:
+        version_id, target = version_for_agent(
+            configuration, agent_id=agent_id, instance_uid=instance_uid, labels=labels or {}, plans=definitions.plans
+        )
+        now = timezone.now()
+        AgentDesiredConfig.objects.create(
+            agent_id=agent_id, configuration_id=configuration.configuration_id, version_id=version_id, updated_at=now
+        )
+        if target is not None:
+            _record_targets([target], now)
+    if locked_definitions_token() != definitions.token:
+        transaction.on_commit(lambda: resolve_agents_in_lock_order([agent_id]))
     return version_id
+
+
+_CONFIGURATIONS_KEY_SHARE_SQL = "SELECT id FROM {table} ORDER BY id FOR KEY SHARE"
+
+
+@transaction.atomic
+def resolve_agents_in_lock_order(agent_ids: Sequence[int]) -> list[int]:
+    """Re-resolve `agent_ids` outside any writer's transaction (a new agent that raced a
+    change, the reconciler's repairs); the ids whose assignment changed.
+
+    A plain resolve writes assignments first and the generation row last, while a writer
+    of definitions holds its configuration row (FOR UPDATE), then the generation row,
+    then writes assignments: run side by side on the same agent, each waits for the other.
+    Here locks are taken in the writers' order instead, so each waits at most for writers
+    to finish: the configurations (key share: what an assignment's foreign key, checked
+    at commit, needs; a writer holding one is waited for), the agents' rows (no key
+    update: a relabel, which holds its agent, is waited for; a writer's inserts only
+    key-share them), then the generation row, which makes a change of the definitions in
+    flight finish first and keeps the next one from starting until this one commits.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_CONFIGURATIONS_KEY_SHARE_SQL.format(table=Configuration._meta.db_table))
+    ids = sorted(set(agent_ids))
+    list(Agent.objects.select_for_update(no_key=True).filter(pk__in=ids).order_by("pk").values_list("pk"))
+    DesiredStateGeneration.objects.select_for_update().filter(pk=1).first()
+    return resolve_agents(Agent.objects.filter(pk__in=ids))
+
+
+_TOKEN_FOR_SHARE_SQL = "SELECT definitions FROM {table} WHERE id = 1 FOR SHARE"
+
+
+def locked_definitions_token() -> str:
+    """The definitions token, read under a share lock held until the caller's commit: a
+    writer of definitions that holds the row is waited for, one that comes later waits.
+
+    The caller's foreign keys are checked first: they are deferred to commit, and the
+    check key-shares the configuration row an assignment names, which a writer of
+    definitions holds (FOR UPDATE) while it waits for the generation row. Checked after
+    the share lock was taken, each would wait for the other; checked before, the caller
+    takes the two locks in the writer's order.
+
+    Elsewhere than on PostgreSQL, writing transactions are serialised by the database
+    (SQLite's single writer), so a plain read is enough.
+    """
+    if connection.vendor != "postgresql":
+        return definitions_token()
+    sql = _TOKEN_FOR_SHARE_SQL.format(table=DesiredStateGeneration._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        cursor.execute(sql)
+        row = cursor.fetchone()
+        if row is None:
+            # No row yet (a new database): inserting it waits for a first writer that is
+            # inserting it right now, then the lock is taken as above.
+            DesiredStateGeneration.objects.get_or_create(pk=1)
+            cursor.execute(sql)
+            row = cursor.fetchone()
+    return str(row[0]) if row else ""
 
 
 _DESIRED_COLUMNS = (

@@ -314,3 +314,29 @@ class RolloutEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.kind} ({self.from_state} -> {self.to_state})"
+
+
+class ReconcilerState(models.Model):
+    """A single row: where the desired-state reconciler stopped and what it has found.
+
+    Each run checks the next batch of agents by id after `cursor_agent_id` and wraps to the
+    start after the last one (rollouts.reconciler). `repairs_total` counts assignments that
+    differed from the resolver's answer and were rewritten: in a healthy system it stays 0,
+    so any other value is a bug to look for in the logs.
+    """
+
+    cursor_agent_id = models.BigIntegerField(default=0)
+    runs = models.BigIntegerField(default=0)
+    passes_completed = models.BigIntegerField(default=0)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_checked = models.IntegerField(default=0)
+    last_run_repaired = models.IntegerField(default=0)
+    repairs_total = models.BigIntegerField(default=0)
+    last_repair_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "desired-state reconciler"
+        verbose_name_plural = "desired-state reconciler"
+
+    def __str__(self) -> str:
+        return f"reconciler: {self.runs} runs, {self.repairs_total} repairs"

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from rollouts.desired_state import prune_changes
+from rollouts.reconciler import desired_state_reconcile
 from rollouts.rollout_engine import rollout_tick, running_rollout_ids
 
 
@@ -29,3 +30,12 @@ def prune_desired_state_log() -> int:
     """Drop change-log rows older than the retention; a process further behind starts over."""
     retention = timedelta(seconds=settings.OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS)
     return prune_changes(older_than=timezone.now() - retention)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def reconcile_desired_state() -> dict[str, int] | str:
+    """Beat's periodic check of the next batch of agents' assignments (rollouts.reconciler)."""
+    run = desired_state_reconcile(batch_size=settings.OPAMP_RECONCILE_BATCH_SIZE)
+    if isinstance(run, str):
+        return run
+    return {"checked": run.checked, "repaired": len(run.repairs), "cursor": run.cursor_agent_id}

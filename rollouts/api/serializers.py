@@ -11,7 +11,7 @@ from rest_framework import serializers
 
 from fleet.api.serializers import AgentSummarySerializer
 from rollouts.label_selectors import Operator, parse_selector
-from rollouts.models import AuditEvent, Configuration, ConfigVersion
+from rollouts.models import AuditEvent, Configuration, ConfigVersion, ReconcilerState
 
 SELECTOR_EXAMPLE = "env=prod,tier in (edge,core),!legacy"
 SELECTOR_TYPE = "a selector is an object (matchLabels, matchExpressions) or a string such as " + repr(SELECTOR_EXAMPLE)
@@ -244,4 +244,22 @@ class AuditEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEvent
         fields = ["id", "at", "actor", "action", "target_type", "target_id", "details"]
+        read_only_fields = fields
+
+
+class ReconcilerStateSerializer(serializers.ModelSerializer):
+    """What the desired-state reconciler has checked and repaired; repairs should stay 0."""
+
+    class Meta:
+        model = ReconcilerState
+        fields = [
+            "runs",
+            "passes_completed",
+            "cursor_agent_id",
+            "last_run_at",
+            "last_run_checked",
+            "last_run_repaired",
+            "repairs_total",
+            "last_repair_at",
+        ]
         read_only_fields = fields

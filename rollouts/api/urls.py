@@ -35,6 +35,7 @@ urlpatterns = [
         versions.as_view({"get": "status_counts"}),
         name="config-version-status",
     ),
+    path("desired-state/reconciler/", views.ReconcilerStateView.as_view(), name="desired-state-reconciler"),
     path("selectors/preview/", views.SelectorPreviewView.as_view(), name="selector-preview"),
     path("agents/<uuid:instance_uid>/labels/", views.AgentLabelsView.as_view(), name="agent-labels"),
     path("agents/<uuid:instance_uid>/config/", views.AgentConfigView.as_view(), name="agent-config"),

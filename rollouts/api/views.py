@@ -20,7 +20,7 @@ from rest_framework.serializers import Serializer
 
 from fleet import selectors as fleet_selectors
 from fleet.models import Agent
-from rollouts import selectors, services
+from rollouts import reconciler, selectors, services
 from rollouts.api import serializers as s
 from rollouts.api.permissions import RolePermission
 from rollouts.errors import NO_SUCH_VERSION, DomainError
@@ -245,6 +245,16 @@ class AgentConfigView(RolloutsAPIMixin, _AgentMixin, generics.GenericAPIView):
     @extend_schema(responses=s.AgentConfigStateSerializer)
     def get(self, request: Request, instance_uid: uuid.UUID) -> Response:
         return Response(s.AgentConfigStateSerializer(selectors.agent_config_state(self.get_agent())).data)
+
+
+class ReconcilerStateView(RolloutsAPIMixin, generics.GenericAPIView):
+    """The desired-state reconciler's last run and its repair count (read only)."""
+
+    serializer_class = s.ReconcilerStateSerializer
+
+    @extend_schema(responses=s.ReconcilerStateSerializer)
+    def get(self, request: Request) -> Response:
+        return Response(s.ReconcilerStateSerializer(reconciler.reconciler_state()).data)
 
 
 class AuditEventFilter(django_filters.FilterSet):
