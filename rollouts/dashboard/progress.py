@@ -84,6 +84,14 @@ class RolloutProgress:
         return float(self.rollout.max_failure_rate)
 
     @property
+    def budget_percent(self) -> float:
+        return 100.0 * self.budget
+
+    @property
+    def failure_percent(self) -> float:
+        return 100.0 * self.failure_rate
+
+    @property
     def over_budget(self) -> bool:
         return self.cumulative.bad > 0 and self.failure_rate > self.budget
 
