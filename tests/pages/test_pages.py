@@ -6,14 +6,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from fleet.models import Agent, RemoteConfigState
 from rollouts import rollout_engine as engine
 from rollouts import services
 from rollouts.api.roles import OPERATOR, VIEWER, grant_role
-from rollouts.dashboard.views import PAGE_SIZE
+from rollouts.dashboard.views import BAD_CURSOR, PAGE_SIZE
 from rollouts.models import AuditEvent, Configuration, Rollout, RolloutState
 from signing.models import CertificateRequest
 from tests.fleet.factories import AgentFactory, UserFactory
@@ -240,3 +242,22 @@ def test_the_certificate_queue_rejects_with_a_reason(operator, configured):
     assert answer.status_code == 302
     request.refresh_from_db()
     assert (request.state, request.reason) == (CertificateRequest.State.REJECTED, "unknown")
+
+
+def test_fleet_pages_seek_by_keyset_never_by_offset_and_ties_on_last_seen_do_not_lose_agents(operator):
+    same_moment = timezone.now()
+    for index in range(PAGE_SIZE * 2 + 3):
+        agent(f"tie-{index}", last_seen=same_moment)
+    seen: list[int] = []
+    query = "sort=-last_seen"
+    with CaptureQueriesContext(connection) as queries:
+        while True:
+            page = operator.get("/fleet/?" + query)
+            seen += [a.pk for a in page.context["agents"]]
+            query = page.context["next_query"]
+            if not query:
+                break
+    assert len(seen) == len(set(seen)) == PAGE_SIZE * 2 + 3
+    assert not [q["sql"] for q in queries.captured_queries if "OFFSET" in q["sql"].upper()]
+    stale = operator.get("/fleet/", {"after": "not-a-cursor"})
+    assert stale.context["problem"] == BAD_CURSOR and not stale.context["agents"]
