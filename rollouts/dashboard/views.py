@@ -281,7 +281,11 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
             diff=side_by_side(effective_files, desired_files),
             operator_labels="\n".join(f"{k}={v}" for k, v in sorted(agent.operator_labels.items())),
             certificates=certificates,
-            audit=selectors.audit_list().filter(target_id__in=[str(agent.pk), str(agent.instance_uid)])[:20],
+            # Changes made to the agent, and to its certificates (those name its uid).
+            audit=selectors.audit_list().filter(
+                Q(target_type=Agent.__name__, target_id=str(agent.pk))
+                | Q(details__instance_uid=str(agent.instance_uid))
+            )[:20],
         ),
     )
 

@@ -132,6 +132,8 @@ def test_the_agent_page_shows_health_as_a_tree_and_the_config_diff_and_operators
     assert response.status_code == 302
     target.refresh_from_db()
     assert target.operator_labels == {"team": "edge"} and target.labels["team"] == "edge"
+    changes = [event.action for event in operator.get(f"/fleet/{target.instance_uid}/").context["audit"]]
+    assert changes == ["agent.labels.set"]  # not the configuration's events that share a primary key
     refused = operator.post(f"/fleet/{target.instance_uid}/", {"action": "labels", "labels": "no equals sign"})
     assert refused.status_code == 200 and refused.context["errors"]
 
