@@ -89,7 +89,7 @@ def _fleet_filters(request: HttpRequest) -> tuple[QuerySet[Agent], dict[str, str
     """The filtered agents, the filters as given, and the first problem with them ("" if none)."""
     given = {
         key: request.GET.get(key, "").strip()
-        for key in ("status", "health", "transport", "selector", "configuration", "version", "state", "q")
+        for key in ("status", "health", "transport", "selector", "configuration", "version", "state", "drift", "q")
     }
     agents = fleet_selectors.agent_list()
     problem = ""
@@ -110,6 +110,9 @@ def _fleet_filters(request: HttpRequest) -> tuple[QuerySet[Agent], dict[str, str
         agents = agents.filter(desired_config__version__number=int(given["version"]))
     if given["state"] in CONFIG_STATES:
         agents = agents.filter(remote_config_state=CONFIG_STATES[given["state"]])
+    if given["drift"] == "yes":
+        # Running something other than the desired version (the effective config says so).
+        agents = agents.filter(pk__in=selectors.drifting_agents().values("pk"))
     if given["q"]:
         term = given["q"]
         # The names an operator knows an agent by; a whole instance uid finds that agent.

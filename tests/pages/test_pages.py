@@ -106,6 +106,9 @@ def test_the_fleet_list_filters_searches_counts_and_pages_by_keyset(operator, co
     assert len(selected.context["agents"]) == 5
     assert len(operator.get("/fleet/", {"q": "bulk-1"}).context["agents"]) == 11  # bulk-1, bulk-10..19
     assert len(operator.get("/fleet/", {"configuration": "demo", "version": "1"}).context["agents"]) == 10
+    drifting = configured[1][0]
+    Agent.objects.filter(pk=drifting.pk).update(effective_config_hash="0" * 64)
+    assert [a.pk for a in operator.get("/fleet/", {"drift": "yes"}).context["agents"]] == [drifting.pk]
     bad = operator.get("/fleet/", {"selector": "env in (("})
     assert bad.status_code == 200 and bad.context["problem"]
 
