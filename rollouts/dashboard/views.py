@@ -260,7 +260,7 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                 services.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
             elif action == "revoke":
                 certificate = get_object_or_404(
-                    IssuedCertificate, pk=request.POST.get("certificate"), instance_uid=agent.instance_uid
+                    IssuedCertificate, pk=_number(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
                 )
                 signing_services.certificate_revoke(certificate=certificate, actor=request.user)
             if not errors:
@@ -342,7 +342,7 @@ def configuration_detail(request: HttpRequest, name: str) -> HttpResponse:
             elif action == "rollback":
                 services.configuration_rollback(
                     configuration=configuration,
-                    to_number=int(request.POST.get("version", "0") or 0),
+                    to_number=_number(request.POST.get("version"), 0) or 0,
                     author=request.user,
                 )
             return redirect("dashboard-configuration", name=configuration.name)
@@ -484,7 +484,7 @@ def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
         try:
             if verb == "approve":
                 done = engine.rollout_approve_stage(
-                    rollout=rollout, stage_index=int(request.POST.get("stage", "0")), actor=request.user
+                    rollout=rollout, stage_index=_number(request.POST.get("stage"), -1) or 0, actor=request.user
                 )
             elif verb in VERBS:
                 done = getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user)
@@ -544,7 +544,7 @@ def _chart(progress: Any) -> dict[str, Any]:
 def certificate_requests(request: HttpRequest) -> HttpResponse:
     errors: list[str] = []
     if request.method == "POST":
-        pending = get_object_or_404(CertificateRequest, pk=request.POST.get("request"))
+        pending = get_object_or_404(CertificateRequest, pk=_number(request.POST.get("request"), 0))
         try:
             if request.POST.get("decision") == "approve":
                 signing_services.certificate_request_approve(request=pending, actor=request.user)

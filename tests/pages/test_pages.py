@@ -266,3 +266,13 @@ def test_fleet_pages_seek_by_keyset_never_by_offset_and_ties_on_last_seen_do_not
     assert not [q["sql"] for q in queries.captured_queries if "OFFSET" in q["sql"].upper()]
     stale = operator.get("/fleet/", {"after": "not-a-cursor"})
     assert stale.context["problem"] == BAD_CURSOR and not stale.context["agents"]
+
+
+def test_malformed_action_fields_are_answered_not_crashed_on(operator, configured):
+    configuration, agents = configured
+    rollout = create_rollout(configuration)
+    assert operator.post("/configurations/demo/", {"action": "rollback", "version": "x"}).status_code == 200
+    assert operator.post(f"/rollouts/{rollout.pk}/", {"verb": "approve", "stage": "x"}).status_code == 200
+    assert operator.post("/certificate-requests/", {"request": "x", "decision": "approve"}).status_code == 404
+    revoke = {"action": "revoke", "certificate": "x"}
+    assert operator.post(f"/fleet/{agents[0].instance_uid}/", revoke).status_code == 404
