@@ -19,7 +19,8 @@ import pytest
 from tests.pages.browser import CHROMIUM_ARGS, chromium_or_skip
 from tests.support.live_server import REPO_ROOT, LiveOpampServer
 
-pytestmark = pytest.mark.live_server
+# A live server, Celery beat and 10 agents on a 2-core machine shared with other work.
+pytestmark = [pytest.mark.live_server, pytest.mark.timeout(600)]
 
 AGENTS = 10
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
@@ -181,10 +182,10 @@ def test_the_rollout_page_follows_beat_without_a_reload_and_its_buttons_run_the_
     page.click("#verbs button:has-text('start')")
     page.wait_for_function("document.querySelector('#rollout-state').textContent === 'running'")
     page.evaluate("window.loadedOnce = true")  # the verb's POST navigated once; from here on, no reload
-    first_targets = page.locator("#stages tbody tr").nth(0).locator(".targeted").inner_text()
-    page.wait_for_function("document.querySelector('#rollout-state').textContent === 'succeeded'", timeout=90_000)
+    at_start = page.inner_text("#stages")
+    page.wait_for_function("document.querySelector('#rollout-state').textContent === 'succeeded'", timeout=240_000)
     assert page.evaluate("window.loadedOnce") is True
-    assert int(first_targets) >= 1
+    assert page.inner_text("#stages") != at_start  # the counts moved on, with no reload
     applied = [int(t) for t in page.locator("#stages .applied-count").all_inner_texts()]
     assert sum(applied) == AGENTS
     timeline = page.inner_text("#events")

@@ -130,6 +130,7 @@ def test_run_sh_prints_progress_and_every_url_and_term_stops_its_children(run_sh
     assert "stopping daphne and Celery" in server.output
 
 
+@pytest.mark.timeout(900)  # a first start installs; the walkthrough runs two rollouts at default heartbeats
 def test_every_readme_shell_block_runs_in_order_against_the_running_server(run_sh, tmp_path):
     server, env = run_sh
     server.wait_for("Ctrl-C stops the server and Celery", timeout=240)
@@ -140,7 +141,7 @@ def test_every_readme_shell_block_runs_in_order_against_the_running_server(run_s
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=600,
     )
     out = result.stdout
     assert result.returncode == 0, f"{out}\n{result.stderr}\n--- run.sh ---\n{server.output[-3000:]}"
