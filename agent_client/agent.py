@@ -92,6 +92,9 @@ class AgentSettings:
     accept_remote_config: bool = True
     fail_if_contains: bytes | None = None
     fail_apply: bool = False
+    # Drill: seconds an apply takes (the agent reports APPLYING meanwhile), as a real
+    # collector restart would.
+    apply_delay: float = 0.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     shutdown_timeout: float = 5.0
@@ -109,6 +112,8 @@ class AgentSettings:
             raise ValueError("heartbeat_interval must be positive")
         if self.refused_credential_delay < 0:
             raise ValueError("refused_credential_delay must not be negative")
+        if self.apply_delay < 0:
+            raise ValueError("apply_delay must not be negative")
         for key_id, key in (self.trusted_keys or {}).items():
             if key_id != key_id_for(key):
                 raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")
@@ -692,6 +697,8 @@ class Agent:
         """
         failed = replace(previous, last_hash=config_hash, status=pb.RemoteConfigStatuses_FAILED)
         signings = previous.signings
+        if self.settings.apply_delay:
+            await asyncio.sleep(self.settings.apply_delay)
         try:
             if self.settings.trusted_keys is not None:
                 verified = verify_remote_config(

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -45,6 +49,7 @@ from agent_client.agent import DEFAULT_HEARTBEAT_INTERVAL, Agent, AgentObserver,
 from agent_client.credentials import DEFAULT_KEY_TYPE, KEY_TYPES, CredentialStore
 from agent_client.enrollment import TOKEN_PREFIX, EnrollmentEvent, EnrollmentSettings
 from agent_client.signed_config import trusted_keys_by_id
+from agent_client.simulator import Fleet, progress_line, spread_evenly
 from agent_client.state import FileState, StateError
 from agent_client.transport import CredentialRefused, HttpTransport, WebSocketTransport, transport_for_url
 from opamp.proto import opamp_pb2 as pb
@@ -240,7 +245,86 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="directory of PEM Ed25519 public keys (*.pem) trusted to sign configs; makes signatures required",
     )
+    _add_simulate_parser(commands)
     return parser
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_simulate_parser(commands: Any) -> None:
+    simulate = commands.add_parser(
+        "simulate",
+        help="run N simulated agents with a progress line until SIGINT/SIGTERM (or --duration)",
+        description="N agents in one process, each with its own identity, as the server sees real ones. "
+        "A share of them (--fail-fraction, spread over the fleet) fails every config containing "
+        "--fail-if-contains, so a rollout of such a config exceeds its failure budget.",
+    )
+    simulate.add_argument("--server", required=True, help="ws(s):// or http(s):// URL of /v1/opamp")
+    simulate.add_argument("--transport", choices=("ws", "http"), help="default: from the URL scheme")
+    simulate.add_argument(
+        "--header", action="append", type=parse_header, default=[], metavar="'NAME: VALUE'", help="sent by every agent"
+    )
+    simulate.add_argument("--agents", type=positive_count, default=10, metavar="N", help="how many (default: 10)")
+    simulate.add_argument(
+        "--attr", action="append", type=parse_key_value, default=[], metavar="KEY=VALUE", help="identifying attribute"
+    )
+    simulate.add_argument(
+        "--label", action="append", type=parse_key_value, default=[], metavar="KEY=VALUE", help="non-identifying"
+    )
+    simulate.add_argument("--fail-if-contains", metavar="MARKER", help="the failing agents reject configs with MARKER")
+    simulate.add_argument(
+        "--fail-fraction",
+        type=fraction,
+        default=1.0,
+        metavar="F",
+        help="share of the agents (0-1) that reject configs with MARKER (default: 1)",
+    )
+    simulate.add_argument(
+        "--apply-delay", type=non_negative_seconds, default=0.0, metavar="S", help="seconds each apply takes"
+    )
+    simulate.add_argument("--heartbeat", type=positive_seconds, default=DEFAULT_HEARTBEAT_INTERVAL, metavar="SECONDS")
+    simulate.add_argument(
+        "--state-root",
+        type=Path,
+        metavar="DIR",
+        help="keep each agent's identity in DIR/agent-NNNNN, so a restart brings back the same agents",
+    )
+    simulate.add_argument(
+        "--connect-rate", type=non_negative_seconds, default=50.0, metavar="PER_SECOND", help="0: all at once"
+    )
+    simulate.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="stop after this long")
+    simulate.add_argument(
+        "--progress-interval", type=positive_seconds, default=1.0, metavar="SECONDS", help="progress line period"
+    )
+    simulate.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def settings_from_options(options: argparse.Namespace) -> AgentSettings:
@@ -308,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
     _setup_logging(options)
+    if options.command == "simulate":
+        return simulate_main(options, parser)
     try:
         transport = transport_for_url(
             options.server, kind=options.transport, headers=dict(options.header), ca_file=options.ca_file
@@ -451,3 +537,73 @@ def enroll_main(options: argparse.Namespace, transport: WebSocketTransport | Htt
     else:
         print(f"error: {message}", file=sys.stderr)
     return code
+
+
+# --- simulate ---------------------------------------------------------------------------
+
+
+def simulate_fleet(options: argparse.Namespace) -> Fleet:
+    """The fleet `simulate` runs: shared settings, and the failing share's own."""
+    marker: str | None = options.fail_if_contains
+    healthy = AgentSettings(
+        identifying_attributes=dict(options.attr),
+        non_identifying_attributes=dict(options.label),
+        heartbeat_interval=options.heartbeat,
+        apply_delay=options.apply_delay,
+    )
+    failing = replace(healthy, fail_if_contains=marker.encode("utf-8")) if marker else healthy
+    chosen = spread_evenly(options.agents, options.fail_fraction) if marker else set()
+    return Fleet(
+        server=options.server,
+        count=options.agents,
+        settings_for=lambda index: failing if index in chosen else healthy,
+        transport=options.transport,
+        headers=dict(options.header),
+        state_root=options.state_root,
+        connect_rate=options.connect_rate,
+    )
+
+
+async def run_simulation(fleet: Fleet, *, duration: float | None, interval: float, out: TextIO) -> None:
+    """Run the fleet until SIGINT/SIGTERM or `duration`, writing the progress line each `interval`."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    # On a terminal the line is rewritten in place; in a pipe or a file, one line each time.
+    rewrite = out.isatty()
+    started = time.monotonic()
+    starting = asyncio.create_task(fleet.start())
+    try:
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            if duration is not None and elapsed >= duration:
+                break
+            line = f"{elapsed:6.1f}s {progress_line(fleet)}"
+            out.write(f"\r{line}\x1b[K" if rewrite else f"{line}\n")
+            out.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await fleet.stop()
+    out.write(f"{chr(10) if rewrite else ''}stopped: {progress_line(fleet)}\n")
+    out.flush()
+
+
+def simulate_main(options: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        fleet = simulate_fleet(options)
+    except ValueError as error:
+        parser.error(str(error))
+    failing = ""
+    if options.fail_if_contains:
+        share = len(spread_evenly(options.agents, options.fail_fraction))
+        failing = f"; {share} of them fail configs containing {options.fail_if_contains!r}"
+    print(f"simulating {options.agents} agents against {options.server}{failing}", flush=True)
+    asyncio.run(run_simulation(fleet, duration=options.duration, interval=options.progress_interval, out=sys.stdout))
+    return EXIT_OK

@@ -37,6 +37,8 @@ class FleetStats(AgentObserver):
         self.errors: Counter[str] = Counter()
         self.all_answered = asyncio.Event()
         self._awaiting_first: set[Agent] = set()
+        # Agents whose current session has had a reply (for the progress line).
+        self.online: set[Agent] = set()
 
     def on_connected(self, agent: Agent) -> None:
         self.connections += 1
@@ -45,6 +47,7 @@ class FleetStats(AgentObserver):
     def on_reply(self, agent: Agent, reply: pb.ServerToAgent, round_trip: float | None) -> None:
         now = time.monotonic()
         self.replies += 1
+        self.online.add(agent)
         if agent in self._awaiting_first:
             self._awaiting_first.discard(agent)
             self.first_reply_at.setdefault(agent, now)
@@ -55,7 +58,40 @@ class FleetStats(AgentObserver):
 
     def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
         self.disconnects += 1
+        self.online.discard(agent)
         self.errors[str(error)[:120]] += 1
+
+
+def spread_evenly(count: int, fraction: float) -> set[int]:
+    """`fraction` of the indexes 0..count-1, spread across the range (not the first ones),
+    so a failing share lands in every stage's cohort of a rollout alike."""
+    if not 0 <= fraction <= 1:
+        raise ValueError("fraction must be between 0 and 1")
+    return {index for index in range(count) if int((index + 1) * fraction) > int(index * fraction)}
+
+
+_STATUS_NAMES = {
+    pb.RemoteConfigStatuses_APPLIED: "applied",
+    pb.RemoteConfigStatuses_APPLYING: "applying",
+    pb.RemoteConfigStatuses_FAILED: "failed",
+}
+
+
+def progress_line(fleet: Fleet) -> str:
+    """One line on how the fleet is doing: sessions, and the remote config states by hash."""
+    by_config: Counter[tuple[str, str]] = Counter()
+    for agent in fleet.agents:
+        record = agent.remote_config
+        if record.last_hash:
+            by_config[(record.last_hash.hex()[:8], _STATUS_NAMES.get(record.status, "received"))] += 1
+    stats = fleet.stats
+    parts = [f"{len(stats.online)}/{len(fleet.agents)} connected"]
+    for (config_hash, status), count in sorted(by_config.items()):
+        parts.append(f"{config_hash} {status} {count}")
+    if not by_config:
+        parts.append("no config offered yet")
+    parts.append(f"{stats.disconnects} disconnects")
+    return " | ".join(parts)
 
 
 class Fleet:
@@ -140,6 +176,8 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        # A clean goodbye reports no disconnect to the observer: every agent is offline now.
+        self.stats.online.clear()
 
     async def __aenter__(self) -> Fleet:
         await self.start()

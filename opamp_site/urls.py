@@ -8,6 +8,7 @@ from fleet.views import fleet_overview
 
 urlpatterns = [
     path("", fleet_overview, name="fleet-overview"),
+    path("", include("rollouts.dashboard.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include("fleet.api.urls")),
     path("api/v1/", include("rollouts.api.urls")),

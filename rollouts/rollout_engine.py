@@ -204,9 +204,17 @@ class DryRunStage:
     sample: list[str] = field(default_factory=list)
 
 
+@dataclass
+class DryRun:
+    """The preview and the salt that drew it: create with this salt for the same cohorts."""
+
+    salt: str
+    stages: list[DryRunStage]
+
+
 def rollout_dry_run(
     *, configuration: Configuration, stages: Sequence[StageSpec], salt: str | None = None, sample: int = 20
-) -> list[DryRunStage]:
+) -> DryRun:
     """Which agents each stage would take if the rollout started now (nothing is saved)."""
     checked = _check_stages(stages)
     salt = salt or secrets.token_hex(16)
@@ -222,7 +230,7 @@ def rollout_dry_run(
         result.append(
             DryRunStage(stage.index, stage.percent, stage.count, len(cohort), cumulative, sorted(cohort)[:sample])
         )
-    return result
+    return DryRun(salt=salt, stages=result)
 
 
 # --- transitions --------------------------------------------------------------------------

@@ -10,4 +10,7 @@ scripts/bootstrap.sh requirements-dev.txt
 if [ -x tests/interop/clients/setup.sh ]; then
     tests/interop/clients/setup.sh
 fi
+# The browser tests drive the system chromium (tests/pages/browser.py finds it); Playwright
+# must never fetch a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 exec .venv/bin/python -m pytest "$@"

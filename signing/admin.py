@@ -75,7 +75,12 @@ class SigningKeyAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Retire the selected keys (no longer accepted, never sign again)", permissions=["decide"])
     def retire(self, request: HttpRequest, queryset: QuerySet[SigningKey]) -> None:
-        retired = sum(services.signing_key_retire(key=key, actor=request.user) for key in queryset)
+        retired = 0
+        for key in queryset:
+            try:
+                retired += services.signing_key_retire(key=key, actor=request.user)
+            except SigningError as refused:
+                self.message_user(request, refused.message, messages.ERROR)
         self.message_user(request, f"{retired} key(s) retired.", messages.SUCCESS)
 
 

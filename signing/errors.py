@@ -44,6 +44,11 @@ class EnrollmentTokenRefused(SigningError):
 
 
 SIGNING_KEY_RETIRED = "signing key {key_id} was retired and may not sign again; create a new key"
+SIGNING_KEY_IN_USE = (
+    "signing key {key_id} signs new versions: once retired, every publish fails until "
+    "OPAMP_SIGNING_KEY_FILE holds a new key (manage.py create_signing_key); "
+    "activate another key first, or retire with force to accept that"
+)
 SIGNING_KEY_NOT_CONFIGURED = "no config signing key is configured (set OPAMP_SIGNING_KEY_FILE)"
 CA_NOT_CONFIGURED = "no certificate authority is configured (set OPAMP_CA_KEY_FILE and OPAMP_CA_CERT_FILE)"
 CA_UNUSABLE = "the configured certificate authority cannot be used: {problem}"

@@ -50,6 +50,7 @@ from signing.errors import (
     CA_NOT_CONFIGURED,
     CA_UNUSABLE,
     CSR_RATE_LIMITED,
+    SIGNING_KEY_IN_USE,
     SIGNING_KEY_RETIRED,
     TOKEN_EXHAUSTED,
     TOKEN_EXPIRED,
@@ -202,9 +203,27 @@ def signing_key_register_active(*, actor: Actor = None) -> SigningKey | None:
     return signing_key_register(public_key_pem=pair.public_key_pem, actor=actor, active=True)
 
 
+def _signs_new_versions(key: SigningKey) -> bool:
+    """Whether publishing would sign with this key: it is the configured key file's, or active."""
+    try:
+        pair = active_signing_key_pair()
+    except SigningError:
+        pair = None  # an unreadable key file signs nothing; the active flag still decides
+    return key.active or (pair is not None and pair.key_id == key.key_id)
+
+
 @transaction.atomic
-def signing_key_retire(*, key: SigningKey, actor: Actor) -> bool:
-    """Withdraw a key for good; False when it was already retired."""
+def signing_key_retire(*, key: SigningKey, actor: Actor, force: bool = False) -> bool:
+    """Withdraw a key for good; False when it was already retired.
+
+    The key that signs new versions is refused unless `force`: once it is retired every
+    publish fails until OPAMP_SIGNING_KEY_FILE holds a new key, so the refusal says so.
+    Activate the next key first (its file in OPAMP_SIGNING_KEY_FILE) and the old one retires
+    without `force`.
+    """
+    locked = SigningKey.objects.select_for_update().get(pk=key.pk)
+    if locked.retired_at is None and not force and _signs_new_versions(locked):
+        raise SigningError(SIGNING_KEY_IN_USE.format(key_id=key.key_id), field="force", status=409)
     moved = SigningKey.objects.filter(pk=key.pk, retired_at__isnull=True).update(
         retired_at=timezone.now(), active=False
     )

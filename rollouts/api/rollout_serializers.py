@@ -143,3 +143,8 @@ class DryRunStageSerializer(serializers.Serializer):
     cohort_size = serializers.IntegerField()
     cumulative = serializers.IntegerField()
     sample = serializers.ListField(child=serializers.CharField())
+
+
+class DryRunSerializer(serializers.Serializer):
+    salt = serializers.CharField(help_text="create the rollout with this salt to get these cohorts")
+    stages = DryRunStageSerializer(many=True)

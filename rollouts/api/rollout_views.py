@@ -52,8 +52,9 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     @extend_schema(
         request=rs.RolloutInputSerializer,
-        responses={201: rs.RolloutSerializer, 200: rs.DryRunStageSerializer(many=True)},
-        description="Create a draft rollout, or with dry_run=true show which agents each stage would take.",
+        responses={201: rs.RolloutSerializer, 200: rs.DryRunSerializer},
+        description="Create a draft rollout, or with dry_run=true show which agents each stage would take and "
+        "the salt that drew them (create with that salt for the same cohorts).",
     )
     def create(self, request: Request) -> Response:
         data = _valid(rs.RolloutInputSerializer, request.data)
@@ -61,7 +62,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
         stages = _stage_specs(data["stages"])
         if data["dry_run"]:
             result = engine.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
-            return Response(rs.DryRunStageSerializer(result, many=True).data)
+            return Response(rs.DryRunSerializer(result).data)
         rollout = engine.rollout_create(
             configuration=configuration,
             candidate=_version(configuration, data["candidate_version"], field="candidate_version"),

@@ -75,12 +75,14 @@ class SigningKeyViewSet(SigningAPIMixin, viewsets.GenericViewSet):
         request=None,
         responses=s.SigningKeySerializer,
         description="Withdraw the key for good: signatures made with it are no longer accepted and it never "
-        "signs again. Retiring a retired key changes nothing.",
+        "signs again. Retiring a retired key changes nothing. The key that signs new versions is refused "
+        '(409) unless the body says {"force": true}: every publish then fails until a new key is configured.',
     )
     @action(detail=True, methods=["post"], filter_backends=[])
     def retire(self, request: Request, key_id: str) -> Response:
         key = self.get_object()
-        services.signing_key_retire(key=key, actor=request.user)
+        force = str(request.data.get("force", "")).lower() in ("true", "1")
+        services.signing_key_retire(key=key, actor=request.user, force=force)
         return Response(s.SigningKeySerializer(key).data)
 
     @extend_schema(

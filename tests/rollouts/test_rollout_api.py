@@ -94,7 +94,8 @@ def test_an_operator_creates_a_draft_and_the_stages_are_echoed(api, fleet):
 def test_a_dry_run_shows_cohort_sizes_that_add_up_to_the_fleet_and_creates_nothing(api, fleet):
     response = api.post("/api/v1/rollouts/", rollout_body(dry_run=True), format="json")
     assert response.status_code == 200
-    stages = response.json()
+    assert response.json()["salt"] == "s"
+    stages = response.json()["stages"]
     assert [stage["index"] for stage in stages] == [0, 1, 2]
     assert sum(stage["cohort_size"] for stage in stages) == FLEET_SIZE
     assert stages[-1]["cumulative"] == FLEET_SIZE
@@ -106,12 +107,27 @@ def test_a_dry_run_shows_cohort_sizes_that_add_up_to_the_fleet_and_creates_nothi
 
 
 def test_a_dry_run_draws_the_same_cohorts_as_the_rollout_with_the_same_salt(api, fleet):
-    dry = api.post("/api/v1/rollouts/", rollout_body(dry_run=True), format="json").json()
+    dry = api.post("/api/v1/rollouts/", rollout_body(dry_run=True), format="json").json()["stages"]
     rollout = create(api)
     verb(api, rollout["id"], "start")
     first_stage = {str(uid) for uid in RolloutTarget.objects.values_list("agent__instance_uid", flat=True)}
     assert len(first_stage) == dry[0]["cohort_size"]
     assert set(dry[0]["sample"]) <= first_stage
+
+
+def test_a_dry_run_without_a_salt_returns_the_one_it_drew_and_creating_with_it_takes_the_same_agents(api, fleet):
+    body = rollout_body(dry_run=True, stages=[{"percent": 5}, {"percent": 100}])
+    del body["salt"]
+    dry = api.post("/api/v1/rollouts/", body, format="json").json()
+    assert len(dry["salt"]) >= 16
+    other = api.post("/api/v1/rollouts/", body, format="json").json()
+    assert other["salt"] != dry["salt"]
+    rollout = create(api, stages=[{"percent": 5}, {"percent": 100}], salt=dry["salt"])
+    assert rollout["salt"] == dry["salt"]
+    verb(api, rollout["id"], "start")
+    first_stage = sorted(str(uid) for uid in RolloutTarget.objects.values_list("agent__instance_uid", flat=True))
+    assert len(first_stage) == dry["stages"][0]["cohort_size"] > 0
+    assert first_stage[:20] == dry["stages"][0]["sample"]
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_the_dry_run_shows_each_stage_without_changing_anything():
     configuration, _, _ = configuration_with_candidate()
     stages = rollout_dry_run(
         configuration=configuration, stages=[StageSpec(percent=1), StageSpec(percent=10), StageSpec(percent=100)]
-    )
+    ).stages
     assert [s.cumulative for s in stages][-1] == 1000
     assert stages[0].cohort_size < stages[1].cumulative < 1000
     assert not RolloutTarget.objects.exists()

@@ -22,7 +22,7 @@ from signing.api.serializers import EXPIRY_NEEDED, REVOCATION_REASON_INVALID
 from signing.api.views import CRL_FORMAT_UNKNOWN, CSR_NO_LONGER_PASSES
 from signing.ca import CSR_BAD_SIGNATURE
 from signing.config_signing import SigningKeyPair, generate_signing_key
-from signing.errors import CA_NOT_CONFIGURED, REQUEST_NOT_PENDING, TOKEN_LIFETIME_INVALID
+from signing.errors import CA_NOT_CONFIGURED, REQUEST_NOT_PENDING, SIGNING_KEY_IN_USE, TOKEN_LIFETIME_INVALID
 from signing.models import CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey
 from tests.fleet.factories import UserFactory
 from tests.rollouts.conftest import token_client
@@ -217,7 +217,7 @@ def test_a_signing_key_is_retrieved_by_its_key_id(viewer_api):
 
 
 def test_retiring_a_key_is_audited_once_and_a_second_retire_changes_nothing(api):
-    key = register_key(active=True)
+    key = register_key()
     first = post(api, f"{API}/signing-keys/{key.key_id}/retire/")
     assert first.status_code == 200
     body = first.json()
@@ -227,6 +227,27 @@ def test_retiring_a_key_is_audited_once_and_a_second_retire_changes_nothing(api)
     assert second.status_code == 200
     assert second.json()["retired_at"] == body["retired_at"]
     assert audit_actions("signing_key.retire") == [("signing_key.retire", "olga")]
+
+
+def test_retiring_the_active_key_is_refused_with_what_happens_unless_forced(api):
+    key = register_key(active=True)
+    refused = post(api, f"{API}/signing-keys/{key.key_id}/retire/")
+    assert refused.status_code == 409
+    assert refused.json()["detail"] == SIGNING_KEY_IN_USE.format(key_id=key.key_id)
+    key.refresh_from_db()
+    assert (key.active, key.retired_at) == (True, None)
+    assert audit_actions("signing_key.retire") == []
+    forced = post(api, f"{API}/signing-keys/{key.key_id}/retire/", {"force": True})
+    assert forced.status_code == 200
+    assert (forced.json()["active"], forced.json()["accepted"]) == (False, False)
+
+
+def test_the_once_active_key_retires_without_force_after_another_is_activated(api):
+    old = register_key(active=True)
+    register_key(active=True)
+    response = post(api, f"{API}/signing-keys/{old.key_id}/retire/")
+    assert response.status_code == 200
+    assert response.json()["retired_at"] is not None
 
 
 def test_the_accepted_filter_leaves_out_retired_keys(api):
@@ -637,7 +658,7 @@ def test_no_answer_carries_private_key_material(api, configured_ca, settings, tm
         created,
         post(api, f"{API}/certificate-requests/{approved.pk}/approve/"),
         post(api, f"{API}/certificates/{certificate.pk}/revoke/", {"reason": "superseded"}),
-        post(api, f"{API}/signing-keys/{key.key_id}/retire/"),
+        post(api, f"{API}/signing-keys/{key.key_id}/retire/", {"force": True}),
     ]
     for url in [
         "/signing-keys/",

@@ -15,7 +15,8 @@ from django.test import Client
 from opamp.identifiers import uuid7
 from signing import services
 from signing.ca import CA_NOT_A_CA, check_csr, create_ca, issue_certificate, write_ca
-from signing.config_signing import private_key_pem_pkcs8
+from signing.config_signing import SigningKeyPair, private_key_pem_pkcs8
+from signing.errors import SIGNING_KEY_IN_USE
 from signing.models import CertificateAuthority, CertificateRequest, EnrollmentToken, IssuedCertificate
 from tests.signing.csrs import key, make_csr
 
@@ -146,3 +147,15 @@ def test_every_signing_admin_page_renders(admin_client, configured_ca):
     )
     for model in ["signingkey", "certificateauthority", "certificaterequest", "issuedcertificate", "enrollmenttoken"]:
         assert admin_client.get(f"/admin/signing/{model}/").status_code == 200
+
+
+def test_the_admin_refuses_to_retire_the_active_key_and_says_why(admin_client):
+    key = services.signing_key_register(
+        public_key_pem=SigningKeyPair.generate().public_key_pem, actor=None, active=True
+    )
+    answer = admin_client.post(
+        "/admin/signing/signingkey/", {"action": "retire", "_selected_action": [key.pk]}, follow=True
+    )
+    assert SIGNING_KEY_IN_USE.format(key_id=key.key_id) in [str(m) for m in answer.context["messages"]]
+    key.refresh_from_db()
+    assert key.retired_at is None

@@ -15,7 +15,7 @@ from django.core.management.base import CommandError
 from rollouts.models import AuditEvent
 from signing import selectors, services
 from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config, verify_signed_config
-from signing.errors import SIGNING_KEY_RETIRED, SigningError
+from signing.errors import SIGNING_KEY_IN_USE, SIGNING_KEY_RETIRED, SigningError
 from signing.models import SigningKey
 
 pytestmark = pytest.mark.django_db
@@ -76,13 +76,37 @@ def test_the_configured_key_becomes_the_single_active_key_and_the_previous_one_s
 def test_a_retired_key_is_no_longer_trusted_and_refuses_to_sign(key_file, operator):
     key = services.signing_key_register_active()
     assert key is not None
-    assert services.signing_key_retire(key=key, actor=operator) is True
+    assert services.signing_key_retire(key=key, actor=operator, force=True) is True
     assert services.signing_key_retire(key=key, actor=operator) is False
     assert key.key_id not in selectors.trusted_public_keys()
     with pytest.raises(SigningError) as refused:
         services.sign_delivery(configuration_name="edge", sequence=3, config_hash=HASH)
     assert refused.value.message == SIGNING_KEY_RETIRED.format(key_id=key.key_id)
     assert AuditEvent.objects.filter(action="signing_key.retire").count() == 1
+
+
+def test_the_key_file_in_use_is_not_retired_without_force_and_publishing_keeps_signing(key_file, operator):
+    pair = SigningKeyPair.from_file(key_file)
+    # Registered but not yet active: the configured file is what signs, so it is in use.
+    key = services.signing_key_register(public_key_pem=pair.public_key_pem, actor=None)
+    with pytest.raises(SigningError) as refused:
+        services.signing_key_retire(key=key, actor=operator)
+    assert refused.value.message == SIGNING_KEY_IN_USE.format(key_id=key.key_id)
+    assert refused.value.status == 409
+    key.refresh_from_db()
+    assert key.retired_at is None
+    assert not AuditEvent.objects.filter(action="signing_key.retire").exists()
+    assert services.sign_version(configuration_name="edge", version_number=1, config_hash=HASH) is not None
+
+
+def test_after_rotation_the_previous_key_retires_without_force(settings, tmp_path, key_file, operator):
+    old = services.signing_key_register_active()
+    assert old is not None
+    generate_signing_key(tmp_path / "next.key")
+    settings.OPAMP_SIGNING_KEY_FILE = str(tmp_path / "next.key")
+    services.signing_key_register_active()
+    assert services.signing_key_retire(key=old, actor=operator) is True
+    assert services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH) is not None
 
 
 def test_an_extra_public_key_directory_adds_trusted_keys(settings, tmp_path, key_file):

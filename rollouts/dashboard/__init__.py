@@ -1,0 +1,1 @@
+"""Operator pages: server-rendered views, thin over the selectors and services."""

@@ -1,0 +1,167 @@
+"""One rollout's progress as the rollout page and `manage.py rollout_watch` show it.
+
+A read model only: the counts come from the engine's grouped queries (`stage_counts`,
+`rollback_progress`), the failed agents from the targets' recorded answers, which stay
+after an automatic rollback has moved those agents back to the stable version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.utils import timezone
+
+from fleet.models import Agent
+from rollouts import rollout_engine as engine
+from rollouts.models import Rollout, RolloutEvent, RolloutState, RolloutTarget
+
+FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
+FAILED_AGENTS_SHOWN = 50
+EVENTS_SHOWN = 100
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    index: int
+    size: str  # "1%" or "50 agents"
+    hold_seconds: float
+    requires_approval: bool
+    approved: bool
+    counts: engine.StageCounts
+    failed_answers: int  # targets of this stage that answered "failed", even if since reverted
+    current: bool
+    reached: bool
+
+    @property
+    def done_percent(self) -> float:
+        """Applied share of the stage's agents, for the bar (0 before the stage starts)."""
+        targeted = self.counts.targeted
+        return 100.0 * self.counts.applied / targeted if targeted else 0.0
+
+    @property
+    def failed_percent(self) -> float:
+        targeted = self.counts.targeted
+        return 100.0 * min(targeted, max(self.counts.bad, self.failed_answers)) / targeted if targeted else 0.0
+
+
+@dataclass(frozen=True)
+class FailedAgent:
+    agent_id: int
+    instance_uid: str
+    name: str
+    stage_index: int
+    error: str
+    answered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RolloutProgress:
+    rollout: Rollout
+    stages: list[StageProgress]
+    cumulative: engine.StageCounts
+    population: int
+    rollback: dict[str, int] | None
+    failed_agents: list[FailedAgent]
+    failed_total: int
+    events: list[RolloutEvent] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return str(self.rollout.state)
+
+    @property
+    def ended(self) -> bool:
+        return self.rollout.state in FINAL_STATES
+
+    @property
+    def failure_rate(self) -> float:
+        return self.cumulative.failure_rate
+
+    @property
+    def budget(self) -> float:
+        return float(self.rollout.max_failure_rate)
+
+    @property
+    def budget_percent(self) -> float:
+        return 100.0 * self.budget
+
+    @property
+    def failure_percent(self) -> float:
+        return 100.0 * self.failure_rate
+
+    @property
+    def over_budget(self) -> bool:
+        return self.cumulative.bad > 0 and self.failure_rate > self.budget
+
+    @property
+    def budget_series(self) -> list[dict[str, Any]]:
+        """The failure rate each recorded decision saw, for the chart over time."""
+        points = []
+        for event in self.events:
+            rate = (event.counts or {}).get("failure_rate")
+            if rate is not None:
+                points.append({"at": event.at, "rate": float(rate), "kind": event.kind})
+        return points
+
+
+def _size(stage: Any) -> str:
+    return f"{stage.percent:g}%" if stage.percent is not None else f"{stage.count} agents"
+
+
+def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: int = EVENTS_SHOWN) -> RolloutProgress:
+    """Everything the progress views show, in a fixed handful of queries (raises DoesNotExist)."""
+    now = now or timezone.now()
+    rollout = Rollout.objects.select_related("configuration", "stable_version", "candidate_version", "created_by").get(
+        pk=rollout_id
+    )
+    counts = engine.stage_counts(rollout, now=now)
+    failed = RolloutTarget.objects.filter(rollout=rollout, answer="failed")
+    failed_by_stage: dict[int, int] = {}
+    for index in failed.values_list("stage_index", flat=True):
+        failed_by_stage[index] = failed_by_stage.get(index, 0) + 1
+    started = rollout.state != RolloutState.DRAFT and rollout.started_at is not None
+    stages = [
+        StageProgress(
+            index=stage.index,
+            size=_size(stage),
+            hold_seconds=stage.hold_seconds,
+            requires_approval=stage.requires_approval,
+            approved=stage.approved_at is not None,
+            counts=counts.get(stage.index, engine.StageCounts()),
+            failed_answers=failed_by_stage.get(stage.index, 0),
+            current=started and stage.index == rollout.stage_index and rollout.state not in FINAL_STATES,
+            reached=started and stage.index <= rollout.stage_index,
+        )
+        for stage in rollout.stages.all()
+    ]
+    cumulative = engine.StageCounts()
+    for stage_counts in counts.values():
+        cumulative = cumulative + stage_counts
+    rollback = None
+    if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
+        rollback = engine.rollback_progress(rollout, now=now)
+    failed_agents = [
+        FailedAgent(
+            agent_id=target.agent_id,
+            instance_uid=str(target.agent.instance_uid),
+            name=target.agent.display_name,
+            stage_index=target.stage_index,
+            error=target.error,
+            answered_at=target.answered_at,
+        )
+        for target in failed.select_related("agent").order_by("stage_index", "answered_at", "pk")[:FAILED_AGENTS_SHOWN]
+    ]
+    recent = list(rollout.events.select_related("actor").order_by("-at", "-id")[:events])
+    recent.reverse()
+    return RolloutProgress(
+        rollout=rollout,
+        stages=stages,
+        cumulative=cumulative,
+        population=Agent.objects.filter(desired_config__configuration=rollout.configuration).count(),
+        rollback=rollback,
+        failed_agents=failed_agents,
+        failed_total=sum(failed_by_stage.values()),
+        events=recent,
+    )
