@@ -120,7 +120,9 @@ async def test_a_hint_naming_agents_this_process_does_not_hold_is_ignored():
 
 
 async def takeover_from_another_process(uid: bytes, *, claimed_at: float) -> None:
-    messages = hint_messages(HintKind.TAKEOVER, [uuid.UUID(bytes=uid)], origin="another-process", claimed_at=[claimed_at])
+    messages = hint_messages(
+        HintKind.TAKEOVER, [uuid.UUID(bytes=uid)], origin="another-process", claimed_at=[claimed_at]
+    )
     assert await publish(messages) == 1
 
 
