@@ -150,6 +150,8 @@ class HintStream:
             if self._loop is None and time.monotonic() < self._retry_at:
                 return
             self._loop = loop
+            # What belonged to an earlier loop (closed: a test's) never runs again.
+            self._tasks.clear()
             self._claims.clear()
             self._claims_flush = None
             self._joined = asyncio.ensure_future(self._join())

@@ -32,6 +32,7 @@ pytestmark = [
     ),
 ]
 
+COLLECTOR_YAML = {"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}}
 SERVER_LOG_ERRORS = ("Unexpected exception", "took too long to shut down", "Traceback")
 
 
@@ -83,6 +84,11 @@ async def the_same_agent_on_both_processes(server: LiveOpampServer, prefix: str)
             assert agent["connected"] is True  # the older session's close did not mark it gone
             # Each process holds exactly one subscription to the hint group.
             assert subscriptions(prefix)[f"{prefix}__group__{HINT_GROUP}"] == 2
+            # A change made through the other process reaches the session on the same stream.
+            server.api_post("configurations/", {"name": "edge", "selector": "service.name=checkout"})
+            version = server.api_post("configurations/edge/versions/", {"files": COLLECTOR_YAML})
+            pushed = decode_server_ws_frame(await asyncio.wait_for(newer.recv(), timeout=10))
+            assert pushed.remote_config.config_hash.hex() == version["config_hash"]
 
 
 def test_the_same_agent_on_two_server_processes_keeps_only_its_newer_session(tmp_path: Path) -> None:
