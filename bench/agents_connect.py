@@ -3,6 +3,9 @@
     python bench/agents_connect.py --server ws://127.0.0.1:4320/v1/opamp \\
         --agents 2000 --heartbeat 5 --duration 30
 
+With `--server-pid` (a server process on this machine), the summary adds that process's CPU
+time spent while the agents connected and its resident memory growth per connected agent.
+
 Prints one JSON object: how long until every agent was connected and had its first reply
 (`connect_seconds`), then, over a `--duration` window, heartbeat replies per second and
 their round-trip latency percentiles. The window opens `--warmup` seconds (default: one
@@ -21,6 +24,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -64,6 +68,24 @@ def raise_open_file_limit(agents: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
 
 
+class ServerProcess:
+    """CPU time and resident memory of a local server process, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.ticks  # utime + stime
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise ValueError(f"no VmRSS for process {self.pid}")
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values (q in 0..100)."""
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
@@ -94,8 +116,10 @@ async def run_bench(
     connect_rate: float = 0.0,
     connect_timeout: float = 60.0,
     headers: dict[str, str] | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     require_loopback(server)
+    process = ServerProcess(server_pid) if server_pid else None
     if warmup is None:
         warmup = heartbeat
     settings = AgentSettings(
@@ -116,9 +140,11 @@ async def run_bench(
     gc.collect()
     gc.freeze()
     stats = fleet.stats
+    before = (process.cpu_seconds(), process.rss_kib()) if process else None
     try:
         await fleet.start()
         all_connected = await fleet.wait_connected(max(0.0, connect_timeout - (time.monotonic() - stats.started_at)))
+        connected = (process.cpu_seconds(), process.rss_kib()) if process else None
         first_replies = [at - stats.started_at for at in stats.first_reply_at.values()]
         await asyncio.sleep(warmup)
         window_start = time.monotonic()
@@ -148,6 +174,23 @@ async def run_bench(
         "latency_ms": distribution_ms(round_trips),
         "reconnects": stats.disconnects,
         "top_errors": dict(stats.errors.most_common(5)),
+        "server_process": server_costs(before, connected, len(stats.first_reply_at)),
+    }
+
+
+def server_costs(
+    before: tuple[float, int] | None, connected: tuple[float, int] | None, agents: int
+) -> dict[str, float] | None:
+    """The server's CPU per connect and memory per connection over the connect phase."""
+    if before is None or connected is None or agents == 0:
+        return None
+    cpu = connected[0] - before[0]
+    return {
+        "cpu_seconds_while_connecting": round(cpu, 2),
+        "cpu_ms_per_connect": round(cpu / agents * 1000, 2),
+        "rss_mb_before": round(before[1] / 1024, 1),
+        "rss_mb_connected": round(connected[1] / 1024, 1),
+        "kib_per_connection": round((connected[1] - before[1]) / agents, 1),
     }
 
 
@@ -171,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="e.g. 'Authorization: Bearer X'",
     )
+    parser.add_argument("--server-pid", type=int, help="a local server process to measure (CPU, memory)")
     parser.add_argument("--log-level", default="ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
@@ -196,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connect_rate=options.connect_rate,
             connect_timeout=options.connect_timeout,
             headers=dict(options.header),
+            server_pid=options.server_pid,
         )
     )
     print(json.dumps(summary, indent=2))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from fleet.connection import authenticate, connection_info
-from fleet.notify import agent_group
+from fleet.hints import hint_stream
 from fleet.session import AgentSession, error_reply
 from opamp.codec import FrameError, decode_agent_ws_frame, encode_ws_frame
 from opamp.proto import opamp_pb2
@@ -29,10 +31,30 @@ CLOSE_TIMED_OUT = 4408
 
 
 class OpampConsumer(AsyncWebsocketConsumer):
-    """Thin: size check and decode, one session call, encode. The session decides."""
+    """Thin: size check and decode, one session call, encode. The session decides.
+
+    Hints reach it through its process's hint stream (fleet.hints), never through a
+    channel-layer channel of its own.
+    """
 
     session: AgentSession
-    agent_group: str | None = None
+    # Frames and hints of one socket are handled one at a time, as Channels' own dispatch
+    # loop would: a push never interleaves with the reply to a frame.
+    _turn: asyncio.Lock
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Channels' `AsyncConsumer.__call__` without the channel layer: that one asks the
+        layer for a channel per socket (`new_channel()`: a Redis subscription on the
+        PubSub layer, unsubscribed again when the socket closes) and keeps a second
+        receive task on it. One socket's only source is its ASGI `receive`."""
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, object]) -> None:
         """Channels' dispatch without its `aclose_old_connections()` before every handler.
@@ -57,10 +79,13 @@ class OpampConsumer(AsyncWebsocketConsumer):
             logger.info("refused a WebSocket from %s: %s", self.scope.get("client"), error.message)
             await self.close()
             return
+        await hint_stream().start()
+        self._turn = asyncio.Lock()
         self.session = AgentSession(
             transport="websocket", remote_address=info.agent_address, credential=credential, endpoint=info.endpoint
         )
         self.session.on_superseded = self._close_superseded
+        self.session.hint_receiver = self
         await self.accept()
 
     def _close_superseded(self) -> None:
@@ -82,46 +107,34 @@ class OpampConsumer(AsyncWebsocketConsumer):
         except FrameError as error:
             await self.send_message(error_reply(instance_uid=b"", message=str(error)))
             return
-        reply = await self.session.handle(message)
-        await self.send_message(reply)
-        await self._follow_agent_group()
-
-    async def _follow_agent_group(self) -> None:
-        """Subscribe to hints for the agent this socket speaks for (and only that one)."""
-        group = agent_group(self.session.instance_uid) if self.session.instance_uid else None
-        if group == self.agent_group or self.channel_layer is None:
-            return
-        if self.agent_group:
-            await self.channel_layer.group_discard(self.agent_group, self.channel_name)
-        if group:
-            await self.channel_layer.group_add(group, self.channel_name)
-        self.agent_group = group
-
-    async def desired_state_changed(self, event: dict[str, object]) -> None:
-        """Channel-layer hint: the agent's desired state may have changed; push if so."""
-        generation = event.get("generation")
-        reply = await self.session.push_desired_state(generation=generation if isinstance(generation, int) else None)
-        if reply is None:
-            return
-        try:
+        async with self._turn:
+            reply = await self.session.handle(message)
             await self.send_message(reply)
-        except Exception:
-            # The socket closed while the push was being prepared; the agent gets the
-            # same offer on its next connection.
-            logger.debug("push to %s dropped: connection closed", self.session.remote_address)
 
-    async def credentials_revoked(self, event: dict[str, object]) -> None:
-        """Channel-layer hint: a certificate of this agent was revoked; drop the socket if it was ours."""
-        if await self.session.credential_revoked():
-            logger.info("closing %s: its client certificate was revoked", self.session.remote_address)
-            await self.close(code=CLOSE_CREDENTIAL_REVOKED)
+    async def desired_state_changed(self, generation: int | None) -> None:
+        """Hint: the agent's desired state may have changed; push if so."""
+        async with self._turn:
+            reply = await self.session.push_desired_state(generation=generation)
+            if reply is None:
+                return
+            try:
+                await self.send_message(reply)
+            except Exception:
+                # The socket closed while the push was being prepared; the agent gets the
+                # same offer on its next connection.
+                logger.debug("push to %s dropped: connection closed", self.session.remote_address)
+
+    async def credentials_revoked(self) -> None:
+        """Hint: a certificate of this agent was revoked; drop the socket if it was ours."""
+        async with self._turn:
+            if await self.session.credential_revoked():
+                logger.info("closing %s: its client certificate was revoked", self.session.remote_address)
+                await self.close(code=CLOSE_CREDENTIAL_REVOKED)
 
     async def send_message(self, reply: opamp_pb2.ServerToAgent) -> None:
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
-        if self.agent_group and self.channel_layer is not None:
-            await self.channel_layer.group_discard(self.agent_group, self.channel_name)
         session = getattr(self, "session", None)  # absent when the handshake was refused
         if session is not None:
             await session.close()

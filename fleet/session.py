@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.utils import timezone
@@ -62,6 +63,9 @@ from signing.agent_credentials import (
 )
 from signing.ca import CsrRejected
 from signing.errors import SigningError
+
+if TYPE_CHECKING:
+    from fleet.hints import HintReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +136,12 @@ class ProtocolError(ValueError):
 
 @dataclass
 class LiveConnections:
-    """WebSocket sessions of this process by instance_uid, to spot duplicates."""
+    """WebSocket sessions of this process by instance_uid: to spot duplicates, and where
+    the process's hint stream (fleet.hints) finds the sessions a hint names."""
 
     by_uid: dict[uuid.UUID, AgentSession] = field(default_factory=dict)
+    # Set by the hint stream: announces a session that became an agent's live one here.
+    on_claim: Callable[[uuid.UUID, AgentSession], None] | None = None
 
     def claim(self, instance_uid: uuid.UUID, session: AgentSession) -> AgentSession | None:
         """Register `session` for the uid; return the other live session holding it, if any."""
@@ -142,6 +149,10 @@ class LiveConnections:
         if holder is not None and holder is not session and not holder.closed:
             return holder
         self.by_uid[instance_uid] = session
+        if holder is not session:
+            session.claimed_at = time.time()
+            if self.on_claim is not None:
+                self.on_claim(instance_uid, session)
         return None
 
     def release(self, instance_uid: uuid.UUID, session: AgentSession) -> None:
@@ -242,6 +253,11 @@ def runtime() -> FleetRuntime:
     return _runtime
 
 
+def runtime_if_started() -> FleetRuntime | None:
+    """This process's runtime if it serves agents (a Celery worker builds none)."""
+    return _runtime
+
+
 def reset_runtime() -> None:
     """Forget every in-memory fact, as a server restart would (tests use this)."""
     global _runtime
@@ -272,8 +288,17 @@ class AgentSession:
         self.identity_checked: uuid.UUID | None = None
         self.instance_uid: uuid.UUID | None = None
         self.closed = False
-        # Set by the WebSocket consumer: how to drop this socket when superseded.
+        # Set by the WebSocket consumer: how to drop this socket when superseded, and
+        # what to do with a hint naming its agent.
         self.on_superseded: Callable[[], None] | None = None
+        self.hint_receiver: HintReceiver | None = None
+        # When this session became its agent's live one (wall clock: compared across
+        # processes to tell the older session of a duplicate).
+        self.claimed_at = 0.0
+        # The agent reported identifying attributes other than the stored ones.
+        self.identity_differs = False
+        # A newer session of the agent opened on another process: it is still connected.
+        self.taken_over = False
         self.last_sequence_num: int | None = None
         self.last_offered_hash = ""
 
@@ -582,6 +607,12 @@ class AgentSession:
             return uuid7()
         if self.transport != "websocket":
             return None
+        self.identity_differs = (
+            not bound
+            and identifying is not None
+            and snapshot is not None
+            and snapshot.identifying_attributes != identifying
+        )
         other = self.fleet.live.by_uid.get(instance_uid)
         if other is None or other is self or other.closed:
             return None
@@ -630,6 +661,12 @@ class AgentSession:
         if self.on_superseded is not None:
             self.on_superseded()
 
+    def taken_over_elsewhere(self) -> None:
+        """`superseded`, by a session on another server process (fleet.hints): the agent
+        stays connected, so closing this one must not mark it disconnected."""
+        self.taken_over = True
+        self.superseded()
+
     async def close(self) -> None:
         """The transport closed: the agent is disconnected unless another session holds it."""
         self.closed = True
@@ -642,6 +679,8 @@ class AgentSession:
         # reconnect through another server process can write newer values.
         await self._write_held_status_of(instance_uid)
         self._forget(instance_uid)
+        if self.taken_over:
+            return
         await db(services.agent_mark_disconnected)(
             instance_uid=instance_uid, at=timezone.now(), sequence_num=self.last_sequence_num
         )

@@ -32,10 +32,12 @@ REDIS_URL = env_str("REDIS_URL")
 # The PubSub layer, not the core layer: the core layer silently drops group messages
 # beyond a channel's capacity (measured: 851 of 3,200 per-agent sends arrived), the PubSub
 # layer delivered all of them. Pushes are hints either way; heartbeats converge.
+# Agent sockets hold no channel of their own: each server process subscribes once to the
+# hint group (fleet/hints.py). Every Redis channel this layer uses starts with the prefix.
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("OPAMP_CHANNEL_PREFIX", "opamp.")},
     }
 }
 
