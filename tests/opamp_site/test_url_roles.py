@@ -34,7 +34,7 @@ pytestmark = pytest.mark.django_db
 API_PREFIX = "api/v1/"
 SAFE = ("get", "head", "options")
 # Pages anyone may see: they show no data (the login form and its way out).
-PUBLIC_PAGES = {"admin:login", "admin:logout"}
+PUBLIC_PAGES = {"admin:login", "admin:logout", "dashboard-login", "dashboard-logout"}
 # Values tried for a URL's parameters, first match wins.
 SAMPLES = ("1", str(uuid.UUID(int=1)), "json", ".json", "fleet", "agent", "x")
 # Preferred values by parameter name: the agent row the fixture creates, JSON rendering.
