@@ -203,6 +203,11 @@ class _AgentMixin:
     def get_agent(self) -> Agent:
         return get_object_or_404(fleet_selectors.agent_list(), instance_uid=self.kwargs["instance_uid"])
 
+    def get_object(self) -> Agent:
+        # DRF's hook for the view's object: an OPTIONS request asks it for a view that
+        # takes PUT, and the generic one (with no queryset here) failed with a 500.
+        return self.get_agent()
+
 
 class AgentLabelsView(RolloutsAPIMixin, _AgentMixin, generics.GenericAPIView):
     """An agent's operator labels; PUT replaces them, PATCH merges into them."""
