@@ -74,3 +74,25 @@ def operator_token(db: Any, keep_the_test_connection: None) -> str:
 )
 def test_no_generated_request_gets_a_server_error(case: Any, operator_token: str) -> None:
     case.call_and_validate(headers={"Authorization": f"Token {operator_token}"}, checks=[not_a_server_error])
+
+
+# What the fuzzing found, kept as plain tests.
+
+
+def test_options_on_an_agents_labels_describes_the_view(operator_token: str) -> None:
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {operator_token}")
+    agent = Agent.objects.get()
+    assert client.options(f"/api/v1/agents/{agent.instance_uid}/labels/").status_code == 200
+
+
+@pytest.mark.parametrize("verb", ["start", "abort", "approve", "events"])
+def test_a_rollout_id_that_is_not_a_number_is_not_found(operator_token: str, verb: str) -> None:
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {operator_token}")
+    call = client.get if verb == "events" else client.post
+    assert call(f"/api/v1/rollouts/null,null/{verb}/").status_code == 404
