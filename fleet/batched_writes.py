@@ -7,6 +7,13 @@ What a buffer holds may be lost in a crash; each user says why that is harmless.
 flush (a deadlock, the database restarting) puts its batch back under what arrived since,
 and the next flush tries again.
 
+A batch that fails because of its content (a DataError or IntegrityError: a value the
+database refuses) would fail again on every retry, and take every other key's value
+with it: one NUL byte in one agent's report once stopped every status write of a server
+process. Such a batch is bisected instead: the halves are written on their own, down to
+the single offending value, which is dropped with one log line naming its key. Every
+other value is written; nothing is retried forever.
+
 Buffers that write the same rows share a `RowWriters` lock: a process then writes those
 rows in one transaction at a time. Two flushes updating many agent rows in different
 orders deadlocked on PostgreSQL (and each lost its batch); and a batch is taken from the
@@ -21,12 +28,20 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from django.db import DataError, IntegrityError
+
 from fleet.db import db
 
 logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+# Failures caused by what a batch holds, not by the database's state: retrying the same
+# batch cannot succeed. (psycopg refuses a lone surrogate with UnicodeEncodeError before
+# the statement is sent.)
+CONTENT_ERRORS = (DataError, IntegrityError, UnicodeError)
+DROPPED_LOG = "%s write for %s dropped: the database refused it (%s)"
 
 
 class RowWriters:
@@ -53,10 +68,13 @@ class BatchedWrites(Generic[K, V]):
         write: Callable[[dict[K, V]], int],
         merge: Callable[[V, V], V] | None = None,
         writers: RowWriters | None = None,
+        describe: Callable[[K], str] | None = None,
     ) -> None:
         """`merge(held, newer)` combines a held value with a newer one for the same key;
-        without it the newer value replaces the held one. `writers`: see the module doc."""
+        without it the newer value replaces the held one. `writers`: see the module doc.
+        `describe(key)` names a key in the log line of a dropped value (e.g. "agent 42")."""
         self.name = name
+        self._describe = describe or repr
         self.flush_seconds = flush_seconds
         self._write = write
         self._merge = merge
@@ -111,11 +129,29 @@ class BatchedWrites(Generic[K, V]):
             return await self._write_batch(batch)
 
     async def _write_batch(self, batch: dict[K, V]) -> int:
-        try:
-            return int(await db(self._write)(batch))
-        except BaseException:
-            self._put_back(batch)
-            raise
+        """Write `batch`, isolating values the database refuses (see the module doc)."""
+        parts = [batch]
+        written = 0
+        while parts:
+            part = parts.pop()
+            try:
+                written += int(await db(self._write)(part))
+            except CONTENT_ERRORS as error:
+                if len(part) == 1:
+                    (key,) = part
+                    reason = (str(error).splitlines() or [type(error).__name__])[0]
+                    logger.error(DROPPED_LOG, self.name, self._describe(key), reason)
+                    continue
+                items = list(part.items())
+                middle = len(items) // 2
+                parts += [dict(items[middle:]), dict(items[:middle])]
+            except BaseException:
+                # Not the content's fault (a deadlock, the database restarting): whatever
+                # is not written yet waits for the next flush.
+                for unwritten in (part, *parts):
+                    self._put_back(unwritten)
+                raise
+        return written
 
     def _put_back(self, batch: dict[K, V]) -> None:
         """Return a failed batch under what arrived since (newer values win)."""

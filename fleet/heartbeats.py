@@ -70,7 +70,13 @@ class HeartbeatBuffer(BatchedWrites[uuid.UUID, Heartbeat]):
     """Newest heartbeat per agent, flushed periodically by one task per event loop."""
 
     def __init__(self, flush_seconds: float, *, writers: RowWriters | None = None) -> None:
-        super().__init__(name="heartbeat", flush_seconds=flush_seconds, write=write_heartbeats, writers=writers)
+        super().__init__(
+            name="heartbeat",
+            flush_seconds=flush_seconds,
+            write=write_heartbeats,
+            writers=writers,
+            describe=lambda uid: f"agent {uid}",
+        )
 
     def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:  # type: ignore[override]
         super().note(instance_uid, Heartbeat(seen_at, sequence_num))

@@ -1,8 +1,11 @@
 """Turn reported protobuf sub-messages into capped, JSON-safe documents for storage.
 
-Everything an agent reports is untrusted: strings are length-capped, nesting is cut at a
-fixed depth, counts are bounded and bytes are never decoded as text unless they are
-valid UTF-8. The documents are what the admin, the API and the pages show.
+Everything an agent reports is untrusted. This is the boundary where it is made safe,
+and every string goes through `cap_text`: NUL and lone surrogates become U+FFFD
+(fleet.safe_text: PostgreSQL stores neither), then the length is capped. Nesting is cut at
+a fixed depth, counts are bounded, and bytes are shown as text only when they are valid
+UTF-8 without NUL (otherwise base64, so nothing is lost). The documents are what the
+admin, the API and the pages show.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+from fleet.safe_text import safe_text
 from opamp.hashing import config_map_hash
 from opamp.proto import anyvalue_pb2, opamp_pb2
 
@@ -26,6 +30,8 @@ class ReportLimits:
 
 
 def cap_text(text: str, limits: ReportLimits) -> str:
+    """A reported string as it may be stored: unsafe characters replaced, length capped."""
+    text = safe_text(text[: limits.max_value_chars + 1])
     if len(text) <= limits.max_value_chars:
         return text
     return text[: limits.max_value_chars] + TRUNCATED
@@ -93,7 +99,7 @@ def health_to_dict(health: opamp_pb2.ComponentHealth, limits: ReportLimits, dept
 
 
 def config_map_to_dict(config_map: opamp_pb2.AgentConfigMap, limits: ReportLimits) -> dict[str, Any]:
-    """Files as text when they are UTF-8, base64 otherwise; bodies past the cap are cut."""
+    """Files as text when they are UTF-8 without NUL, base64 otherwise; bodies past the cap are cut."""
     files: dict[str, Any] = {}
     budget = limits.max_config_bytes
     for name, file in sorted(config_map.config_map.items()):
@@ -104,9 +110,13 @@ def config_map_to_dict(config_map: opamp_pb2.AgentConfigMap, limits: ReportLimit
         if len(shown) < len(body):
             entry["truncated"] = True
         try:
-            entry["body"] = shown.decode("utf-8")
+            text = shown.decode("utf-8")
         except UnicodeDecodeError:
+            text = None
+        if text is None or "\x00" in text:
             entry["body_base64"] = base64.b64encode(shown).decode()
+        else:
+            entry["body"] = text
         files[cap_text(name, limits)] = entry
     return files
 

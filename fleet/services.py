@@ -12,6 +12,7 @@ from django.db import transaction
 from fleet.labels import merged_labels
 from fleet.models import Agent, uint64_to_db
 from fleet.reports import AgentReport
+from fleet.safe_text import safe_text
 from rollouts.desired_state import resolve_agent, resolve_new_agent
 from rollouts.rollout_engine import AnswerRecord, record_answer, record_answers
 
@@ -106,7 +107,7 @@ def agent_record_report(
     agent.capabilities = report.capabilities
     agent.last_sequence_num = uint64_to_db(sequence_num)
     agent.transport = transport
-    agent.remote_address = remote_address[:64]
+    agent.remote_address = safe_text(remote_address[:64])
     agent.last_seen = seen_at
     if not agent.connected:
         agent.connected = True

@@ -180,11 +180,16 @@ class FleetRuntime:
             write=services.write_statuses,
             merge=services.StatusWrite.merged,
             writers=agent_rows,
+            describe=self.describe_agent,
         )
         # What was offered to whom, written in batches: the agent's answer, not this
         # record, is what rollouts judge, and a lost record costs at most a repeated offer.
         self.offers = BatchedWrites[int, Offer](
-            name="offer", flush_seconds=settings.OPAMP_HEARTBEAT_FLUSH_SECONDS, write=record_offers, writers=agent_rows
+            name="offer",
+            flush_seconds=settings.OPAMP_HEARTBEAT_FLUSH_SECONDS,
+            write=record_offers,
+            writers=agent_rows,
+            describe=self.describe_agent,
         )
         self.live = LiveConnections()
         self.desired = DesiredConfigCache()
@@ -202,6 +207,11 @@ class FleetRuntime:
             max_depth=settings.OPAMP_MAX_VALUE_DEPTH,
             max_config_bytes=settings.OPAMP_MAX_EFFECTIVE_CONFIG_BYTES,
         )
+
+    def describe_agent(self, agent_id: int) -> str:
+        """An agent (by row id) as a log line names it: its instance_uid when this process knows it."""
+        uid = next((uid for uid, snapshot in self.snapshots.items() if snapshot.agent_id == agent_id), None)
+        return f"agent {uid} (id {agent_id})" if uid else f"agent id {agent_id}"
 
     def expire_generation(self) -> None:
         """Make the next desired-state read catch up with the change log first."""

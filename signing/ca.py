@@ -8,6 +8,7 @@ and the validity come from the authenticated instance uid and the settings.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ AgentPublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 # A CSR is well under 4 KiB even with RSA-8192; a bigger one is refused unparsed.
 MAX_CSR_BYTES = 16 * 1024
+_PEM_TEXT = re.compile(rb"[\x20-\x7e\t\r\n]*")
 MIN_RSA_BITS = 2048
 # Verifying huge RSA signatures costs CPU an agent could make us spend on purpose.
 MAX_RSA_BITS = 8192
@@ -176,6 +178,12 @@ def _requested_uids(csr: x509.CertificateSigningRequest, san: x509.SubjectAltern
 # --- CSR checks -------------------------------------------------------------------------
 
 
+def is_pem_text(data: bytes) -> bool:
+    """PEM is printable ASCII and line breaks; anything else (a NUL byte, binary DER) is not
+    a PEM CSR, and is never stored (PostgreSQL refuses NUL in text)."""
+    return _PEM_TEXT.fullmatch(data) is not None
+
+
 def check_csr(pem: bytes, *, instance_uid: uuid.UUID) -> CheckedCsr:
     """Validate an agent's CSR against policy, in a fixed order, or raise `CsrRejected`.
 
@@ -187,6 +195,8 @@ def check_csr(pem: bytes, *, instance_uid: uuid.UUID) -> CheckedCsr:
     """
     if len(pem) > MAX_CSR_BYTES:
         raise CsrRejected(CSR_TOO_LARGE)
+    if not is_pem_text(pem):
+        raise CsrRejected(CSR_NOT_PEM)
     try:
         csr = x509.load_pem_x509_csr(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm):

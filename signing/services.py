@@ -401,7 +401,7 @@ def _pem_bytes(csr_pem: bytes | str) -> bytes:
 
 def _stored_pem(pem: bytes) -> str:
     # An oversized or binary CSR is kept out of the database; the reason says what it was.
-    if len(pem) > ca_module.MAX_CSR_BYTES:
+    if len(pem) > ca_module.MAX_CSR_BYTES or not ca_module.is_pem_text(pem):
         return ""
     return pem.decode("ascii", "replace")
 

@@ -39,6 +39,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # NUL or a lone surrogate in a path, query parameter or cookie: 400 (fleet.safe_text).
+    "fleet.api.strict_input.UnsafeTextMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -116,6 +118,8 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
+    # JSON bodies only, refused with a NUL or a lone surrogate anywhere (fleet.safe_text).
+    "DEFAULT_PARSER_CLASSES": ["fleet.api.strict_input.JSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Domain errors (rollouts.errors.DomainError and the validation errors of config files
     # and selectors) become 400s with one body shape; everything else is DRF's default.

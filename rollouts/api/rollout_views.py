@@ -27,6 +27,8 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     """Timed canary rollouts of a configuration's candidate version."""
 
     serializer_class = rs.RolloutSerializer
+    # Ids are integers: anything else is no rollout (404), never a failed int() (a 500).
+    lookup_value_regex = "[0-9]+"
     filterset_fields = ["state"]
     ordering_fields = ["created_at", "id"]
     ordering = ["-created_at", "-id"]

@@ -13,12 +13,12 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
 from fleet import selectors as fleet_selectors
+from fleet.api.strict_input import JSONParser
 from fleet.models import Agent
 from rollouts import reconciler, selectors, services
 from rollouts.api import serializers as s
@@ -202,6 +202,11 @@ class _AgentMixin:
 
     def get_agent(self) -> Agent:
         return get_object_or_404(fleet_selectors.agent_list(), instance_uid=self.kwargs["instance_uid"])
+
+    def get_object(self) -> Agent:
+        # DRF's hook for the view's object: an OPTIONS request asks it for a view that
+        # takes PUT, and the generic one (with no queryset here) failed with a 500.
+        return self.get_agent()
 
 
 class AgentLabelsView(RolloutsAPIMixin, _AgentMixin, generics.GenericAPIView):

@@ -18,11 +18,11 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import generics, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fleet.api.strict_input import JSONParser
 from rollouts.api.exceptions import error_body
 from rollouts.api.permissions import RolePermission
 from rollouts.api.views import _valid

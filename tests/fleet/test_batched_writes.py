@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
+from django.db import DataError
 
 from fleet.batched_writes import BatchedWrites, RowWriters
 
@@ -102,3 +104,56 @@ async def test_write_now_comes_after_a_batch_already_taken():
     await asyncio.gather(flushing, buffer.write_now("a"))
     assert order == [{"a": "old"}, {"a": "new"}]
     assert store.rows == {"a": "new"}
+
+
+class ContentStore:
+    """A write function whose database refuses one value, as PostgreSQL refuses a NUL."""
+
+    def __init__(self, refused: str) -> None:
+        self.refused = refused
+        self.rows: dict[str, str] = {}
+        self.statements = 0
+        self.deadlock_on: str | None = None
+
+    def write(self, batch: dict[str, str]) -> int:
+        self.statements += 1
+        if self.deadlock_on in batch and len(batch) <= 2:  # once the bisection reached it
+            self.deadlock_on = None
+            raise Deadlock("deadlock detected")
+        if self.refused in batch.values():
+            raise DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        self.rows.update(batch)
+        return len(batch)
+
+
+async def test_a_value_the_database_refuses_is_isolated_and_dropped_with_a_log_line(caplog):
+    store = ContentStore(refused="bad\x00")
+    buffer = BatchedWrites[str, str](
+        name="status", flush_seconds=60, write=store.write, describe=lambda key: f"agent {key}"
+    )
+    for index in range(64):
+        buffer.note(f"a{index}", "bad\x00" if index == 41 else "ok")
+    with caplog.at_level(logging.ERROR, logger="fleet.batched_writes"):
+        assert await buffer.flush() == 63
+    assert sorted(store.rows) == sorted(f"a{index}" for index in range(64) if index != 41)
+    assert store.statements <= 2 * 6 + 1  # a bisection, not a statement per row
+    assert [record.getMessage() for record in caplog.records] == [
+        "status write for agent a41 dropped: the database refused it "
+        "(PostgreSQL text fields cannot contain NUL (0x00) bytes)"
+    ]
+    assert buffer.pending_count == 0  # never retried
+    buffer.note("a41", "ok")
+    assert await buffer.flush() == 1
+
+
+async def test_a_deadlock_while_isolating_keeps_what_is_not_written_yet():
+    store = ContentStore(refused="bad")
+    buffer = BatchedWrites[str, str](name="test", flush_seconds=60, write=store.write)
+    for key in "abcd":
+        buffer.note(key, "bad" if key == "a" else "ok")
+    store.deadlock_on = "c"
+    with pytest.raises(Deadlock):
+        await buffer.flush()
+    assert buffer.holds("c") and buffer.holds("d") and not buffer.holds("a")
+    assert await buffer.flush() == 2
+    assert sorted(store.rows) == ["b", "c", "d"]

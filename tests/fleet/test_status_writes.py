@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 
 from fleet.models import Agent, RemoteConfigState
+from fleet.services import StatusWrite
 from fleet.session import runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
@@ -126,3 +129,38 @@ async def test_heartbeats_of_an_agent_with_a_held_status_wait_with_it():
         assert (row.last_sequence_num, row.healthy) == (3, False)
         await agent.exchange(heartbeat(uid, 4))  # nothing held now: the heartbeat buffer again
         assert runtime().heartbeats.pending_count == 1
+
+
+def poison() -> dict[str, object]:
+    """A change the database refuses. The observed one on PostgreSQL, a NUL in the health
+    document; SQLite stores NUL, but no database can encode a lone surrogate."""
+    if connection.vendor == "postgresql":
+        return {"health": {"healthy": False, "last_error": "boom\x00boom"}, "healthy": False}
+    return {"remote_config_error": "boom\ud800boom"}
+
+
+async def test_one_poisoned_status_among_many_is_dropped_and_every_other_is_written(caplog, settings):
+    settings.OPAMP_STATUS_FLUSH_SECONDS = 3600  # one batch: flushed by the test, not the timer
+    uids = [uuid7().bytes for _ in range(40)]
+    async with WsAgent() as agent:
+        for uid in uids:
+            await agent.exchange(full_report(uid, 1, service="other"))
+            await agent.exchange(health(uid, 2, healthy=False))
+        assert runtime().statuses.pending_count == 40
+        victim = await agent_row(uids[17])
+        # Past the boundary (fleet.reports would have replaced it): this tests the writer.
+        runtime().statuses.note(victim.pk, StatusWrite(poison(), {}))
+        with caplog.at_level(logging.ERROR, logger="fleet.batched_writes"):
+            assert await runtime().statuses.flush() == 39
+        assert runtime().statuses.pending_count == 0
+        rows = {row.instance_uid.bytes: row for row in [await agent_row(uid) for uid in uids]}
+        assert [uid for uid in uids if rows[uid].healthy is not False] == [uids[17]]
+        assert rows[uids[17]].health["healthy"] is True  # nothing of the poisoned write landed
+        dropped = [record.getMessage() for record in caplog.records]
+        assert len(dropped) == 1
+        assert f"status write for agent {victim.instance_uid} (id {victim.pk}) dropped" in dropped[0]
+
+        # The next flush is clean, the poisoned agent's next status written.
+        await agent.exchange(health(uids[17], 3, healthy=False))
+        assert await runtime().statuses.flush() == 1
+    assert (await agent_row(uids[17])).healthy is False
