@@ -81,7 +81,31 @@ class OpampConsumer(AsyncWebsocketConsumer):
             return
         reply = await self.session.handle(message)
         await self.send_message(reply)
+        if self._close_when_unavailable(reply):
+            return
         await self._follow_agent_group()
+
+    def _close_when_unavailable(self, reply: opamp_pb2.ServerToAgent) -> bool:
+        """Admission refused (fleet.admission): close the socket once retry_info has passed.
+
+        agent_client closes at once and comes back after retry_info; opamp-go's client only
+        logs the error and reconnects as soon as the socket closes, so the socket is kept
+        (idle, with no work per message) until the agent should come back.
+        """
+        pending = getattr(self, "_unavailable_close", None)
+        if reply.error_response.type != opamp_pb2.ServerErrorResponseType_Unavailable or not reply.HasField(
+            "error_response"
+        ):
+            if pending is not None:
+                pending.cancel()  # admitted on a later message of the same socket
+                self._unavailable_close = None
+            return False
+        if pending is None:
+            delay = reply.error_response.retry_info.retry_after_nanoseconds / 1e9
+            self._unavailable_close = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self.close(code=1000))
+            )
+        return True
 
     async def _follow_agent_group(self) -> None:
         """Subscribe to hints for the agent this socket speaks for (and only that one)."""
@@ -117,6 +141,9 @@ class OpampConsumer(AsyncWebsocketConsumer):
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
+        pending = getattr(self, "_unavailable_close", None)
+        if pending is not None:
+            pending.cancel()
         if self.agent_group and self.channel_layer is not None:
             await self.channel_layer.group_discard(self.agent_group, self.channel_name)
         session = getattr(self, "session", None)  # absent when the handshake was refused
