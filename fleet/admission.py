@@ -12,7 +12,11 @@ A known agent whose state is unchanged (a cheap reconnect, fleet.session) costs 
 a new agent, or one whose report must be written, costs `OPAMP_ADMISSION_FULL_COST`: its
 first message costs the server that many times more work, so the bucket paces work rather
 than connections, and after a restart, when nearly every agent is a cheap reconnect, the
-fleet comes back at the full rate while a wave of new agents cannot starve it.
+fleet comes back at the full rate while a wave of new agents cannot starve it. Which one an
+agent is shows only after its snapshot is read, so every first message takes the full cost
+before any database work and a cheap reconnect gets the difference back: taking one token
+first and the rest later let two agents arriving together each take one and both be
+refused the rest, again at every retry.
 
 Refused agents are spread: each refusal books the time its cost will have been refilled
 after the ones refused before it, and the answer adds up to half as much again at random,
@@ -70,6 +74,12 @@ class TokenBucket:
             return None
         return self._refusal(now, cost)
 
+    def refund(self, tokens: float) -> None:
+        """Give back part of what `take` took (the admission turned out cheaper)."""
+        if self.enabled:
+            self._refill()
+            self._tokens = min(self.burst, self._tokens + tokens)
+
     def would_refuse(self, cost: float = 1.0) -> float | None:
         """Like `take` without taking: the seconds to wait when `cost` is not there now."""
         if not self.enabled:
@@ -90,4 +100,5 @@ def bucket_from_settings() -> TokenBucket:
 
 
 def full_admission_cost() -> float:
-    return float(settings.OPAMP_ADMISSION_FULL_COST)
+    """What a new or changed agent costs; never more than the bucket can hold."""
+    return min(float(settings.OPAMP_ADMISSION_FULL_COST), float(settings.OPAMP_ADMISSION_BURST))

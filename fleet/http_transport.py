@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 
-from fleet.admission import UNAVAILABLE_MESSAGE
+from fleet.admission import UNAVAILABLE_MESSAGE, full_admission_cost
 from fleet.connection import authenticate, connection_info
 from fleet.session import AgentSession, error_reply, runtime
 from opamp.codec import FrameError, decode_agent_to_server
@@ -101,7 +101,7 @@ def http_admission_refused(scope: Scope) -> float | None:
     """Before the body is read: refuse when this process admits no one now (fleet.admission).
 
     A polling agent this process already knows (its OpAMP-Instance-UID header names one) is
-    past admission; the session takes the tokens of the others.
+    past admission; for the others the session takes the tokens, this only spares the body.
     """
     fleet = runtime()
     if not fleet.admission.enabled:
@@ -110,7 +110,7 @@ def http_admission_refused(scope: Scope) -> float | None:
         known = uuid.UUID(header(scope, INSTANCE_UID_HEADER).decode("ascii", "replace")) in fleet.snapshots
     except ValueError:
         known = False
-    return None if known else fleet.admission.would_refuse()
+    return None if known else fleet.admission.would_refuse(full_admission_cost())
 
 
 async def respond_unavailable(send: Send, retry_after: float) -> None:

@@ -332,7 +332,7 @@ class AgentSession:
         if problem:
             raise ProtocolError(problem)
         instance_uid = uuid.UUID(bytes=message.instance_uid)
-        if (retry_after := self._admission_refused(instance_uid, cost=1.0)) is not None:
+        if (retry_after := self._admission_refused(instance_uid)) is not None:
             return self._unavailable(message, retry_after)
         await self._check_identity(instance_uid)
         now = timezone.now()
@@ -352,11 +352,10 @@ class AgentSession:
         state_hash = reported_state_hash(message, capabilities) if is_full_report(message) else ""
         unchanged = snapshot is not None and bool(state_hash) and snapshot.reported_state_hash == state_hash
         if not self.admitted:
-            # A new agent or a changed report costs the full admission price (its first
-            # token was taken above, before any database work).
-            extra = 0.0 if unchanged else admission.full_admission_cost() - 1.0
-            if extra > 0 and (retry_after := self.fleet.admission.take(extra)) is not None:
-                return self._unavailable(message, retry_after)
+            # The full admission price was taken above, before any database work; a cheap
+            # reconnect costs one token and gets the rest back.
+            if unchanged:
+                self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
             self.admitted = True
 
         if unchanged:
@@ -451,7 +450,7 @@ class AgentSession:
         self._ask_for_renewal(reply, snapshot, now)
         return reply
 
-    def _admission_refused(self, instance_uid: uuid.UUID, *, cost: float) -> float | None:
+    def _admission_refused(self, instance_uid: uuid.UUID) -> float | None:
         """Seconds the agent should wait before coming back, or None once it is let in.
 
         Once per connection; a polling agent this process already holds a snapshot of is
@@ -467,7 +466,7 @@ class AgentSession:
             # More messages on a refused socket (an agent that ignores retry_info keeps
             # heartbeating): the same answer, without booking another turn.
             return self.refused_until - now
-        return self.fleet.admission.take(cost)
+        return self.fleet.admission.take(admission.full_admission_cost())
 
     def _unavailable(self, message: opamp_pb2.AgentToServer, retry_after: float) -> opamp_pb2.ServerToAgent:
         self.refused_until = max(self.refused_until, time.monotonic() + retry_after)

@@ -146,16 +146,24 @@ async def test_the_agent_admitted_later_is_stored_as_usual(settings: Any) -> Non
 async def test_a_known_agent_reconnecting_unchanged_costs_less_than_a_new_one(tiny_rate: None) -> None:
     known = uuid7().bytes
     async with WsAgent() as agent:
-        await agent.exchange(full_report(known, 1))  # two tokens: both
-    runtime().admission._tokens = 1.0  # one token left
-    async with WsAgent() as agent:
-        # A new agent needs two: refused.
-        assert (await agent.exchange(full_report(uuid7().bytes, 1))).HasField("error_response")
-    runtime().admission._tokens = 1.0
-    reset_snapshots = runtime().snapshots
-    reset_snapshots.clear()  # as a restarted process: the agent is known only to the database
+        await agent.exchange(full_report(known, 1))
+    gate = runtime().admission
+    runtime().snapshots.clear()  # as a restarted process: the agent is known only to the database
+    gate._tokens = 2.0
     async with WsAgent() as agent:
         assert not (await agent.exchange(full_report(known, 2))).HasField("error_response")
+    assert gate._tokens == pytest.approx(1.0, abs=0.05)  # one token; the rest given back
+    gate._tokens = 2.0
+    async with WsAgent() as agent:
+        assert not (await agent.exchange(full_report(uuid7().bytes, 1))).HasField("error_response")
+    assert gate._tokens == pytest.approx(0.0, abs=0.05)  # a new agent: the full cost
+
+
+def test_two_agents_arriving_together_cannot_each_take_part_and_both_be_refused() -> None:
+    """The full cost is taken at once: of two agents that find exactly one admission's worth
+    of tokens, one is admitted (taking it in two steps let both take half and fail)."""
+    gate, _ = bucket(rate=1, burst=2)
+    assert [gate.take(2), gate.take(2)].count(None) == 1
 
 
 @pytest.mark.django_db(transaction=True)
