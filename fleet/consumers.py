@@ -110,6 +110,28 @@ class OpampConsumer(AsyncWebsocketConsumer):
         async with self._turn:
             reply = await self.session.handle(message)
             await self.send_message(reply)
+            self._close_when_unavailable(reply)
+
+    def _close_when_unavailable(self, reply: opamp_pb2.ServerToAgent) -> None:
+        """Admission refused (fleet.admission): close the socket once retry_info has passed.
+
+        agent_client closes at once and comes back after retry_info; opamp-go's client only
+        logs the error and reconnects as soon as the socket closes, so the socket is kept
+        (idle, with no work per message) until the agent should come back.
+        """
+        pending = getattr(self, "_unavailable_close", None)
+        if not reply.HasField("error_response") or (
+            reply.error_response.type != opamp_pb2.ServerErrorResponseType_Unavailable
+        ):
+            if pending is not None:
+                pending.cancel()  # admitted on a later message of the same socket
+                self._unavailable_close = None
+            return
+        if pending is None:
+            delay = reply.error_response.retry_info.retry_after_nanoseconds / 1e9
+            self._unavailable_close = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self.close(code=1000))
+            )
 
     async def desired_state_changed(self, generation: int | None) -> None:
         """Hint: the agent's desired state may have changed; push if so."""
@@ -135,6 +157,9 @@ class OpampConsumer(AsyncWebsocketConsumer):
         await self.send(bytes_data=encode_ws_frame(reply))
 
     async def disconnect(self, code: int) -> None:
+        pending = getattr(self, "_unavailable_close", None)
+        if pending is not None:
+            pending.cancel()
         session = getattr(self, "session", None)  # absent when the handshake was refused
         if session is not None:
             await session.close()

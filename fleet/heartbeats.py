@@ -24,13 +24,18 @@ from fleet.models import Agent, uint64_to_db
 
 logger = logging.getLogger(__name__)
 
+# transport / address are NULL for a plain heartbeat: only a cheap reconnect (fleet.session)
+# carries them.
 _POSTGRES_FLUSH_SQL = """
     UPDATE fleet_agent AS a
     SET last_seen = GREATEST(a.last_seen, v.seen),
         last_sequence_num = v.seq,
         connected = TRUE,
-        connected_at = CASE WHEN a.connected THEN a.connected_at ELSE v.seen END
-    FROM unnest(%s::uuid[], %s::timestamptz[], %s::bigint[]) AS v(uid, seen, seq)
+        connected_at = CASE WHEN a.connected THEN a.connected_at ELSE v.seen END,
+        transport = COALESCE(v.transport, a.transport),
+        remote_address = COALESCE(v.address, a.remote_address)
+    FROM unnest(%s::uuid[], %s::timestamptz[], %s::bigint[], %s::text[], %s::text[])
+        AS v(uid, seen, seq, transport, address)
     WHERE a.instance_uid = v.uid
 """
 
@@ -39,6 +44,16 @@ _POSTGRES_FLUSH_SQL = """
 class Heartbeat:
     seen_at: datetime
     sequence_num: int
+    # Set by a reconnect admitted without a row write: the new connection's facts.
+    transport: str | None = None
+    remote_address: str | None = None
+
+    def merged(self, newer: Heartbeat) -> Heartbeat:
+        """`newer` follows this one: its time and sequence number, and the connection facts
+        of whichever carries them (a heartbeat after a reconnect must not drop them)."""
+        if newer.transport is not None or self.transport is None:
+            return newer
+        return Heartbeat(newer.seen_at, newer.sequence_num, self.transport, self.remote_address)
 
 
 def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
@@ -50,10 +65,16 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
                 _POSTGRES_FLUSH_SQL,
-                [uids, [beats[u].seen_at for u in uids], [uint64_to_db(beats[u].sequence_num) for u in uids]],
+                [
+                    uids,
+                    [beats[u].seen_at for u in uids],
+                    [uint64_to_db(beats[u].sequence_num) for u in uids],
+                    [beats[u].transport for u in uids],
+                    [beats[u].remote_address for u in uids],
+                ],
             )
             return cursor.rowcount
-    fields = ["last_seen", "last_sequence_num", "connected", "connected_at"]
+    fields = ["last_seen", "last_sequence_num", "connected", "connected_at", "transport", "remote_address"]
     with transaction.atomic():
         agents = list(Agent.objects.filter(instance_uid__in=list(beats)).only("id", "instance_uid", *fields))
         for agent in agents:
@@ -62,6 +83,10 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
             agent.last_sequence_num = uint64_to_db(beat.sequence_num)
             if not agent.connected:
                 agent.connected, agent.connected_at = True, beat.seen_at
+            if beat.transport is not None:
+                agent.transport = beat.transport
+            if beat.remote_address is not None:
+                agent.remote_address = beat.remote_address
         Agent.objects.bulk_update(agents, fields, batch_size=500)
     return len(agents)
 
@@ -74,9 +99,20 @@ class HeartbeatBuffer(BatchedWrites[uuid.UUID, Heartbeat]):
             name="heartbeat",
             flush_seconds=flush_seconds,
             write=write_heartbeats,
+            merge=Heartbeat.merged,
             writers=writers,
             describe=lambda uid: f"agent {uid}",
         )
 
-    def note(self, instance_uid: uuid.UUID, seen_at: datetime, sequence_num: int) -> None:  # type: ignore[override]
-        super().note(instance_uid, Heartbeat(seen_at, sequence_num))
+    def note(  # type: ignore[override]
+        self,
+        instance_uid: uuid.UUID,
+        seen_at: datetime,
+        sequence_num: int,
+        *,
+        transport: str | None = None,
+        remote_address: str | None = None,
+    ) -> None:
+        """A heartbeat; with `transport` and `remote_address`, a reconnect's facts."""
+        address = remote_address[:64] if remote_address is not None else None
+        super().note(instance_uid, Heartbeat(seen_at, sequence_num, transport, address))

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
 
+from fleet.admission import UNAVAILABLE_MESSAGE, full_admission_cost
 from fleet.connection import authenticate, connection_info
-from fleet.session import AgentSession, error_reply
+from fleet.session import AgentSession, error_reply, runtime
 from opamp.codec import FrameError, decode_agent_to_server
 from opamp.proto import opamp_pb2
 from signing.agent_credentials import CredentialRefused
@@ -27,6 +30,7 @@ from signing.agent_credentials import CredentialRefused
 logger = logging.getLogger(__name__)
 
 PROTOBUF = b"application/x-protobuf"
+INSTANCE_UID_HEADER = b"opamp-instance-uid"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -96,10 +100,35 @@ async def respond_message(scope: Scope, send: Send, message: opamp_pb2.ServerToA
     await respond(send, status, body, headers)
 
 
+def http_admission_refused(scope: Scope) -> float | None:
+    """Before the body is read: refuse when this process admits no one now (fleet.admission).
+
+    A polling agent this process already knows (its OpAMP-Instance-UID header names one) is
+    past admission; for the others the session takes the tokens, this only spares the body.
+    """
+    fleet = runtime()
+    if not fleet.admission.enabled:
+        return None
+    try:
+        known = uuid.UUID(header(scope, INSTANCE_UID_HEADER).decode("ascii", "replace")) in fleet.snapshots
+    except ValueError:
+        known = False
+    return None if known else fleet.admission.would_refuse(full_admission_cost())
+
+
+async def respond_unavailable(send: Send, retry_after: float) -> None:
+    """503 with Retry-After in whole seconds (rounded up: never sooner than the bucket said)."""
+    seconds = str(max(1, math.ceil(retry_after))).encode()
+    await respond_text(send, 503, f"{UNAVAILABLE_MESSAGE}\n", [(b"retry-after", seconds)])
+
+
 async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Thin: method, size and encoding checks, decode, one session call, encode."""
     if scope["method"] != "POST":
         await respond_text(send, 405, "OpAMP over HTTP uses POST\n", [(b"allow", b"POST")])
+        return
+    if (retry_after := http_admission_refused(scope)) is not None:
+        await respond_unavailable(send, retry_after)
         return
     try:
         info = connection_info(scope)
@@ -133,6 +162,9 @@ async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
         transport="http", remote_address=info.agent_address, credential=credential, endpoint=info.endpoint
     )
     reply = await session.handle(message)
+    if reply.error_response.type == opamp_pb2.ServerErrorResponseType_Unavailable and reply.HasField("error_response"):
+        await respond_unavailable(send, reply.error_response.retry_info.retry_after_nanoseconds / 1e9)
+        return
     rejected = reply.error_response.type == opamp_pb2.ServerErrorResponseType_BadRequest and reply.HasField(
         "error_response"
     )

@@ -70,6 +70,11 @@ class Agent(models.Model):
     last_sequence_num = models.BigIntegerField(default=0)
     # True once a full AgentDescription has been stored; False means ask for full state.
     description_received = models.BooleanField(default=False)
+    # SHA-256 of the full report (description and every reported part) the row holds, or ""
+    # once a partial report changed it: a reconnecting agent whose full report hashes the same
+    # is admitted without reading, validating and saving its row (fleet.session). The
+    # database default lets processes of the previous release insert rows during an upgrade.
+    reported_state_hash = models.CharField(max_length=64, blank=True, default="", db_default="")
 
     first_seen = models.DateTimeField(auto_now_add=True)
     last_seen = models.DateTimeField(db_index=True)

@@ -31,6 +31,8 @@ class AgentSnapshot:
     connected: bool
     remote_config_hash: str
     custom_capabilities: list[str]
+    # The row's `reported_state_hash`: "" unless it holds exactly one full report.
+    reported_state_hash: str = ""
 
     @classmethod
     def of(cls, agent: Agent) -> AgentSnapshot:
@@ -45,11 +47,28 @@ class AgentSnapshot:
             connected=agent.connected,
             remote_config_hash=agent.remote_config_hash,
             custom_capabilities=list(agent.custom_capabilities or []),
+            reported_state_hash=agent.reported_state_hash,
         )
 
 
+# The columns a snapshot needs: not the reported documents (an effective config may be a
+# mebibyte of JSON that a reconnecting agent's snapshot would parse for nothing).
+_SNAPSHOT_FIELDS = (
+    "instance_uid",
+    "last_sequence_num",
+    "capabilities",
+    "description_received",
+    "identifying_attributes",
+    "available_components_hash",
+    "connected",
+    "remote_config_hash",
+    "custom_capabilities",
+    "reported_state_hash",
+)
+
+
 def agent_snapshot(*, instance_uid: uuid.UUID) -> AgentSnapshot | None:
-    agent = Agent.objects.filter(instance_uid=instance_uid).first()
+    agent = Agent.objects.filter(instance_uid=instance_uid).only(*_SNAPSHOT_FIELDS).order_by().first()
     return AgentSnapshot.of(agent) if agent else None
 
 
@@ -79,11 +98,13 @@ def agent_record_report(
     transport: str,
     remote_address: str,
     seen_at: datetime,
+    state_hash: str = "",
 ) -> AgentSnapshot:
     """Store what the report carries; absent parts stay as they were.
 
     Creates the agent on its first message. Marks it connected, so a report is also the
-    moment a (re)connection becomes visible in the inventory.
+    moment a (re)connection becomes visible in the inventory. `state_hash`: the report's
+    `reported_state_hash` when it is a full report (the row then holds exactly it), else "".
     """
     agent = Agent.objects.select_for_update().filter(instance_uid=instance_uid).first()
     if agent is None:
@@ -105,6 +126,7 @@ def agent_record_report(
     if report.health is not None:
         agent.healthy = bool(report.health.get("healthy"))
     agent.capabilities = report.capabilities
+    agent.reported_state_hash = state_hash
     agent.last_sequence_num = uint64_to_db(sequence_num)
     agent.transport = transport
     agent.remote_address = safe_text(remote_address[:64])
@@ -142,12 +164,24 @@ class StatusWrite:
         return StatusWrite({**self.changes, **newer.changes}, {**self.answers, **newer.answers})
 
 
-def heartbeat_status_write(*, sequence_num: int, seen_at: datetime) -> StatusWrite:
+def heartbeat_status_write(
+    *, sequence_num: int, seen_at: datetime, transport: str | None = None, remote_address: str | None = None
+) -> StatusWrite:
     """A heartbeat's facts as a status write, for an agent with a status report held: the
     agent's facts then stay in one buffer, so its sequence number never reaches the
     database ahead of a report that came before it (after a crash, the gap makes the
-    server ask for the agent's full state, and the lost report comes again)."""
-    return StatusWrite({"last_seen": seen_at, "last_sequence_num": uint64_to_db(sequence_num), "connected": True}, {})
+    server ask for the agent's full state, and the lost report comes again). A cheap
+    reconnect (fleet.session) adds the connection's transport and address."""
+    changes: dict[str, object] = {
+        "last_seen": seen_at,
+        "last_sequence_num": uint64_to_db(sequence_num),
+        "connected": True,
+    }
+    if transport is not None:
+        changes["transport"] = transport
+    if remote_address is not None:
+        changes["remote_address"] = remote_address[:64]
+    return StatusWrite(changes, {})
 
 
 def agent_status_write(
@@ -169,6 +203,8 @@ def agent_status_write(
         changes["healthy"] = bool(report.health.get("healthy"))
     changes.update(
         capabilities=report.capabilities,
+        # The row no longer holds one full report: the next reconnect takes the full path.
+        reported_state_hash="",
         updated_at=seen_at,
         **heartbeat_status_write(sequence_num=sequence_num, seen_at=seen_at).changes,
     )
@@ -185,6 +221,7 @@ def agent_status_write(
     if report.custom_capabilities is not None:
         snapshot.custom_capabilities = report.custom_capabilities
     snapshot.capabilities = report.capabilities
+    snapshot.reported_state_hash = ""
     return StatusWrite(changes, answers)
 
 

@@ -7,6 +7,7 @@ enforce size limits and encode; every protocol decision is made here, once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.utils import timezone
 
-from fleet import services
+from fleet import admission, services
 from fleet.batched_writes import BatchedWrites, RowWriters
 from fleet.db import db
 from fleet.desired_cache import CachedDesired, DesiredConfigCache
 from fleet.heartbeats import HeartbeatBuffer
-from fleet.reports import ReportLimits, report_from_message
+from fleet.reports import AgentReport, ReportLimits, report_from_message
 from fleet.services import AgentSnapshot
 from opamp.capabilities import (
     AgentCapabilities,
@@ -130,6 +131,48 @@ CERTIFIED_SESSION_LIVE = (
 )
 
 
+# The parts of an AgentToServer the agent's row stores, as `fleet.reports` reads them.
+_STATE_FIELDS = (
+    "agent_description",
+    "health",
+    "effective_config",
+    "remote_config_status",
+    "package_statuses",
+    "custom_capabilities",
+    "available_components",
+    "connection_settings_status",
+)
+# Bumped when what a row stores for the same message changes (limits, documents).
+_STATE_HASH_VERSION = b"opamp-reported-state/1"
+
+
+def reported_state_hash(message: opamp_pb2.AgentToServer, capabilities: int) -> str:
+    """SHA-256 of everything a full report makes the row hold: the capabilities and each
+    stored part as deterministically serialized protobuf (no parsing into documents).
+
+    Kept in the row (`Agent.reported_state_hash`), so a fresh process can tell a known
+    agent's unchanged full report without reading, parsing or comparing the documents.
+    """
+    digest = hashlib.sha256(_STATE_HASH_VERSION)
+    digest.update(capabilities.to_bytes(8, "big"))
+    for name in _STATE_FIELDS:
+        if message.HasField(name):
+            part = getattr(message, name).SerializeToString(deterministic=True)
+            digest.update(b"+%s:%d:" % (name.encode(), len(part)))
+            digest.update(part)
+        else:
+            digest.update(b"-%s:" % name.encode())
+    return digest.hexdigest()
+
+
+def _reported_components(message: opamp_pb2.AgentToServer) -> tuple[str | None, dict[str, object] | None]:
+    """What `_should_ask_for_components` needs, read off the message without a report."""
+    if not message.HasField("available_components"):
+        return None, None
+    components = message.available_components
+    return components.hash.hex()[:64], ({} if components.components else None)
+
+
 class ProtocolError(ValueError):
     """A well-formed protobuf that breaks a protocol rule; answered with BadRequest."""
 
@@ -192,6 +235,8 @@ class FleetRuntime:
             describe=self.describe_agent,
         )
         self.live = LiveConnections()
+        # Admission pacing (fleet.admission): tokens per connecting agent, per process.
+        self.admission = admission.bucket_from_settings()
         self.desired = DesiredConfigCache()
         self._catching_up: asyncio.Future[None] | None = None
         # (token id, agent) pairs already counted as enrolled: no write per message.
@@ -311,6 +356,10 @@ class AgentSession:
         self.taken_over = False
         self.last_sequence_num: int | None = None
         self.last_offered_hash = ""
+        # Set once the admission bucket let this connection in (fleet.admission); until
+        # then, when (monotonic) a refused connection was told to come back.
+        self.admitted = False
+        self.refused_until = 0.0
 
     async def handle(self, message: opamp_pb2.AgentToServer) -> opamp_pb2.ServerToAgent:
         """Apply one AgentToServer and build the reply; never raises for agent mistakes."""
@@ -324,6 +373,8 @@ class AgentSession:
         if problem:
             raise ProtocolError(problem)
         instance_uid = uuid.UUID(bytes=message.instance_uid)
+        if (retry_after := self._admission_refused(instance_uid)) is not None:
+            return self._unavailable(message, retry_after)
         await self._check_identity(instance_uid)
         now = timezone.now()
         capabilities = known_agent_capabilities(message.capabilities)
@@ -338,7 +389,23 @@ class AgentSession:
         if snapshot is None:
             snapshot = await db(services.agent_snapshot)(instance_uid=instance_uid)
 
-        report = report_from_message(message, self.fleet.limits, capabilities)
+        # A known agent whose full report hashes as the row's: nothing of it to parse or write.
+        state_hash = reported_state_hash(message, capabilities) if is_full_report(message) else ""
+        unchanged = snapshot is not None and bool(state_hash) and snapshot.reported_state_hash == state_hash
+        if not self.admitted:
+            # The full admission price was taken above, before any database work; a cheap
+            # reconnect costs one token and gets the rest back.
+            if unchanged:
+                self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
+            self.admitted = True
+
+        if unchanged:
+            assert snapshot is not None
+            report = AgentReport(capabilities=capabilities)
+            identifying: dict[str, object] | None = snapshot.identifying_attributes
+        else:
+            report = report_from_message(message, self.fleet.limits, capabilities)
+            identifying = report.identifying_attributes
 
         # The credential was checked above; its enrollment is counted before anything of
         # another session changes (an agent asking for a new uid enrols under that one).
@@ -347,7 +414,7 @@ class AgentSession:
         )
         enrollment_labels = {} if requests_uid else await self._enroll(instance_uid)
 
-        new_uid = self._new_instance_uid_if_needed(message, instance_uid, snapshot, report.identifying_attributes)
+        new_uid = self._new_instance_uid_if_needed(message, instance_uid, snapshot, identifying)
         if new_uid is not None:
             reply.agent_identification.new_instance_uid = new_uid.bytes
             if requests_uid and snapshot is not None:
@@ -368,7 +435,10 @@ class AgentSession:
             await self._disconnect(instance_uid, now, message.sequence_num)
             return reply
 
-        if (
+        if unchanged:
+            assert snapshot is not None
+            self._note_reconnect(snapshot, now, message.sequence_num)
+        elif (
             snapshot is not None
             and snapshot.connected
             and report.has_status
@@ -391,6 +461,7 @@ class AgentSession:
                 transport=self.transport,
                 remote_address=self.remote_address,
                 seen_at=now,
+                state_hash=state_hash,
             )
             self.fleet.heartbeats.forget(instance_uid)
             self.fleet.desired.forget(instance_uid)  # labels may have changed
@@ -414,12 +485,62 @@ class AgentSession:
 
         if needs_full_state:
             reply.flags |= ServerToAgentFlags.REPORT_FULL_STATE
-        if self._should_ask_for_components(capabilities, report.available_components_hash, report.available_components):
+        if unchanged:
+            components_hash, components = _reported_components(message)
+        else:
+            components_hash, components = report.available_components_hash, report.available_components
+        if self._should_ask_for_components(capabilities, components_hash, components):
             reply.flags |= ServerToAgentFlags.REPORT_AVAILABLE_COMPONENTS
         await self._offer_desired_config(reply, snapshot)
         await self._offer_certificate(reply, snapshot)
         self._ask_for_renewal(reply, snapshot, now)
         return reply
+
+    def _admission_refused(self, instance_uid: uuid.UUID) -> float | None:
+        """Seconds the agent should wait before coming back, or None once it is let in.
+
+        Once per connection; a polling agent this process already holds a snapshot of is
+        past admission (each of its requests is a new session).
+        """
+        if self.admitted:
+            return None
+        if self.transport == "http" and instance_uid in self.fleet.snapshots:
+            self.admitted = True
+            return None
+        now = time.monotonic()
+        if now < self.refused_until:
+            # More messages on a refused socket (an agent that ignores retry_info keeps
+            # heartbeating): the same answer, without booking another turn.
+            return self.refused_until - now
+        return self.fleet.admission.take(admission.full_admission_cost())
+
+    def _unavailable(self, message: opamp_pb2.AgentToServer, retry_after: float) -> opamp_pb2.ServerToAgent:
+        self.refused_until = max(self.refused_until, time.monotonic() + retry_after)
+        return error_reply(
+            instance_uid=message.instance_uid,
+            message=admission.UNAVAILABLE_MESSAGE,
+            retry_after_seconds=retry_after,
+        )
+
+    def _note_reconnect(self, snapshot: AgentSnapshot, now: datetime, sequence_num: int) -> None:
+        """A known agent reconnected with the full state its row already holds: its facts
+        (connected, last_seen, sequence number, transport, address) go to a batch, like a
+        heartbeat's, and to the same buffer as its other facts (see `heartbeat_status_write`)."""
+        if self.fleet.statuses.holds(snapshot.agent_id):
+            beat = services.heartbeat_status_write(
+                sequence_num=sequence_num, seen_at=now, transport=self.transport, remote_address=self.remote_address
+            )
+            self.fleet.statuses.note(snapshot.agent_id, beat)
+        else:
+            self.fleet.heartbeats.note(
+                snapshot.instance_uid,
+                now,
+                sequence_num,
+                transport=self.transport,
+                remote_address=self.remote_address,
+            )
+        snapshot.last_sequence_num = sequence_num
+        snapshot.connected = True
 
     async def _write_held_status_of(self, instance_uid: uuid.UUID) -> None:
         snapshot = self.fleet.snapshots.get(instance_uid)

@@ -48,7 +48,8 @@ class Site:
 
     listen: tuple[str, ...]
     server_name: str
-    upstream: str
+    # One or more daphne processes (HOST:PORT or unix:PATH); nginx spreads agents over them.
+    upstreams: tuple[str, ...]
     tls_cert: Path
     tls_key: Path
     ca_cert: Path
@@ -69,6 +70,8 @@ class Standalone:
     user: str | None = None
     group: str | None = None
     error_log_level: str = "warn"
+    # Each agent holds two sockets in a worker (its own and the one to daphne).
+    worker_connections: int = 40000
 
 
 # --- validation of the values -----------------------------------------------------------
@@ -116,11 +119,16 @@ def value_problems(site: Site, standalone: Standalone | None = None) -> list[str
     if not site.listen:
         problems.append("--listen: at least one address is needed")
     problems += [p for value in site.listen if (p := _host_port_problem("--listen", value, host_required=False))]
-    if site.upstream.startswith("unix:"):
-        if problem := _path_problem("--upstream", Path(site.upstream.removeprefix("unix:"))):
+    if not site.upstreams:
+        problems.append("--upstream: at least one address is needed")
+    if len(set(site.upstreams)) != len(site.upstreams):
+        problems.append("--upstream: an address is given twice")
+    for upstream in site.upstreams:
+        if upstream.startswith("unix:"):
+            if problem := _path_problem("--upstream", Path(upstream.removeprefix("unix:"))):
+                problems.append(problem)
+        elif problem := _host_port_problem("--upstream", upstream, host_required=True):
             problems.append(problem)
-    elif problem := _host_port_problem("--upstream", site.upstream, host_required=True):
-        problems.append(problem)
     names = site.server_name.split()
     if not names or not all(SERVER_NAME.match(name) for name in names):
         problems.append(f"--server-name {site.server_name!r}: expected host names separated by spaces (or _)")
@@ -143,6 +151,8 @@ def value_problems(site: Site, standalone: Standalone | None = None) -> list[str
         for option, name in (("--user", standalone.user), ("--user (group)", standalone.group)):
             if name is not None and not USER_NAME.match(name):
                 problems.append(f"{option} {name!r}: not a valid user or group name")
+        if standalone.worker_connections < 1024:
+            problems.append(f"--worker-connections {standalone.worker_connections}: must be at least 1024")
         if standalone.error_log_level not in ERROR_LOG_LEVELS:
             problems.append(f"--error-log-level {standalone.error_log_level!r}: one of {', '.join(ERROR_LOG_LEVELS)}")
     return problems
@@ -254,6 +264,18 @@ def fill(template: str, values: dict[str, str]) -> str:
     return result
 
 
+def upstream_servers(upstreams: tuple[str, ...]) -> str:
+    """The upstream block's server lines. `max_fails=0`: never mark a process unavailable.
+
+    With nginx's default (max_fails=1 fail_timeout=10s) a restarting process is marked down
+    after one refused connection, and with every process restarting at once nginx let about
+    one connection per server through every ten seconds (200 agents: 10 back after 60 s).
+    A refused connection is retried on the next server anyway (proxy_next_upstream), so the
+    mark buys nothing on loopback and costs a whole fleet's reconnect.
+    """
+    return "\n".join(f"    server {upstream} max_fails=0;" for upstream in upstreams)
+
+
 def render_site(site: Site, template: str) -> str:
     static_location = ""
     if site.static_root is not None:
@@ -267,9 +289,11 @@ def render_site(site: Site, template: str) -> str:
     return fill(
         template,
         {
-            "listen_directives": "\n".join(f"    listen {value} ssl;" for value in site.listen),
+            # reuseport: each worker gets a listening socket of its own, so the kernel spreads
+            # new agents over the workers instead of waking all of them for each one.
+            "listen_directives": "\n".join(f"    listen {value} ssl reuseport;" for value in site.listen),
             "server_name": site.server_name,
-            "upstream": site.upstream,
+            "upstream_servers": upstream_servers(site.upstreams),
             "tls_cert": str(site.tls_cert),
             "tls_key": str(site.tls_key),
             "ca_cert": str(site.ca_cert),
@@ -292,6 +316,9 @@ def render_standalone(site: Site, standalone: Standalone, *, site_template: str,
     return fill(
         main_template,
         {
+            "worker_connections": str(standalone.worker_connections),
+            # Two sockets per connection, plus log and temporary files.
+            "worker_rlimit_nofile": str(standalone.worker_connections * 2 + 1024),
             "run_dir": str(standalone.run_dir),
             "user_directive": user_directive,
             "error_log_level": standalone.error_log_level,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from opamp_site.env import env_str
+from opamp_site.env import env_float, env_str
 
 if os.environ.get("OPAMP_TEST_PROFILE", "default") == "production":
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-use-0123456789")
@@ -28,3 +28,7 @@ CELERY_TASK_ALWAYS_EAGER = False
 # Open unless a test (or the server process it starts) asks for credentials: most tests
 # speak for agents without any, and the credential tests switch this on themselves.
 OPAMP_AGENT_AUTH = env_str("OPAMP_AGENT_AUTH", "open")
+
+# No admission pacing unless a test (or its server process) asks for it: most tests connect
+# their agents at once and time what follows.
+OPAMP_ADMISSION_RATE = env_float("OPAMP_ADMISSION_RATE", 0.0)

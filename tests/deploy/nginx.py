@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from django.core.management import call_command
@@ -53,7 +54,7 @@ class Nginx:
         binary: str,
         workdir: Path,
         *,
-        upstream: str,
+        upstream: str | Sequence[str],
         tls_cert: Path,
         tls_key: Path,
         ca_cert: Path,
@@ -67,7 +68,6 @@ class Nginx:
         self.conf = workdir / "nginx.conf"
         options = [
             "--listen", f"127.0.0.1:{self.port}",
-            "--upstream", upstream,
             "--tls-cert", str(tls_cert),
             "--tls-key", str(tls_key),
             "--ca-cert", str(ca_cert),
@@ -76,6 +76,8 @@ class Nginx:
             "--error-log-level", "info",
             "--output", str(self.conf),
         ]  # fmt: skip
+        for address in [upstream] if isinstance(upstream, str) else upstream:
+            options += ["--upstream", address]
         if max_body_bytes is not None:
             options += ["--max-body-bytes", str(max_body_bytes)]
         if user := worker_user():

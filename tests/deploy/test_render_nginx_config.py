@@ -83,9 +83,9 @@ def test_the_server_block_holds_the_tls_and_header_contract(files: Files) -> Non
     config = render(
         *base_args(files), "--listen", "127.0.0.1:8443", "--listen", "[::1]:8443", "--upstream", "10.0.0.5:8000"
     )
-    assert "listen 127.0.0.1:8443 ssl;" in config
-    assert "listen [::1]:8443 ssl;" in config
-    assert "server 10.0.0.5:8000;" in config
+    assert "listen 127.0.0.1:8443 ssl reuseport;" in config
+    assert "listen [::1]:8443 ssl reuseport;" in config
+    assert "server 10.0.0.5:8000 max_fails=0;" in config
     assert f"ssl_certificate     {files.tls_cert};" in config
     assert f"ssl_certificate_key {files.tls_key};" in config
     assert "ssl_verify_client      optional;" in config
@@ -116,8 +116,8 @@ def test_defaults_come_from_the_settings(files: Files, settings: Any) -> None:
     assert "client_max_body_size 12345;" in config
     assert "client_header_timeout 15s;" in config
     assert "client_body_timeout 60s;" in config
-    assert "listen 443 ssl;" in config
-    assert "server 127.0.0.1:8000;" in config
+    assert "listen 443 ssl reuseport;" in config
+    assert "server 127.0.0.1:8000 max_fails=0;" in config
 
 
 def test_without_a_ca_certificate_it_says_where_to_give_one(files: Files, settings: Any) -> None:

@@ -42,8 +42,9 @@ class Command(BaseCommand):
         parser.add_argument("--server-name", default="_", help="nginx server_name (default _, any name)")
         parser.add_argument(
             "--upstream",
-            default="127.0.0.1:8000",
-            help="daphne's address, HOST:PORT or unix:/path/to/socket (default 127.0.0.1:8000)",
+            action="append",
+            help="a daphne process's address, HOST:PORT or unix:/path/to/socket; repeat for each process "
+            "(default 127.0.0.1:8000)",
         )
         parser.add_argument("--tls-cert", required=True, help="the server's certificate chain (PEM)")
         parser.add_argument("--tls-key", required=True, help="the server's private key (PEM)")
@@ -84,6 +85,12 @@ class Command(BaseCommand):
             help="with --standalone: the user nginx's workers run as when started by root",
         )
         parser.add_argument("--error-log-level", default="warn", help="with --standalone (default warn)")
+        parser.add_argument(
+            "--worker-connections",
+            type=int,
+            default=40000,
+            help="with --standalone: connections per nginx worker, two per agent (default 40000)",
+        )
         parser.add_argument("--template", help=f"the server-block template (default {SITE_TEMPLATE})")
         parser.add_argument("--output", help="file to replace atomically; stdout when omitted")
 
@@ -97,7 +104,7 @@ class Command(BaseCommand):
         site = nginx_config.Site(
             listen=tuple(options["listen"] or ["443"]),
             server_name=options["server_name"],
-            upstream=options["upstream"],
+            upstreams=tuple(options["upstream"] or ["127.0.0.1:8000"]),
             tls_cert=_absolute(options["tls_cert"]),
             tls_key=_absolute(options["tls_key"]),
             ca_cert=_absolute(ca_cert),
@@ -116,6 +123,7 @@ class Command(BaseCommand):
                 user=user or None,
                 group=group or None,
                 error_log_level=options["error_log_level"],
+                worker_connections=options["worker_connections"],
             )
         elif options["user"]:
             raise CommandError("--user applies only to --standalone (a server block has no user directive)")
