@@ -6,7 +6,6 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from fleet.models import Agent, RemoteConfigState
 from opamp.identifiers import uuid7
@@ -15,7 +14,7 @@ from rollouts.desired_state import Offer, current_generation, record_offers, res
 from rollouts.models import AgentDesiredConfig, ConfigVersion, RolloutTarget
 from rollouts.rollout_engine import rollout_start
 from rollouts.selectors import agent_config_state, drifting_agents, version_status_counts
-from tests.fleet.factories import AgentFactory, UserFactory
+from tests.fleet.factories import AgentFactory
 from tests.rollouts.rollout_helpers import configuration_with_candidate, make_fleet, standard_rollout
 
 pytestmark = pytest.mark.django_db
@@ -163,7 +162,7 @@ def test_an_agent_shows_failed_on_version_n_with_its_error():
     assert state.summary == "failed on version 1: unknown receiver"
 
 
-def test_drift_is_flagged_when_the_effective_config_differs_from_the_desired_one():
+def test_drift_is_flagged_when_the_effective_config_differs_from_the_desired_one(viewer_api):
     configuration = services.configuration_create(name="prod", selector="env=prod", actor=None)
     in_sync = AgentFactory(labels={"env": "prod"})
     drifted = AgentFactory(labels={"env": "prod"})
@@ -173,9 +172,7 @@ def test_drift_is_flagged_when_the_effective_config_differs_from_the_desired_one
     assert list(drifting_agents()) == [drifted]
     drifted.refresh_from_db()
     assert agent_config_state(drifted).drift is True
-    client = APIClient()
-    client.force_authenticate(UserFactory(username="reader"))
-    listed = client.get("/api/v1/agents/", {"drift": "true"}).json()["results"]
+    listed = viewer_api.get("/api/v1/agents/", {"drift": "true"}).json()["results"]
     assert [a["instance_uid"] for a in listed] == [str(drifted.instance_uid)]
 
 

@@ -96,7 +96,7 @@ def test_the_key_file_in_use_is_not_retired_without_force_and_publishing_keeps_s
     key.refresh_from_db()
     assert key.retired_at is None
     assert not AuditEvent.objects.filter(action="signing_key.retire").exists()
-    assert services.sign_version(configuration_name="edge", version_number=1, config_hash=HASH) is not None
+    assert services.sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is not None
 
 
 def test_after_rotation_the_previous_key_retires_without_force(settings, tmp_path, key_file, operator):
@@ -106,7 +106,7 @@ def test_after_rotation_the_previous_key_retires_without_force(settings, tmp_pat
     settings.OPAMP_SIGNING_KEY_FILE = str(tmp_path / "next.key")
     services.signing_key_register_active()
     assert services.signing_key_retire(key=old, actor=operator) is True
-    assert services.sign_version(configuration_name="edge", version_number=2, config_hash=HASH) is not None
+    assert services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH) is not None
 
 
 def test_an_extra_public_key_directory_adds_trusted_keys(settings, tmp_path, key_file):
