@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -249,34 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fraction(text: str) -> float:
+def _bounded_number(
+    text: str, convert: Callable[[str], float], allowed: Callable[[float], bool], kind: str, bounds: str
+) -> Any:
+    """An argparse type: `text` as a number of `kind` that `allowed` accepts, else a usage error."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
+        raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(bounds)
     return value
+
+
+def fraction(text: str) -> float:
+    return float(_bounded_number(text, float, lambda v: 0 <= v <= 1, "a number", "must be between 0 and 1"))
 
 
 def non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+    return float(_bounded_number(text, float, lambda v: v >= 0, "a number", "must not be negative"))
 
 
 def positive_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+    return int(_bounded_number(text, int, lambda v: v >= 1, "a whole number", "must be at least 1"))
 
 
 def _add_simulate_parser(commands: Any) -> None:

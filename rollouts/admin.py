@@ -448,16 +448,7 @@ class ReconcilerStateAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
         "repairs_total",
         "last_repair_at",
     ]
-    fields = [
-        "runs",
-        "passes_completed",
-        "cursor_agent_id",
-        "last_run_at",
-        "last_run_checked",
-        "last_run_repaired",
-        "repairs_total",
-        "last_repair_at",
-    ]
+    fields = list(ReconcilerState.SHOWN_FIELDS)
     readonly_fields = fields
 
 

@@ -334,6 +334,18 @@ class ReconcilerState(models.Model):
     repairs_total = models.BigIntegerField(default=0)
     last_repair_at = models.DateTimeField(null=True, blank=True)
 
+    # What the API and the admin show of it, in this order.
+    SHOWN_FIELDS = (
+        "runs",
+        "passes_completed",
+        "cursor_agent_id",
+        "last_run_at",
+        "last_run_checked",
+        "last_run_repaired",
+        "repairs_total",
+        "last_repair_at",
+    )
+
     class Meta:
         verbose_name = "desired-state reconciler"
         verbose_name_plural = "desired-state reconciler"

@@ -252,14 +252,5 @@ class ReconcilerStateSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ReconcilerState
-        fields = [
-            "runs",
-            "passes_completed",
-            "cursor_agent_id",
-            "last_run_at",
-            "last_run_checked",
-            "last_run_repaired",
-            "repairs_total",
-            "last_repair_at",
-        ]
+        fields = list(ReconcilerState.SHOWN_FIELDS)
         read_only_fields = fields
