@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ from django.conf import settings
 from django.db.models import Case, CharField, Count, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
-from fleet.models import Agent
+from fleet.models import Agent, Transport
 from opamp.capabilities import AgentCapabilities
 
 
@@ -36,6 +37,12 @@ def presence_q(now: datetime | None = None, *, prefix: str = "") -> Q:
     """Connected and heard from recently; `prefix` (e.g. "agent__") filters a related model."""
     cutoff = (now or timezone.now()) - offline_after()
     return Q(**{f"{prefix}connected": True, f"{prefix}last_seen__gte": cutoff})
+
+
+def agent_live_on_websocket(*, instance_uid: uuid.UUID, now: datetime | None = None) -> bool:
+    """Whether the agent's row says a WebSocket session, on any server process, holds it:
+    connected over WebSocket and heard from within the offline timeout."""
+    return Agent.objects.filter(presence_q(now), instance_uid=instance_uid, transport=Transport.WEBSOCKET).exists()
 
 
 def status_q(status: str, now: datetime | None = None) -> Q:

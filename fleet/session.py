@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.utils import timezone
 
-from fleet import admission, services
+from fleet import admission, selectors, services
 from fleet.batched_writes import BatchedWrites, RowWriters
 from fleet.db import db
 from fleet.desired_cache import CachedDesired, DesiredConfigCache
@@ -414,7 +414,7 @@ class AgentSession:
         )
         enrollment_labels = {} if requests_uid else await self._enroll(instance_uid)
 
-        new_uid = self._new_instance_uid_if_needed(message, instance_uid, snapshot, identifying)
+        new_uid = await self._new_instance_uid_if_needed(message, instance_uid, snapshot, identifying)
         if new_uid is not None:
             reply.agent_identification.new_instance_uid = new_uid.bytes
             if requests_uid and snapshot is not None:
@@ -726,7 +726,7 @@ class AgentSession:
         # number proves nothing was missed. What remains: a description never received.
         return not snapshot.description_received and not message.HasField("agent_description")
 
-    def _new_instance_uid_if_needed(
+    async def _new_instance_uid_if_needed(
         self,
         message: opamp_pb2.AgentToServer,
         instance_uid: uuid.UUID,
@@ -745,6 +745,17 @@ class AgentSession:
             and snapshot.identifying_attributes != identifying
         )
         other = self.fleet.live.by_uid.get(instance_uid)
+        if other is None and self.identity_differs:
+            # No session of the uid here: the row tells whether one is live on another
+            # process. Decided before anything of this message is written, as in-process.
+            if await db(selectors.agent_live_on_websocket)(instance_uid=instance_uid):
+                logger.warning(
+                    "duplicate instance_uid %s from %s (live on another server process): assigning a new one",
+                    instance_uid,
+                    self.remote_address,
+                )
+                return uuid7()
+            return None
         if other is None or other is self or other.closed:
             return None
         if bound:
