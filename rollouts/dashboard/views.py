@@ -593,19 +593,25 @@ def _verbs(rollout: Rollout) -> list[str]:
 
 
 def _chart(progress: Any) -> dict[str, Any]:
-    """An inline SVG polyline of the failure rate each decision saw, against the budget."""
+    """An inline SVG polyline of the failure rate over time (tick samples and decisions), against the budget."""
     points = progress.budget_series
     width, height = 400, 80
     top = max([p["rate"] for p in points] + [progress.budget * 2, progress.failure_rate, 1e-6])
-    if not points:
-        return {"width": width, "height": height, "line": "", "budget_y": height - height * progress.budget / top}
-    start: datetime = points[0]["at"]
-    span = max((points[-1]["at"] - start).total_seconds(), 1.0)
-    line = " ".join(
-        f"{width * (p['at'] - start).total_seconds() / span:.1f},{height - height * p['rate'] / top:.1f}"
-        for p in points
-    )
-    return {"width": width, "height": height, "line": line, "budget_y": height - height * progress.budget / top}
+    line = ""
+    if points:
+        start: datetime = points[0]["at"]
+        span = max((points[-1]["at"] - start).total_seconds(), 1.0)
+        line = " ".join(
+            f"{width * (p['at'] - start).total_seconds() / span:.1f},{height - height * p['rate'] / top:.1f}"
+            for p in points
+        )
+    return {
+        "width": width,
+        "height": height,
+        "line": line,
+        "points": len(points),
+        "budget_y": height - height * progress.budget / top,
+    }
 
 
 # --- certificate requests ------------------------------------------------------------------
