@@ -27,6 +27,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 
+from fleet import resend as fleet_resend
 from fleet import selectors as fleet_selectors
 from fleet.models import Agent, RemoteConfigState, Transport
 from rollouts import rollout_engine as engine
@@ -329,6 +330,8 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                             raise DomainError(f"{line.strip()!r}: write each label as key=value")
                         labels[key.strip()] = value.strip()
                 services.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
+            elif action == "resend":
+                fleet_resend.agent_config_resend(agent=agent, actor=request.user)
             elif action == "revoke":
                 certificate = get_object_or_404(
                     IssuedCertificate, pk=_number(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
@@ -351,6 +354,7 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
             agent=agent,
             errors=errors,
             state=state,
+            desired=desired,
             health=_health_tree(agent.health),
             diff=side_by_side(effective_files, desired_files),
             operator_labels="\n".join(f"{k}={v}" for k, v in sorted(agent.operator_labels.items())),
