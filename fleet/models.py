@@ -85,7 +85,13 @@ class Agent(models.Model):
 
     class Meta:
         ordering = ["-last_seen"]
-        indexes = [models.Index(fields=["connected", "last_seen"], name="fleet_agent_presence_idx")]
+        indexes = [
+            models.Index(fields=["connected", "last_seen"], name="fleet_agent_presence_idx"),
+            # The fleet page's keyset sorts (key, id) on these columns.
+            models.Index(fields=["first_seen", "id"], name="fleet_agent_first_seen_idx"),
+            models.Index(fields=["transport", "id"], name="fleet_agent_transport_idx"),
+            models.Index(fields=["remote_config_state", "id"], name="fleet_agent_config_state_idx"),
+        ]
 
     def __str__(self) -> str:
         name = self.identifying_attributes.get("service.name") if self.identifying_attributes else None

@@ -690,6 +690,10 @@ class AgentSession:
             now_timestamp=time.time(),
             reoffer_after_seconds=settings.OPAMP_REMOTE_CONFIG_REOFFER_SECONDS,
         )
+        if desired is not None and desired.config_hash == self.last_offered_hash != desired.offered_hash:
+            # The stored record no longer names this connection's offer: forgotten on
+            # purpose (fleet.resend), or not written yet (then one repeated offer).
+            context = replace(context, last_offered_on_connection="")
         if desired is None or not should_offer(desired, context):
             return False
         fill_remote_config(reply, desired, with_signature=wants_signature(snapshot.custom_capabilities))

@@ -21,6 +21,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+import rollouts.beat_admin  # noqa: F401  (Celery beat's schedule models leave the index)
 from fleet.admin import pretty_json
 from rollouts import rollout_engine as engine
 from rollouts import selectors

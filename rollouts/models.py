@@ -352,3 +352,32 @@ class ReconcilerState(models.Model):
 
     def __str__(self) -> str:
         return f"reconciler: {self.runs} runs, {self.repairs_total} repairs"
+
+
+class RolloutSample(models.Model):
+    """The gate's counts of one stage at one rollout tick, for the failure-rate chart.
+
+    Written by rollouts.rollout_samples: only when the counts changed or a while has passed,
+    at most SAMPLES_PER_STAGE per (rollout, stage) (older ones are thinned), removed with
+    the rollout or after SAMPLE_RETENTION.
+    """
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="samples")
+    stage = models.PositiveSmallIntegerField()
+    at = models.DateTimeField()
+    answered = models.PositiveIntegerField()
+    failed = models.PositiveIntegerField()
+    reachable = models.PositiveIntegerField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["rollout", "stage", "at"], name="rollout_sample_series_idx"),
+            models.Index(fields=["at"], name="rollout_sample_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"rollout {self.rollout_id} stage {self.stage} at {self.at:%H:%M:%S}: {self.failed}/{self.reachable}"
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.reachable if self.reachable > 0 else 0.0

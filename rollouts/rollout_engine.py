@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from fleet.models import Agent, RemoteConfigState
 from fleet.selectors import presence_q
-from rollouts import desired_state
+from rollouts import desired_state, rollout_samples
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, count_threshold, percent_threshold
 from rollouts.errors import DomainError
 from rollouts.label_selectors import SelectorError, parse_selector
@@ -706,6 +706,7 @@ def _tick_running(rollout: Rollout, now: datetime) -> str:
     stages = list(rollout.stages.all())
     index = rollout.stage_index
     counts = cumulative_counts(rollout, through_stage=index, now=now)
+    rollout_samples.rollout_sample_record(rollout=rollout, stage=index, counts=counts, now=now)
     snapshot = {"stage": index, **counts.as_dict()}
     if counts.bad and counts.failure_rate > rollout.max_failure_rate:
         message = (

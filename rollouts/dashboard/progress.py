@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from fleet.models import Agent
 from rollouts import rollout_engine as engine
-from rollouts.models import Rollout, RolloutEvent, RolloutState, RolloutTarget
+from rollouts.models import Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
 
 FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
 FAILED_AGENTS_SHOWN = 50
@@ -66,6 +66,7 @@ class RolloutProgress:
     failed_agents: list[FailedAgent]
     failed_total: int
     events: list[RolloutEvent] = field(default_factory=list)
+    samples: list[RolloutSample] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -97,13 +98,14 @@ class RolloutProgress:
 
     @property
     def budget_series(self) -> list[dict[str, Any]]:
-        """The failure rate each recorded decision saw, for the chart over time."""
-        points = []
+        """The failure rate over time: the counts sampled on each rollout tick
+        (rollouts.rollout_samples) and the rate each recorded decision saw, in time order."""
+        points = [{"at": sample.at, "rate": sample.failure_rate, "kind": "sample"} for sample in self.samples]
         for event in self.events:
             rate = (event.counts or {}).get("failure_rate")
             if rate is not None:
                 points.append({"at": event.at, "rate": float(rate), "kind": event.kind})
-        return points
+        return sorted(points, key=lambda point: point["at"])
 
 
 def _size(stage: Any) -> str:
@@ -164,4 +166,5 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
         failed_agents=failed_agents,
         failed_total=sum(failed_by_stage.values()),
         events=recent,
+        samples=list(rollout.samples.order_by("at", "id")),
     )

@@ -12,18 +12,22 @@ import contextlib
 import difflib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import Any
 
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import Case, F, Q, QuerySet, TextField, Value, When
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 
+from fleet import resend as fleet_resend
 from fleet import selectors as fleet_selectors
 from fleet.models import Agent, RemoteConfigState, Transport
 from rollouts import rollout_engine as engine
@@ -40,7 +44,6 @@ from signing import services as signing_services
 from signing.models import CertificateRequest, IssuedCertificate
 
 PAGE_SIZE = 50
-SORTS = {"last_seen": "last_seen", "first_seen": "first_seen"}
 CONFIG_STATES = {
     "applied": RemoteConfigState.APPLIED,
     "applying": RemoteConfigState.APPLYING,
@@ -125,27 +128,87 @@ def _fleet_filters(request: HttpRequest) -> tuple[QuerySet[Agent], dict[str, str
     return agents, given, problem
 
 
-def _keyset(agents: QuerySet[Agent], *, field: str, descending: bool, cursor: str) -> tuple[QuerySet[Agent], bool]:
-    """Rows after `cursor` ("<iso time>|<pk>") in (field, pk) order: an index range, never an OFFSET."""
+@dataclass(frozen=True)
+class Sort:
+    """One sortable fleet column: the key it orders by, how a cursor spells that key, and the
+    direction of the first click. The key never is NULL (Coalesce), so `(key, pk)` is a total
+    order and the keyset range `(key, pk) > (value, pk)` visits every agent exactly once."""
+
+    key: Callable[[], Any]
+    kind: str  # "time" | "int" | "text": how the cursor's value is read back
+    first_descending: bool = False
+
+
+# Index-backed: first_seen, transport and config state ((column, id) indexes on fleet.Agent),
+# last_seen (its own index; PostgreSQL sorts only the ties on id). Not index-backed, sorted
+# by the database on each page: name (a JSON attribute), status (computed from presence),
+# health (nullable, ordered unhealthy < unknown < healthy), configuration and desired
+# version (a join). At 50,000 agents that is one sort of the filtered rows per page.
+SERVICE_NAME = KeyTextTransform("service.name", "identifying_attributes")
+SORTS: dict[str, Sort] = {
+    "name": Sort(lambda: Coalesce(SERVICE_NAME, Value(""), output_field=TextField()), "text"),
+    "status": Sort(lambda: F("status"), "text"),
+    "health": Sort(
+        lambda: Case(When(healthy=False, then=Value(0)), When(healthy=True, then=Value(2)), default=Value(1)), "int"
+    ),
+    "transport": Sort(lambda: F("transport"), "text"),
+    "configuration": Sort(lambda: Coalesce(F("desired_config__configuration__name"), Value("")), "text"),
+    "version": Sort(lambda: Coalesce(F("desired_config__version__number"), Value(0)), "int"),
+    "state": Sort(lambda: F("remote_config_state"), "int"),
+    "last_seen": Sort(lambda: F("last_seen"), "time", first_descending=True),
+    "first_seen": Sort(lambda: F("first_seen"), "time", first_descending=True),
+}
+DEFAULT_SORT = "-last_seen"
+COLUMN_LABELS = {
+    "name": "agent",
+    "status": "status",
+    "health": "health",
+    "transport": "transport",
+    "configuration": "configuration",
+    "version": "desired version",
+    "state": "config state",
+    "first_seen": "first seen",
+    "last_seen": "last seen",
+}
+
+
+def _cursor_value(kind: str, text: str) -> Any:
+    """The sort key a cursor carries, or None when the cursor is not one this page wrote."""
+    if kind == "time":
+        return parse_datetime(text)
+    if kind == "int":
+        return int(text) if text.lstrip("-").isdigit() else None
+    return text
+
+
+def _keyset(agents: QuerySet[Agent], *, sort: Sort, descending: bool, cursor: str) -> tuple[QuerySet[Agent], bool]:
+    """Rows after `cursor` ("<key>|<pk>") in (key, pk) order: a range, never an OFFSET."""
+    agents = agents.annotate(sort_key=sort.key())
     if cursor:
         value_text, _, pk_text = cursor.rpartition("|")
-        value = parse_datetime(value_text)
+        value = _cursor_value(sort.kind, value_text)
         if value is None or not pk_text.isdigit():
             return agents.none(), True
         after = "lt" if descending else "gt"
-        agents = agents.filter(Q(**{f"{field}__{after}": value}) | Q(**{field: value, f"pk__{after}": int(pk_text)}))
-    order = (f"-{field}", "-pk") if descending else (field, "pk")
+        agents = agents.filter(Q(**{f"sort_key__{after}": value}) | Q(sort_key=value, **{f"pk__{after}": int(pk_text)}))
+    order = ("-sort_key", "-pk") if descending else ("sort_key", "pk")
     return agents.order_by(*order), False
+
+
+def _cursor_text(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 @page
 def fleet_list(request: HttpRequest) -> HttpResponse:
     agents, given, problem = _fleet_filters(request)
-    sort = request.GET.get("sort", "-last_seen")
-    field = SORTS.get(sort.lstrip("-"), "last_seen")
-    descending = sort.startswith("-") or sort.lstrip("-") not in SORTS
+    sort = request.GET.get("sort", DEFAULT_SORT)
+    if sort.lstrip("-") not in SORTS:
+        sort = DEFAULT_SORT
+    descending = sort.startswith("-")
     counts = fleet_selectors.counts_by(agents, "status")
-    rows, stale = _keyset(agents, field=field, descending=descending, cursor=request.GET.get("after", ""))
+    cursor = request.GET.get("after", "")
+    rows, stale = _keyset(agents, sort=SORTS[sort.lstrip("-")], descending=descending, cursor=cursor)
     window = list(rows.select_related("desired_config__configuration", "desired_config__version")[: PAGE_SIZE + 1])
     more = len(window) > PAGE_SIZE
     window = window[:PAGE_SIZE]
@@ -153,14 +216,22 @@ def fleet_list(request: HttpRequest) -> HttpResponse:
     if more:
         last = window[-1]
         query = request.GET.copy()
-        query["after"] = f"{getattr(last, field).isoformat()}|{last.pk}"
+        query["after"] = f"{_cursor_text(last.sort_key)}|{last.pk}"
         next_query = query.urlencode()
     sort_links = {}
-    for name in SORTS:
+    for name, column in SORTS.items():
         query = request.GET.copy()
         query.pop("after", None)
-        query["sort"] = name if sort == f"-{name}" else f"-{name}"
+        if sort.lstrip("-") == name:
+            query["sort"] = name if descending else f"-{name}"
+        else:
+            query["sort"] = f"-{name}" if column.first_descending else name
         sort_links[name] = query.urlencode()
+    arrow = "↓" if descending else "↑"
+    columns = [
+        {"label": label, "link": sort_links[name], "arrow": arrow if sort.lstrip("-") == name else ""}
+        for name, label in COLUMN_LABELS.items()
+    ]
     first_page = request.GET.copy()
     first_page.pop("after", None)
     return render(
@@ -175,6 +246,7 @@ def fleet_list(request: HttpRequest) -> HttpResponse:
             counts=[(status, counts.get(status, 0)) for status, _ in fleet_selectors.AgentStatus.CHOICES],
             sort=sort,
             sort_links=sort_links,
+            columns=columns,
             next_query=next_query,
             first_query=first_page.urlencode() if "after" in request.GET else "",
             statuses=[s for s, _ in fleet_selectors.AgentStatus.CHOICES],
@@ -258,6 +330,8 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                             raise DomainError(f"{line.strip()!r}: write each label as key=value")
                         labels[key.strip()] = value.strip()
                 services.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
+            elif action == "resend":
+                fleet_resend.agent_config_resend(agent=agent, actor=request.user)
             elif action == "revoke":
                 certificate = get_object_or_404(
                     IssuedCertificate, pk=_number(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
@@ -280,6 +354,7 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
             agent=agent,
             errors=errors,
             state=state,
+            desired=desired,
             health=_health_tree(agent.health),
             diff=side_by_side(effective_files, desired_files),
             operator_labels="\n".join(f"{k}={v}" for k, v in sorted(agent.operator_labels.items())),
@@ -522,19 +597,25 @@ def _verbs(rollout: Rollout) -> list[str]:
 
 
 def _chart(progress: Any) -> dict[str, Any]:
-    """An inline SVG polyline of the failure rate each decision saw, against the budget."""
+    """An inline SVG polyline of the failure rate over time (tick samples and decisions), against the budget."""
     points = progress.budget_series
     width, height = 400, 80
     top = max([p["rate"] for p in points] + [progress.budget * 2, progress.failure_rate, 1e-6])
-    if not points:
-        return {"width": width, "height": height, "line": "", "budget_y": height - height * progress.budget / top}
-    start: datetime = points[0]["at"]
-    span = max((points[-1]["at"] - start).total_seconds(), 1.0)
-    line = " ".join(
-        f"{width * (p['at'] - start).total_seconds() / span:.1f},{height - height * p['rate'] / top:.1f}"
-        for p in points
-    )
-    return {"width": width, "height": height, "line": line, "budget_y": height - height * progress.budget / top}
+    line = ""
+    if points:
+        start: datetime = points[0]["at"]
+        span = max((points[-1]["at"] - start).total_seconds(), 1.0)
+        line = " ".join(
+            f"{width * (p['at'] - start).total_seconds() / span:.1f},{height - height * p['rate'] / top:.1f}"
+            for p in points
+        )
+    return {
+        "width": width,
+        "height": height,
+        "line": line,
+        "points": len(points),
+        "budget_y": height - height * progress.budget / top,
+    }
 
 
 # --- certificate requests ------------------------------------------------------------------
