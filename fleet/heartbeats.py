@@ -20,7 +20,7 @@ from datetime import datetime
 from django.db import connection, transaction
 
 from fleet.batched_writes import BatchedWrites, RowWriters
-from fleet.models import Agent, uint64_to_db
+from fleet.models import Agent, stored_remote_address, uint64_to_db
 
 logger = logging.getLogger(__name__)
 
@@ -114,5 +114,5 @@ class HeartbeatBuffer(BatchedWrites[uuid.UUID, Heartbeat]):
         remote_address: str | None = None,
     ) -> None:
         """A heartbeat; with `transport` and `remote_address`, a reconnect's facts."""
-        address = remote_address[:64] if remote_address is not None else None
+        address = stored_remote_address(remote_address) if remote_address is not None else None
         super().note(instance_uid, Heartbeat(seen_at, sequence_num, transport, address))

@@ -274,10 +274,7 @@ class HintStream:
             return
         uids = list(claims)
         messages = hint_messages(HintKind.TAKEOVER, uids, origin=self.origin, claimed_at=[claims[uid] for uid in uids])
-        self._spawn(self._publish(messages))
-
-    async def _publish(self, messages: list[dict[str, Any]]) -> None:
-        await publish(messages)
+        self._spawn(publish(messages))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

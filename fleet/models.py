@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from django.db import models
 
+from fleet.safe_text import safe_text
+
+REMOTE_ADDRESS_MAX_CHARS = 64
+
+
+def stored_remote_address(address: str) -> str:
+    """An agent's address as its row holds it: capped to the column, NUL and lone
+    surrogates replaced (fleet.safe_text). Every path that writes the column uses it: a
+    full report, a held status and a reconnect's batched heartbeat."""
+    return safe_text(address[:REMOTE_ADDRESS_MAX_CHARS])
+
 
 def uint64_to_db(value: int) -> int:
     """The signed 64-bit integer with the same bits as unsigned `value`."""
@@ -64,7 +75,7 @@ class Agent(models.Model):
     connection_settings_status = models.JSONField(null=True, blank=True)
 
     transport = models.CharField(max_length=16, choices=Transport.choices, blank=True)
-    remote_address = models.CharField(max_length=64, blank=True)
+    remote_address = models.CharField(max_length=REMOTE_ADDRESS_MAX_CHARS, blank=True)
     # uint64 on the wire, stored as the int64 with the same bits (see uint64_to_db): exact
     # on every database, where a decimal column loses precision on SQLite.
     last_sequence_num = models.BigIntegerField(default=0)

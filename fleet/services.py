@@ -10,9 +10,8 @@ from datetime import datetime
 from django.db import transaction
 
 from fleet.labels import merged_labels
-from fleet.models import Agent, uint64_to_db
+from fleet.models import Agent, stored_remote_address, uint64_to_db
 from fleet.reports import AgentReport
-from fleet.safe_text import safe_text
 from rollouts.desired_state import resolve_agent, resolve_new_agent
 from rollouts.rollout_engine import AnswerRecord, record_answer, record_answers
 
@@ -129,7 +128,7 @@ def agent_record_report(
     agent.reported_state_hash = state_hash
     agent.last_sequence_num = uint64_to_db(sequence_num)
     agent.transport = transport
-    agent.remote_address = safe_text(remote_address[:64])
+    agent.remote_address = stored_remote_address(remote_address)
     agent.last_seen = seen_at
     if not agent.connected:
         agent.connected = True
@@ -180,7 +179,7 @@ def heartbeat_status_write(
     if transport is not None:
         changes["transport"] = transport
     if remote_address is not None:
-        changes["remote_address"] = remote_address[:64]
+        changes["remote_address"] = stored_remote_address(remote_address)
     return StatusWrite(changes, {})
 
 

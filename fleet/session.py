@@ -768,7 +768,7 @@ class AgentSession:
             return None
         # Two live sockets with one uid: the same agent reconnecting leaves the old socket
         # to be dropped; a different agent (other identifying attributes) gets a new uid.
-        if identifying is not None and snapshot is not None and snapshot.identifying_attributes != identifying:
+        if self.identity_differs:
             logger.warning("duplicate instance_uid %s from %s: assigning a new one", instance_uid, self.remote_address)
             return uuid7()
         if other.credential.is_certificate:
