@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
 
 from fleet import selectors
-from fleet.models import Agent, RemoteConfigState
+from fleet.admin_base import ReadOnlyRoleAdminMixin, pretty_json
+from fleet.models import Agent, AuditEvent, RemoteConfigState
 from opamp.capabilities import AgentCapabilities, agent_capability_names
 
 
@@ -63,12 +62,6 @@ def attribute_filter(key: str) -> type[admin.SimpleListFilter]:
 
     AttributeFilter.__name__ = f"AttributeFilter_{key.replace('.', '_')}"
     return AttributeFilter
-
-
-def pretty_json(document: Any) -> str:
-    if document in (None, {}, []):
-        return "—"
-    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", json.dumps(document, indent=2, sort_keys=True))
 
 
 @admin.register(Agent)
@@ -160,3 +153,20 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="available components")
     def components(self, agent: Agent) -> str:
         return pretty_json(agent.available_components)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
+    list_display = ["at", "actor", "action", "target_type", "target_id"]
+    list_filter = ["action", "target_type", "actor"]
+    search_fields = ["target_id", "actor__username"]
+    date_hierarchy = "at"
+    fields = ["at", "actor", "action", "target_type", "target_id", "details_display"]
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AuditEvent]:
+        return selectors.audit_list()
+
+    @admin.display(description="details")
+    def details_display(self, event: AuditEvent) -> str:
+        return pretty_json(event.details)

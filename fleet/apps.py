@@ -11,7 +11,9 @@ class FleetConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
+        from fleet.periodic import PeriodicTaskSpec, declare
         from opamp.runtime import require_upb
 
         if settings.OPAMP_REQUIRE_UPB:
             require_upb()
+        declare(PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30))

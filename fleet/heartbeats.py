@@ -17,9 +17,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import connection, transaction
-
 from fleet.batched_writes import BatchedWrites, RowWriters
+from fleet.db import bulk_update_from_unnest
 from fleet.models import Agent, stored_remote_address, uint64_to_db
 
 logger = logging.getLogger(__name__)
@@ -60,34 +59,31 @@ def write_heartbeats(beats: dict[uuid.UUID, Heartbeat]) -> int:
     """One statement on PostgreSQL; bulk_update on other databases (the embedded SQLite)."""
     if not beats:
         return 0
-    if connection.vendor == "postgresql":
-        uids = list(beats)
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                _POSTGRES_FLUSH_SQL,
-                [
-                    uids,
-                    [beats[u].seen_at for u in uids],
-                    [uint64_to_db(beats[u].sequence_num) for u in uids],
-                    [beats[u].transport for u in uids],
-                    [beats[u].remote_address for u in uids],
-                ],
-            )
-            return cursor.rowcount
+    uids = list(beats)
+    columns = [
+        uids,
+        [beats[u].seen_at for u in uids],
+        [uint64_to_db(beats[u].sequence_num) for u in uids],
+        [beats[u].transport for u in uids],
+        [beats[u].remote_address for u in uids],
+    ]
+    return bulk_update_from_unnest([_POSTGRES_FLUSH_SQL], columns, fallback=lambda: _write_heartbeats_orm(beats))
+
+
+def _write_heartbeats_orm(beats: dict[uuid.UUID, Heartbeat]) -> int:
     fields = ["last_seen", "last_sequence_num", "connected", "connected_at", "transport", "remote_address"]
-    with transaction.atomic():
-        agents = list(Agent.objects.filter(instance_uid__in=list(beats)).only("id", "instance_uid", *fields))
-        for agent in agents:
-            beat = beats[agent.instance_uid]
-            agent.last_seen = max(agent.last_seen, beat.seen_at)
-            agent.last_sequence_num = uint64_to_db(beat.sequence_num)
-            if not agent.connected:
-                agent.connected, agent.connected_at = True, beat.seen_at
-            if beat.transport is not None:
-                agent.transport = beat.transport
-            if beat.remote_address is not None:
-                agent.remote_address = beat.remote_address
-        Agent.objects.bulk_update(agents, fields, batch_size=500)
+    agents = list(Agent.objects.filter(instance_uid__in=list(beats)).only("id", "instance_uid", *fields))
+    for agent in agents:
+        beat = beats[agent.instance_uid]
+        agent.last_seen = max(agent.last_seen, beat.seen_at)
+        agent.last_sequence_num = uint64_to_db(beat.sequence_num)
+        if not agent.connected:
+            agent.connected, agent.connected_at = True, beat.seen_at
+        if beat.transport is not None:
+            agent.transport = beat.transport
+        if beat.remote_address is not None:
+            agent.remote_address = beat.remote_address
+    Agent.objects.bulk_update(agents, fields, batch_size=500)
     return len(agents)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from fleet.safe_text import safe_text
@@ -116,3 +117,24 @@ class Agent(models.Model):
     def sequence_num(self) -> int:
         """The last sequence number as the agent sent it (unsigned)."""
         return uint64_from_db(self.last_sequence_num)
+
+
+class AuditEvent(models.Model):
+    """Who changed what, when: one row per write made through the API or the admin."""
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    action = models.CharField(max_length=100)
+    target_type = models.CharField(max_length=100)
+    target_id = models.CharField(max_length=200)
+    details = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        # The table keeps the name it was created with, when audit lived in rollouts.
+        db_table = "rollouts_auditevent"
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target_type}:{self.target_id}"

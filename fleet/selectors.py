@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db.models import Case, CharField, Count, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
-from fleet.models import Agent, Transport
+from fleet.models import Agent, AuditEvent, Transport
 from opamp.capabilities import AgentCapabilities
 
 
@@ -105,3 +105,7 @@ def attribute_values(key: str, *, limit: int = 50) -> list[str]:
         )
         values.update(str(v) for v in rows if v is not None)
     return sorted(values)[:limit]
+
+
+def audit_list() -> QuerySet[AuditEvent]:
+    return AuditEvent.objects.select_related("actor")

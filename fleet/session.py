@@ -692,7 +692,7 @@ class AgentSession:
         )
         if desired is not None and desired.config_hash == self.last_offered_hash != desired.offered_hash:
             # The stored record no longer names this connection's offer: forgotten on
-            # purpose (fleet.resend), or not written yet (then one repeated offer).
+            # purpose (rollouts.resend), or not written yet (then one repeated offer).
             context = replace(context, last_offered_on_connection="")
         if desired is None or not should_offer(desired, context):
             return False

@@ -1,7 +1,8 @@
 """The Celery application. Broker from settings: Redis in production, a SQLite file by default.
 
 Periodic tasks live in django-celery-beat's database scheduler and are registered by
-`manage.py register_periodic_tasks` (run by the start scripts), never by hand.
+`manage.py register_periodic_tasks` (run by the start scripts; each app declares its tasks in its
+AppConfig.ready, see fleet.periodic), never by hand.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every write goes through `rollouts.services` (so it is validated, audited and re-resolves
 the agents it affects); the forms only check input early, with the same parsers the
 services use, so that problems show up as form errors. The role rules of the API apply
-here too (`rollouts.api.roles`); the admin itself additionally requires staff status.
+here too (`fleet.roles`); the admin itself additionally requires staff status.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ from django.contrib.admin.utils import quote
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db.models import Count, Model, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 import rollouts.beat_admin  # noqa: F401  (Celery beat's schedule models leave the index)
-from fleet.admin import pretty_json
+from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.errors import DomainError
+from fleet.label_selectors import SelectorError, parse_selector
+from fleet.roles import can_write
 from rollouts import rollout_engine as engine
 from rollouts import selectors
 from rollouts.api import rollout_serializers
-from rollouts.api.roles import can_read, can_write
 from rollouts.api.serializers import CONFIGURATION_NAME_INVALID, CONFIGURATION_NAME_REGEX
 from rollouts.config_files import ConfigValidationError, parse_config_files
-from rollouts.errors import NO_SUCH_VERSION, DomainError
-from rollouts.label_selectors import SelectorError, parse_selector
+from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import (
     AgentDesiredConfig,
-    AuditEvent,
     Configuration,
     ConfigVersion,
     ReconcilerState,
@@ -51,7 +51,6 @@ from rollouts.services import (
 )
 
 # What a service may refuse after the form accepted the input (e.g. a name taken meanwhile).
-SERVICE_ERRORS = (DomainError, ConfigValidationError, SelectorError)
 SELECTOR_HELP = (
     "The short form, e.g. <code>env=prod,tier in (edge,core),!legacy</code>, or the JSON form "
     "<code>{&quot;matchLabels&quot;: {...}, &quot;matchExpressions&quot;: [...]}</code>. Empty selects every agent."
@@ -67,59 +66,6 @@ def _become(obj: Model, saved: Model) -> None:
     """Make the admin's unsaved instance the row the service saved, so the admin's own
     follow-up (log entry, redirect to the change page) refers to that row."""
     obj.__dict__.update(saved.__dict__)
-
-
-def _pre(text: str) -> str:
-    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", text)
-
-
-class RoleAdminMixin:
-    """Viewers (and staff) see, operators (and superusers) change; the admin site itself
-    only lets staff in."""
-
-    def has_module_permission(self, request: HttpRequest) -> bool:
-        return can_read(request.user)
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return can_read(request.user)
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return can_write(request.user)
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return can_write(request.user)
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return can_write(request.user)
-
-
-class ReadOnlyRoleAdminMixin(RoleAdminMixin):
-    """Rows written only as a consequence of services; nobody edits them here."""
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-class ServiceErrorsAsMessagesMixin:
-    """A refusal the form could not foresee is shown as a message on the same form.
-
-    The admin runs the form view in a transaction, so nothing of the failed attempt stays.
-    """
-
-    def changeform_view(
-        self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: Any = None
-    ) -> HttpResponse:
-        try:
-            return super().changeform_view(request, object_id, form_url, extra_context)  # type: ignore[misc]
-        except SERVICE_ERRORS as error:
-            self.message_user(request, str(error), messages.ERROR)  # type: ignore[attr-defined]
-            return HttpResponseRedirect(request.get_full_path())
 
 
 # Configurations
@@ -451,23 +397,6 @@ class ReconcilerStateAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
     ]
     fields = list(ReconcilerState.SHOWN_FIELDS)
     readonly_fields = fields
-
-
-@admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
-    list_display = ["at", "actor", "action", "target_type", "target_id"]
-    list_filter = ["action", "target_type", "actor"]
-    search_fields = ["target_id", "actor__username"]
-    date_hierarchy = "at"
-    fields = ["at", "actor", "action", "target_type", "target_id", "details_display"]
-    readonly_fields = fields
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[AuditEvent]:
-        return selectors.audit_list()
-
-    @admin.display(description="details")
-    def details_display(self, event: AuditEvent) -> str:
-        return pretty_json(event.details)
 
 
 # Rollouts

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rollouts.label_selectors import LabelSelector
+from fleet.label_selectors import LabelSelector
 
 BUCKETS = 10_000
 CANARY_LABEL = "deployment.canary"

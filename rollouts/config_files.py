@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fleet.errors import InputProblems
 from opamp.hashing import config_map_hash
 
 YAML_TYPES = frozenset({"text/yaml", "application/yaml", "application/x-yaml", "text/x-yaml"})
@@ -23,12 +24,17 @@ KNOWN_CONTENT_TYPES = YAML_TYPES | JSON_TYPES | TEXT_TYPES
 MAX_FILE_NAME_CHARS = 255
 
 
-class ConfigValidationError(ValueError):
+CONFIG_FILES_INVALID = "the configuration files are invalid"
+
+
+class ConfigValidationError(InputProblems):
     """One or more problems with a config map; `problems` lists them all."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+        super().__init__(CONFIG_FILES_INVALID, field="files", problems=problems)
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
 
 
 @dataclass(frozen=True)

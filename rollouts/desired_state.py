@@ -20,8 +20,10 @@ from django.db import connection, transaction
 from django.db.models import F, Max, Q, QuerySet
 from django.utils import timezone
 
+from fleet.db import bulk_update_from_unnest
+from fleet.label_selectors import parse_selector
 from fleet.models import Agent
-from rollouts.label_selectors import parse_selector
+from fleet.selector_queries import selector_q
 from rollouts.models import (
     AgentDesiredConfig,
     Configuration,
@@ -36,7 +38,6 @@ from rollouts.resolver_cache import (
     resolver_definitions,
 )
 from rollouts.rollout_plans import RolloutPlan
-from rollouts.selector_queries import selector_q
 
 # Rows read and written per statement; keeps parameter lists within every database's limits.
 BATCH = 2000
@@ -451,23 +452,24 @@ def record_offers(offers: dict[int, Offer]) -> int:
     for any number of agents; a batch in one transaction elsewhere. The number noted."""
     if not offers:
         return 0
-    if connection.vendor == "postgresql":
-        ids = list(offers)
-        columns = [ids, [offers[i].config_hash for i in ids], [offers[i].at for i in ids]]
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_OFFERS_SQL.format(desired=AgentDesiredConfig._meta.db_table), columns)
-            noted = cursor.rowcount
-            cursor.execute(_TARGETS_OFFERED_SQL.format(targets=RolloutTarget._meta.db_table), columns)
-        return noted
+    ids = list(offers)
+    columns = [ids, [offers[i].config_hash for i in ids], [offers[i].at for i in ids]]
+    statements = [
+        _OFFERS_SQL.format(desired=AgentDesiredConfig._meta.db_table),
+        _TARGETS_OFFERED_SQL.format(targets=RolloutTarget._meta.db_table),
+    ]
+    return bulk_update_from_unnest(statements, columns, fallback=lambda: _record_offers_orm(offers))
+
+
+def _record_offers_orm(offers: dict[int, Offer]) -> int:
     noted = 0
-    with transaction.atomic():
-        for agent_id, offer in offers.items():
-            noted += AgentDesiredConfig.objects.filter(agent_id=agent_id).update(
-                offered_hash=offer.config_hash, offered_at=offer.at
-            )
-            RolloutTarget.objects.filter(
-                agent_id=agent_id, offered_hash=offer.config_hash, offered_at__isnull=True
-            ).update(offered_at=offer.at)
+    for agent_id, offer in offers.items():
+        noted += AgentDesiredConfig.objects.filter(agent_id=agent_id).update(
+            offered_hash=offer.config_hash, offered_at=offer.at
+        )
+        RolloutTarget.objects.filter(agent_id=agent_id, offered_hash=offer.config_hash, offered_at__isnull=True).update(
+            offered_at=offer.at
+        )
     return noted
 
 

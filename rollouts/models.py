@@ -28,7 +28,7 @@ class Configuration(models.Model):
         ],
     )
     description = models.TextField(blank=True)
-    # Canonical dict form of a Kubernetes-style label selector (rollouts.label_selectors).
+    # Canonical dict form of a Kubernetes-style label selector (fleet.label_selectors).
     selector = models.JSONField(default=dict, blank=True)
     priority = models.IntegerField(default=0)
     current_version = models.ForeignKey(
@@ -147,25 +147,6 @@ class DesiredStateChange(models.Model):
     generation = models.BigIntegerField(unique=True)
     agent_ids = models.JSONField()
     created_at = models.DateTimeField(default=timezone.now)
-
-
-class AuditEvent(models.Model):
-    """Who changed what, when: one row per write made through the API or the admin."""
-
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    action = models.CharField(max_length=100)
-    target_type = models.CharField(max_length=100)
-    target_id = models.CharField(max_length=200)
-    details = models.JSONField(default=dict, blank=True)
-    at = models.DateTimeField(auto_now_add=True, db_index=True)
-
-    class Meta:
-        ordering = ["-at", "-id"]
-
-    def __str__(self) -> str:
-        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target_type}:{self.target_id}"
 
 
 class RolloutState(models.TextChoices):

@@ -26,7 +26,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-from rollouts.label_selectors import LabelSelector, parse_selector
+from fleet.label_selectors import LabelSelector, parse_selector
 from rollouts.models import Configuration, ConfigVersion, DesiredStateGeneration
 from rollouts.rollout_plans import RolloutPlan, active_rollout_plans
 

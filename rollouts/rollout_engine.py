@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from fleet.audit import Actor, actor_user, audit_record
+from fleet.db import bulk_update_from_unnest
+from fleet.errors import DomainError
+from fleet.label_selectors import SelectorError, parse_selector
 from fleet.models import Agent, RemoteConfigState
 from fleet.selectors import presence_q
 from rollouts import desired_state, rollout_samples
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, count_threshold, percent_threshold
-from rollouts.errors import DomainError
-from rollouts.label_selectors import SelectorError, parse_selector
 from rollouts.models import (
     ACTIVE_ROLLOUT_STATES,
     Configuration,
@@ -38,7 +40,7 @@ from rollouts.models import (
     RolloutTarget,
 )
 from rollouts.resolver_cache import bump_definitions
-from rollouts.services import Actor, _actor, audit_record
+from signing.services import config_version_sign_for_delivery
 
 Kind = RolloutEvent.Kind
 ANSWERS = {
@@ -142,11 +144,13 @@ def rollout_create(
         auto_rollback=auto_rollback,
         salt=salt or secrets.token_hex(16),
         note=note,
-        created_by=_actor(actor),
+        created_by=actor_user(actor),
     )
     RolloutStage.objects.bulk_create([RolloutStage(rollout=rollout, **stage) for stage in checked])
     bump_definitions()
-    RolloutEvent.objects.create(rollout=rollout, kind=Kind.CREATED, to_state=RolloutState.DRAFT, actor=_actor(actor))
+    RolloutEvent.objects.create(
+        rollout=rollout, kind=Kind.CREATED, to_state=RolloutState.DRAFT, actor=actor_user(actor)
+    )
     audit_record(
         actor=actor,
         action="rollout.create",
@@ -279,7 +283,7 @@ def _transition(
             from_state=current[0],
             to_state=to_state,
             stage_index=updates.get("stage_index", current[1]),
-            actor=_actor(actor),
+            actor=actor_user(actor),
             message=message,
             counts=dict(counts or {}),
         )
@@ -304,8 +308,6 @@ def _lock_configuration(rollout: Rollout) -> None:
 def _sign_for_delivery(rollout: Rollout, version_id: int, kind: str) -> None:
     """Before agents are moved to `version_id`: its delivered signing must be newer than any
     they run, or signing agents refuse going back to the stable content as a replay."""
-    from signing.services import config_version_sign_for_delivery
-
     config_version_sign_for_delivery(version_id=version_id, detail=f"rollout {rollout.pk}: {kind}")
 
 
@@ -488,7 +490,7 @@ def rollout_approve_stage(*, rollout: Rollout, stage_index: int, actor: Actor) -
     if not stage.requires_approval:
         raise DomainError(STAGE_NEEDS_NO_APPROVAL.format(index=stage_index), field="stage")
     approved = RolloutStage.objects.filter(pk=stage.pk, approved_at__isnull=True).update(
-        approved_by=_actor(actor), approved_at=timezone.now()
+        approved_by=actor_user(actor), approved_at=timezone.now()
     )
     if approved:
         RolloutEvent.objects.create(
@@ -497,7 +499,7 @@ def rollout_approve_stage(*, rollout: Rollout, stage_index: int, actor: Actor) -
             stage_index=stage_index,
             from_state=rollout.state,
             to_state=rollout.state,
-            actor=_actor(actor),
+            actor=actor_user(actor),
         )
         audit_record(actor=actor, action="rollout.approve", target=rollout, details={"stage": stage_index})
     return bool(approved)
@@ -545,31 +547,30 @@ def record_answers(answers: Sequence[AnswerRecord]) -> int:
     ]
     if not rows:
         return 0
-    if connection.vendor == "postgresql":
-        columns = [
-            [record.agent_id for record, _ in rows],
-            [record.config_hash for record, _ in rows],
-            [str(answer) for _, answer in rows],
-            [record.at for record, _ in rows],
-            [record.error[:2000] for record, _ in rows],
-            [state.value for state in ACTIVE_ROLLOUT_STATES],
-        ]
-        sql = _ANSWERS_SQL.format(targets=RolloutTarget._meta.db_table, rollouts=Rollout._meta.db_table)
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(sql, columns)
-            return cursor.rowcount
+    columns = [
+        [record.agent_id for record, _ in rows],
+        [record.config_hash for record, _ in rows],
+        [str(answer) for _, answer in rows],
+        [record.at for record, _ in rows],
+        [record.error[:2000] for record, _ in rows],
+        [state.value for state in ACTIVE_ROLLOUT_STATES],
+    ]
+    sql = _ANSWERS_SQL.format(targets=RolloutTarget._meta.db_table, rollouts=Rollout._meta.db_table)
+    return bulk_update_from_unnest([sql], columns, fallback=lambda: _record_answers_orm(rows))
+
+
+def _record_answers_orm(rows: Sequence[tuple[AnswerRecord, str]]) -> int:
     noted = 0
-    with transaction.atomic():
-        for record, answer in rows:
-            noted += (
-                RolloutTarget.objects.filter(
-                    agent_id=record.agent_id,
-                    offered_hash=record.config_hash,
-                    rollout__state__in=ACTIVE_ROLLOUT_STATES,
-                )
-                .exclude(answer=answer)
-                .update(answer=answer, answered_at=record.at, error=record.error[:2000])
+    for record, answer in rows:
+        noted += (
+            RolloutTarget.objects.filter(
+                agent_id=record.agent_id,
+                offered_hash=record.config_hash,
+                rollout__state__in=ACTIVE_ROLLOUT_STATES,
             )
+            .exclude(answer=answer)
+            .update(answer=answer, answered_at=record.at, error=record.error[:2000])
+        )
     return noted
 
 

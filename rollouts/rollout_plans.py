@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fleet.label_selectors import parse_selector
 from rollouts.cohorts import StagePlan, bucket_of, cohort_of
-from rollouts.label_selectors import parse_selector
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Rollout, RolloutState
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from django.db.models import Count, F, Q, QuerySet
 
+from fleet.label_selectors import parse_selector
 from fleet.models import Agent, RemoteConfigState
+from fleet.selector_queries import selector_q
 from fleet.selectors import agent_list, counts_by, presence_q
-from rollouts.label_selectors import parse_selector
-from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
-from rollouts.selector_queries import selector_q
+from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion
 
 VERSION_STATES = ("applied", "applying", "failed", "pending", "offline")
 
@@ -142,10 +142,6 @@ def version_diff(older: ConfigVersion, newer: ConfigVersion) -> dict[str, str]:
             )
         )
     return diffs
-
-
-def audit_list() -> QuerySet[AuditEvent]:
-    return AuditEvent.objects.select_related("actor")
 
 
 def drifting_agents() -> QuerySet[Agent]:

@@ -3,46 +3,28 @@ and re-resolves the desired state of exactly the agents it can affect."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Mapping
-from typing import Any, TypeAlias
+from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.db.models import Max
 
-from fleet.labels import merged_labels
+from fleet.audit import Actor, actor_user, audit_record
+from fleet.errors import DomainError
+from fleet.label_selectors import SelectorError, parse_selector
 from fleet.models import Agent
 from rollouts import desired_state
 from rollouts.config_files import ConfigLimits, files_hash, files_to_document, parse_config_files
 from rollouts.errors import (
     CONFIGURATION_NAME_TAKEN,
-    LABELS_NOT_A_MAP,
     NO_SUCH_VERSION,
     ROLLBACK_TO_CURRENT,
     ROLLOUT_IN_PROGRESS,
-    DomainError,
 )
-from rollouts.label_selectors import SelectorError, check_label, parse_selector
-from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
-from rollouts.resolver_cache import bump_definitions, resolver_definitions
-
-Actor: TypeAlias = AbstractBaseUser | AnonymousUser | None
-
-
-def _actor(actor: Actor) -> Any:
-    return actor if actor is not None and getattr(actor, "is_authenticated", False) else None
-
-
-def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str, Any] | None = None) -> AuditEvent:
-    return AuditEvent.objects.create(
-        actor=_actor(actor),
-        action=action,
-        target_type=type(target).__name__,
-        target_id=str(getattr(target, "pk", target)),
-        details=dict(details or {}),
-    )
+from rollouts.models import Configuration, ConfigVersion
+from rollouts.resolver_cache import bump_definitions
+from signing.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK
+from signing.services import config_version_sign
 
 
 def config_limits() -> ConfigLimits:
@@ -71,7 +53,7 @@ def configuration_create(
         selector=_canonical_selector(selector),
         priority=priority,
         description=description,
-        created_by=_actor(actor),
+        created_by=actor_user(actor),
     )
     configuration.full_clean()
     configuration.save()
@@ -162,16 +144,12 @@ def _create_version(
         files=files_document,
         config_hash=config_hash,
         size_bytes=size_bytes,
-        author=_actor(author),
+        author=actor_user(author),
         note=note,
         rolled_back_from=rolled_back_from,
     )
     version.full_clean()
     version.save()
-    # Imported here: signing's services use this module's audit and label helpers.
-    from signing.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK
-    from signing.services import config_version_sign
-
     # Under the next signing sequence of the configuration (the caller holds its lock), so
     # agents accept a rollback to older content as the newer delivery it is.
     config_version_sign(
@@ -270,73 +248,3 @@ def configuration_rollback(
     )
     desired_state.resolve_for_configuration(configuration)
     return version
-
-
-def _sign_for_label_move(*, instance_uid: uuid.UUID, labels: dict[str, str], replace: bool) -> None:
-    """When new labels move an agent to another version of a configuration (out of a
-    rollout's first stage, say), that version's delivered signing must be the newest of the
-    configuration, or an agent that verifies signatures refuses it as a replay.
-
-    Done before the agent's row is locked, so the configuration's lock comes first, as in
-    publishing and every rollout transition. A concurrent change that moves the agent
-    differently signs for its own move.
-    """
-    agent = Agent.objects.filter(instance_uid=instance_uid).first()
-    if agent is None:
-        return
-    new_labels = merged_labels(
-        identifying=agent.identifying_attributes,
-        non_identifying=agent.non_identifying_attributes,
-        operator=labels if replace else {**agent.operator_labels, **labels},
-    )
-    definitions = resolver_definitions()
-    configuration = desired_state.choose_configuration(new_labels, definitions.candidates)
-    if configuration is None:
-        return
-    version_id, _ = desired_state.version_for_agent(
-        configuration, agent_id=agent.pk, instance_uid=instance_uid, labels=new_labels, plans=definitions.plans
-    )
-    current = AgentDesiredConfig.objects.filter(agent_id=agent.pk).values_list("version_id", flat=True).first()
-    if current is None or current == version_id:
-        return  # not moved (a first assignment has no signing to be newer than)
-    from signing.services import config_version_sign_for_delivery
-
-    config_version_sign_for_delivery(version_id=version_id, detail=f"agent {instance_uid}: labels changed")
-
-
-def check_labels(labels: Any) -> dict[str, str]:
-    """Operator labels, each one a selector can select; DomainError names the first bad one."""
-    if not isinstance(labels, Mapping):
-        raise DomainError(LABELS_NOT_A_MAP, field="labels")
-    checked: dict[str, str] = {}
-    for key, value in labels.items():
-        try:
-            key, value = check_label(key, value)
-        except SelectorError as error:
-            raise DomainError(str(error), field="labels") from None
-        checked[key] = value
-    return checked
-
-
-@transaction.atomic
-def agent_labels_set(*, instance_uid: uuid.UUID, labels: Any, actor: Actor, replace: bool = True) -> Agent:
-    """Set (or, with replace=False, merge) the operator labels of an agent and re-resolve it."""
-    checked = check_labels(labels)
-    _sign_for_label_move(instance_uid=instance_uid, labels=checked, replace=replace)
-    agent = Agent.objects.select_for_update().get(instance_uid=instance_uid)
-    before = dict(agent.operator_labels)
-    agent.operator_labels = checked if replace else {**agent.operator_labels, **checked}
-    agent.labels = merged_labels(
-        identifying=agent.identifying_attributes,
-        non_identifying=agent.non_identifying_attributes,
-        operator=agent.operator_labels,
-    )
-    agent.save(update_fields=["operator_labels", "labels", "updated_at"])
-    audit_record(
-        actor=actor,
-        action="agent.labels.set",
-        target=agent,
-        details={"instance_uid": str(instance_uid), "before": before, "after": agent.operator_labels},
-    )
-    desired_state.resolve_agent(agent.pk)
-    return agent

@@ -19,6 +19,7 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from fleet.admin_base import preformatted
 from signing import selectors, services
 from signing.errors import SigningError
 from signing.models import (
@@ -31,10 +32,6 @@ from signing.models import (
     IssuedCertificate,
     SigningKey,
 )
-
-
-def _pre(text: str) -> str:
-    return format_html("<pre style='white-space: pre-wrap'>{}</pre>", text) if text else "—"
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -71,7 +68,7 @@ class SigningKeyAdmin(ReadOnlyAdmin):
 
     @admin.display(description="public key")
     def public_key(self, key: SigningKey) -> str:
-        return _pre(key.public_key_pem)
+        return preformatted(key.public_key_pem)
 
     @admin.action(description="Retire the selected keys (no longer accepted, never sign again)", permissions=["decide"])
     def retire(self, request: HttpRequest, queryset: QuerySet[SigningKey]) -> None:
@@ -92,7 +89,7 @@ class CertificateAuthorityAdmin(ReadOnlyAdmin):
 
     @admin.display(description="certificate")
     def certificate(self, authority: CertificateAuthority) -> str:
-        return _pre(authority.certificate_pem)
+        return preformatted(authority.certificate_pem)
 
 
 @admin.register(CertificateRequest)
@@ -119,7 +116,7 @@ class CertificateRequestAdmin(ReadOnlyAdmin):
 
     @admin.display(description="CSR")
     def csr(self, request: CertificateRequest) -> str:
-        return _pre(request.csr_pem)
+        return preformatted(request.csr_pem)
 
     @admin.action(description="Approve and issue certificates", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
@@ -174,7 +171,7 @@ class IssuedCertificateAdmin(ReadOnlyAdmin):
 
     @admin.display(description="certificate")
     def certificate(self, certificate: IssuedCertificate) -> str:
-        return _pre(certificate.pem)
+        return preformatted(certificate.pem)
 
     def _revoke(self, request: HttpRequest, queryset: QuerySet[IssuedCertificate], reason: str) -> None:
         revoked = sum(

@@ -36,9 +36,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
+from fleet.agent_labels import agent_labels_set
+from fleet.audit import audit_record
 from fleet.services import agent_change_instance_uid
 from opamp.proto import opamp_pb2
-from rollouts.services import agent_labels_set, audit_record
 from signing import ca as ca_module
 from signing.ca import CsrRejected
 from signing.errors import EnrollmentTokenRefused, SigningError

@@ -7,3 +7,9 @@ class SigningConfig(AppConfig):
     name = "signing"
     verbose_name = "Signing and identity"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from fleet.periodic import PeriodicTaskSpec, declare
+
+        # Hourly, against a nextUpdate of OPAMP_CRL_NEXT_UPDATE_HOURS (24 by default).
+        declare(PeriodicTaskSpec("signing: refresh the CRL file", "signing.tasks.refresh_crl", 3600))

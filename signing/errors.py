@@ -7,7 +7,7 @@ the OpAMP session can catch one type for "reply with error_response BadRequest".
 
 from __future__ import annotations
 
-from rollouts.errors import DomainError
+from fleet.errors import DomainError
 from signing.ca import CsrRejected
 
 

@@ -29,11 +29,12 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
+from fleet.agent_labels import agent_labels_set, check_labels
+from fleet.audit import Actor, actor_user, audit_record
+from fleet.errors import DomainError
 from fleet.models import Agent
 from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
-from rollouts.errors import DomainError
 from rollouts.models import Configuration, ConfigVersion
-from rollouts.services import Actor, agent_labels_set, audit_record, check_labels
 from signing import ca as ca_module
 from signing import config_signing
 from signing.ca import CaInvalid, CheckedCsr, CsrRejected, LoadedCa, RevokedEntry, check_csr
@@ -89,10 +90,6 @@ TOKEN_PREFIX = "opamp_et_"
 # Characters of the secret kept for display: the fixed prefix and 8 random characters
 # (48 of its 256 random bits), enough to tell tokens apart, far too few to guess the rest.
 TOKEN_DISPLAY_CHARS = len(TOKEN_PREFIX) + 8
-
-
-def _user(actor: Actor) -> Any:
-    return actor if actor is not None and getattr(actor, "is_authenticated", False) else None
 
 
 class _FileCache:
@@ -538,7 +535,7 @@ def _approve_and_issue(
 ) -> bool:
     """pending -> approved -> issued, inside the caller's transaction; False if not pending."""
     approved = CertificateRequest.objects.filter(pk=request.pk, state=CertificateRequest.State.PENDING).update(
-        state=CertificateRequest.State.APPROVED, decided_by=_user(actor), decided_at=now
+        state=CertificateRequest.State.APPROVED, decided_by=actor_user(actor), decided_at=now
     )
     if not approved:
         return False
@@ -618,7 +615,7 @@ def certificate_request_approve(*, request: CertificateRequest, actor: Actor) ->
 def certificate_request_reject(*, request: CertificateRequest, actor: Actor, reason: str = "") -> bool:
     """Reject a pending request; False when it was not pending."""
     moved = CertificateRequest.objects.filter(pk=request.pk, state=CertificateRequest.State.PENDING).update(
-        state=CertificateRequest.State.REJECTED, reason=reason, decided_by=_user(actor), decided_at=timezone.now()
+        state=CertificateRequest.State.REJECTED, reason=reason, decided_by=actor_user(actor), decided_at=timezone.now()
     )
     request.refresh_from_db()
     if moved:
@@ -803,7 +800,7 @@ def enrollment_token_create(
         name=name.strip(),
         token_hash=_token_hash(secret),
         prefix=secret[:TOKEN_DISPLAY_CHARS],
-        created_by=_user(actor),
+        created_by=actor_user(actor),
         expires_at=timezone.now() + expires_in,
         max_uses=max_uses,
         labels=checked_labels,

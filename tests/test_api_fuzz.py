@@ -27,9 +27,9 @@ from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
 
 from fleet.models import Agent
+from fleet.roles import OPERATOR, grant_role
 from opamp.identifiers import uuid7
 from rollouts import services
-from rollouts.api.roles import OPERATOR, grant_role
 from signing import services as signing_services
 from tests.fleet import factories
 

@@ -11,11 +11,11 @@ import pytest
 from rest_framework.test import APIClient
 
 from fleet.api.strict_input import UNSAFE_TEXT_DETAIL
-from fleet.models import Agent
+from fleet.models import Agent, AuditEvent
 from fleet.safe_text import NUL_PROBLEM, SURROGATE_PROBLEM
 from opamp.identifiers import uuid7
 from rollouts import services
-from rollouts.models import AuditEvent, Configuration
+from rollouts.models import Configuration
 from signing.models import EnrollmentToken
 from tests.rollouts.conftest import api, operator  # noqa: F401
 

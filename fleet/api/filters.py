@@ -4,7 +4,7 @@ import django_filters
 from django.db.models import QuerySet
 from rest_framework.exceptions import ValidationError
 
-from fleet import selectors
+from fleet import extensions, selectors
 from fleet.models import Agent, Transport
 
 
@@ -40,10 +40,11 @@ class AgentFilter(django_filters.FilterSet):
             raise ValidationError({"capability": [str(error)]}) from None
 
     def filter_drift(self, queryset: QuerySet[Agent], name: str, value: bool) -> QuerySet[Agent]:
-        from rollouts.selectors import drifting_agents  # the desired state lives in rollouts
-
-        drifting = drifting_agents().values("pk")
-        return queryset.filter(pk__in=drifting) if value else queryset.exclude(pk__in=drifting)
+        # The desired state belongs to a feature app (rollouts), which answers this filter.
+        answer = extensions.agent_filter("drift")
+        if answer is None:
+            raise ValidationError({"drift": ["no installed app tracks a desired configuration"]})
+        return answer(queryset, value)
 
     def filter_attribute(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
         key, sep, wanted = value.partition("=")

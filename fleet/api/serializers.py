@@ -4,7 +4,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from fleet.models import Agent, RemoteConfigState
+from fleet.models import Agent, AuditEvent, RemoteConfigState
 from opamp.capabilities import agent_capability_names
 
 
@@ -68,4 +68,14 @@ class AgentSummarySerializer(AgentSerializer):
             for f in AgentSerializer.Meta.fields
             if f not in {"health", "effective_config", "available_components", "package_statuses"}
         ]
+        read_only_fields = fields
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor.username", read_only=True, allow_null=True)
+    details = serializers.JSONField(read_only=True)
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "at", "actor", "action", "target_type", "target_id", "details"]
         read_only_fields = fields

@@ -27,7 +27,7 @@ BODY = "body"
 
 
 def unsafe_text_body(field: str, problem: str) -> dict[str, Any]:
-    """The project's error body (rollouts.api.exceptions.error_body's shape)."""
+    """The project's error body (fleet.api.exceptions.error_body's shape)."""
     detail = UNSAFE_TEXT_DETAIL.format(field=field, problem=problem)
     return {"detail": detail, "field": field, "problems": [detail]}
 

@@ -111,7 +111,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     # Every endpoint checks roles (viewer reads, operator writes), unless it says otherwise.
-    "DEFAULT_PERMISSION_CLASSES": ["rollouts.api.permissions.RolePermission"],
+    "DEFAULT_PERMISSION_CLASSES": ["fleet.api.permissions.RolePermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "DEFAULT_FILTER_BACKENDS": [
@@ -123,7 +123,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Domain errors (rollouts.errors.DomainError and the validation errors of config files
     # and selectors) become 400s with one body shape; everything else is DRF's default.
-    "EXCEPTION_HANDLER": "rollouts.api.exceptions.api_exception_handler",
+    "EXCEPTION_HANDLER": "fleet.api.exceptions.api_exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -131,7 +131,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Fleet inventory and management of OpAMP agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
-    "SERVE_PERMISSIONS": ["rollouts.api.permissions.RolePermission"],
+    "SERVE_PERMISSIONS": ["fleet.api.permissions.RolePermission"],
     # Choice sets that share a field name with another (state) or appear under two field
     # names (reason, revocation_reason) get one explicit name each.
     "ENUM_NAME_OVERRIDES": {

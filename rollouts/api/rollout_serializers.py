@@ -6,18 +6,8 @@ from typing import Any
 
 from rest_framework import serializers
 
+from fleet.api.validation import StrictSerializer
 from rollouts.models import Rollout, RolloutEvent, RolloutStage
-
-
-class StrictSerializer(serializers.Serializer):
-    """Unknown keys are an error: a misspelt `requires_approval` must not silently vanish."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError({key: ["unknown field"] for key in unknown})
-        return super().to_internal_value(data)
 
 
 class StageInputSerializer(StrictSerializer):

@@ -12,10 +12,11 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fleet.api.validation import validated
+from fleet.errors import DomainError
 from rollouts import rollout_engine as engine
 from rollouts.api import rollout_serializers as rs
-from rollouts.api.views import RolloutsAPIMixin, _configuration, _valid, _version
-from rollouts.errors import DomainError
+from rollouts.api.views import RolloutsAPIMixin, _configuration, _version
 from rollouts.models import Rollout, RolloutState
 
 
@@ -59,7 +60,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
         "the salt that drew them (create with that salt for the same cohorts).",
     )
     def create(self, request: Request) -> Response:
-        data = _valid(rs.RolloutInputSerializer, request.data)
+        data = validated(rs.RolloutInputSerializer, request.data)
         configuration = _configuration(data["configuration"])
         stages = _stage_specs(data["stages"])
         if data["dry_run"]:
@@ -118,7 +119,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     @extend_schema(request=rs.ApproveSerializer, responses=rs.RolloutSerializer)
     @action(detail=True, methods=["post"])
     def approve(self, request: Request, pk: str) -> Response:
-        data = _valid(rs.ApproveSerializer, request.data)
+        data = validated(rs.ApproveSerializer, request.data)
         rollout = get_object_or_404(Rollout, pk=pk)
         engine.rollout_approve_stage(rollout=rollout, stage_index=data["stage"], actor=request.user)
         return self._encode(rollout)

@@ -10,8 +10,9 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fleet.api.serializers import AgentSummarySerializer
-from rollouts.label_selectors import Operator, parse_selector
-from rollouts.models import AuditEvent, Configuration, ConfigVersion, ReconcilerState
+from fleet.api.validation import LabelsField
+from fleet.label_selectors import Operator, parse_selector
+from rollouts.models import Configuration, ConfigVersion, ReconcilerState
 
 SELECTOR_EXAMPLE = "env=prod,tier in (edge,core),!legacy"
 SELECTOR_TYPE = "a selector is an object (matchLabels, matchExpressions) or a string such as " + repr(SELECTOR_EXAMPLE)
@@ -74,12 +75,6 @@ class ConfigFilesField(serializers.JSONField):
 
 
 @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
-class LabelsField(serializers.DictField):
-    """Label keys to string values; the service checks keys and values."""
-
-    child = serializers.JSONField()
-
-
 # Configurations
 
 
@@ -235,16 +230,6 @@ class AgentConfigStateSerializer(serializers.Serializer):
     effective_hash = serializers.CharField()
     drift = serializers.BooleanField()
     summary = serializers.CharField()
-
-
-class AuditEventSerializer(serializers.ModelSerializer):
-    actor = serializers.CharField(source="actor.username", read_only=True, allow_null=True)
-    details = serializers.JSONField(read_only=True)
-
-    class Meta:
-        model = AuditEvent
-        fields = ["id", "at", "actor", "action", "target_type", "target_id", "details"]
-        read_only_fields = fields
 
 
 class ReconcilerStateSerializer(serializers.ModelSerializer):

@@ -13,7 +13,6 @@ from rollouts.api import rollout_views, views
 
 router = SimpleRouter()
 router.register("configurations", views.ConfigurationViewSet, basename="configuration")
-router.register("audit", views.AuditEventViewSet, basename="audit-event")
 router.register("rollouts", rollout_views.RolloutViewSet, basename="rollout")
 
 versions = views.ConfigVersionViewSet

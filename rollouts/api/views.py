@@ -1,38 +1,33 @@
 """The configurations API. Each handler decodes its input with a serializer, makes one
 service or selector call, and encodes the result; errors are answered centrally by
-`rollouts.api.exceptions`."""
+`fleet.api.exceptions`."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-import django_filters
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
-from rest_framework import generics, mixins, status, viewsets
+from rest_framework import generics, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.serializers import Serializer
 
+from fleet import agent_labels
 from fleet import selectors as fleet_selectors
+from fleet.api.permissions import RolePermission
 from fleet.api.strict_input import JSONParser
+from fleet.api.validation import validated
+from fleet.errors import DomainError
 from fleet.models import Agent
 from rollouts import reconciler, selectors, services
 from rollouts.api import serializers as s
-from rollouts.api.permissions import RolePermission
-from rollouts.errors import NO_SUCH_VERSION, DomainError
-from rollouts.models import AuditEvent, Configuration, ConfigVersion
+from rollouts.errors import NO_SUCH_VERSION
+from rollouts.models import Configuration, ConfigVersion
 
 PREVIEW_LIMIT = 100
-
-
-def _valid(serializer_class: type[Serializer], data: Any, *, partial: bool = False) -> dict[str, Any]:
-    serializer = serializer_class(data=data, partial=partial)
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
 
 
 def _configuration(name: str) -> Configuration:
@@ -78,7 +73,7 @@ class ConfigurationViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     @extend_schema(request=s.ConfigurationInputSerializer, responses={201: s.ConfigurationSerializer})
     def create(self, request: Request) -> Response:
-        data = _valid(s.ConfigurationInputSerializer, request.data)
+        data = validated(s.ConfigurationInputSerializer, request.data)
         configuration = services.configuration_create(actor=request.user, **data)
         return self._encode(configuration, code=status.HTTP_201_CREATED)
 
@@ -87,13 +82,13 @@ class ConfigurationViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     @extend_schema(request=s.ConfigurationInputSerializer, responses=s.ConfigurationSerializer)
     def update(self, request: Request, name: str) -> Response:
-        data = _valid(s.ConfigurationInputSerializer, request.data)
+        data = validated(s.ConfigurationInputSerializer, request.data)
         configuration = services.configuration_update(configuration=self.get_object(), actor=request.user, **data)
         return self._encode(configuration)
 
     @extend_schema(request=s.ConfigurationInputSerializer(partial=True), responses=s.ConfigurationSerializer)
     def partial_update(self, request: Request, name: str) -> Response:
-        data = _valid(s.ConfigurationInputSerializer, request.data, partial=True)
+        data = validated(s.ConfigurationInputSerializer, request.data, partial=True)
         configuration = services.configuration_update(configuration=self.get_object(), actor=request.user, **data)
         return self._encode(configuration)
 
@@ -109,7 +104,7 @@ class ConfigurationViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
     def diff(self, request: Request, name: str) -> Response:
-        query = _valid(s.DiffQuerySerializer, request.query_params)
+        query = validated(s.DiffQuerySerializer, request.query_params)
         configuration = self.get_object()
         older = _version(configuration, query["from"], field="from")
         newer = _version(configuration, query["to"], field="to")
@@ -123,7 +118,7 @@ class ConfigurationViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["post"], filter_backends=[], pagination_class=None)
     def rollback(self, request: Request, name: str) -> Response:
-        data = _valid(s.RollbackSerializer, request.data)
+        data = validated(s.RollbackSerializer, request.data)
         version = services.configuration_rollback(
             configuration=self.get_object(), to_number=data["version"], author=request.user, note=data["note"]
         )
@@ -157,7 +152,7 @@ class ConfigVersionViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
         "creates nothing: the answer is 200 with the current version instead of 201.",
     )
     def create(self, request: Request, name: str) -> Response:
-        data = _valid(s.PublishSerializer, request.data)
+        data = validated(s.PublishSerializer, request.data)
         version, created = services.configuration_publish(
             configuration=_configuration(name),
             files=data["files"],
@@ -192,7 +187,7 @@ class SelectorPreviewView(RolloutsAPIMixin, generics.GenericAPIView):
 
     @extend_schema(request=s.SelectorPreviewInputSerializer, responses=s.SelectorPreviewSerializer)
     def post(self, request: Request) -> Response:
-        data = _valid(s.SelectorPreviewInputSerializer, request.data)
+        data = validated(s.SelectorPreviewInputSerializer, request.data)
         preview = selectors.selector_preview(data["selector"], limit=PREVIEW_LIMIT)
         return Response(s.SelectorPreviewSerializer(preview).data)
 
@@ -219,8 +214,8 @@ class AgentLabelsView(RolloutsAPIMixin, _AgentMixin, generics.GenericAPIView):
         return Response(s.AgentLabelsSerializer(self.get_agent()).data)
 
     def _set(self, request: Request, *, replace: bool) -> Response:
-        data = _valid(s.AgentLabelsInputSerializer, request.data)
-        agent = services.agent_labels_set(
+        data = validated(s.AgentLabelsInputSerializer, request.data)
+        agent = agent_labels.agent_labels_set(
             instance_uid=self.get_agent().instance_uid, labels=data["labels"], actor=request.user, replace=replace
         )
         return Response(s.AgentLabelsSerializer(agent).data)
@@ -260,23 +255,3 @@ class ReconcilerStateView(RolloutsAPIMixin, generics.GenericAPIView):
     @extend_schema(responses=s.ReconcilerStateSerializer)
     def get(self, request: Request) -> Response:
         return Response(s.ReconcilerStateSerializer(reconciler.reconciler_state()).data)
-
-
-class AuditEventFilter(django_filters.FilterSet):
-    actor = django_filters.CharFilter(field_name="actor__username", help_text="the username of who made the change")
-
-    class Meta:
-        model = AuditEvent
-        fields = ["action", "target_type", "target_id", "actor"]
-
-
-class AuditEventViewSet(RolloutsAPIMixin, mixins.ListModelMixin, viewsets.GenericViewSet):
-    """Who changed what, newest first."""
-
-    serializer_class = s.AuditEventSerializer
-    filterset_class = AuditEventFilter
-    ordering_fields = ["at"]
-    ordering = ["-at", "-id"]
-
-    def get_queryset(self) -> QuerySet[AuditEvent]:
-        return selectors.audit_list()

@@ -27,18 +27,18 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.dateparse import parse_datetime
 
-from fleet import resend as fleet_resend
+from fleet import agent_labels
 from fleet import selectors as fleet_selectors
+from fleet.errors import DomainError
+from fleet.label_selectors import SelectorError, parse_selector
 from fleet.models import Agent, RemoteConfigState, Transport
+from fleet.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
+from fleet.selector_queries import selector_q
+from rollouts import resend, selectors, services
 from rollouts import rollout_engine as engine
-from rollouts import selectors, services
-from rollouts.api.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
 from rollouts.config_files import ConfigValidationError
 from rollouts.dashboard.progress import rollout_progress
-from rollouts.errors import DomainError
-from rollouts.label_selectors import SelectorError, parse_selector
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutState
-from rollouts.selector_queries import selector_q
 from signing import selectors as signing_selectors
 from signing import services as signing_services
 from signing.models import CertificateRequest, IssuedCertificate
@@ -329,9 +329,9 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                         if not sep:
                             raise DomainError(f"{line.strip()!r}: write each label as key=value")
                         labels[key.strip()] = value.strip()
-                services.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
+                agent_labels.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
             elif action == "resend":
-                fleet_resend.agent_config_resend(agent=agent, actor=request.user)
+                resend.agent_config_resend(agent=agent, actor=request.user)
             elif action == "revoke":
                 certificate = get_object_or_404(
                     IssuedCertificate, pk=_number(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
@@ -360,7 +360,7 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
             operator_labels="\n".join(f"{k}={v}" for k, v in sorted(agent.operator_labels.items())),
             certificates=certificates,
             # Changes made to the agent, and to its certificates (those name its uid).
-            audit=selectors.audit_list().filter(
+            audit=fleet_selectors.audit_list().filter(
                 Q(target_type=Agent.__name__, target_id=str(agent.pk))
                 | Q(details__instance_uid=str(agent.instance_uid))
             )[:20],

@@ -12,8 +12,7 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import serializers
 
-from rollouts.api.rollout_serializers import StrictSerializer
-from rollouts.api.serializers import LabelsField
+from fleet.api.validation import LabelsField, StrictSerializer
 from signing import selectors, services
 from signing.errors import TOKEN_LIFETIME_INVALID
 from signing.models import REVOKED_UNSPECIFIED, CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey

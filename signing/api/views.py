@@ -2,7 +2,7 @@
 queue, issued certificates, the CA certificate and its CRL.
 
 Each handler decodes its input with a serializer, makes one service or selector call, and
-encodes the result; refusals are answered centrally by `rollouts.api.exceptions`. Viewers
+encodes the result; refusals are answered centrally by `fleet.api.exceptions`. Viewers
 read, operators change; every change is audited by the service that makes it.
 """
 
@@ -22,10 +22,10 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fleet.api.exceptions import error_body
+from fleet.api.permissions import RolePermission
 from fleet.api.strict_input import JSONParser
-from rollouts.api.exceptions import error_body
-from rollouts.api.permissions import RolePermission
-from rollouts.api.views import _valid
+from fleet.api.validation import validated
 from signing import selectors, services
 from signing.api import filters
 from signing.api import serializers as s
@@ -128,7 +128,7 @@ class EnrollmentTokenViewSet(SigningAPIMixin, viewsets.GenericViewSet):
         "and cannot be retrieved again.",
     )
     def create(self, request: Request) -> Response:
-        data = _valid(s.EnrollmentTokenInputSerializer, request.data)
+        data = validated(s.EnrollmentTokenInputSerializer, request.data)
         token, secret = services.enrollment_token_create(actor=request.user, **data)
         token = self.get_queryset().get(pk=token.pk)
         return Response(
@@ -204,7 +204,7 @@ class CertificateRequestViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["post"], filter_backends=[])
     def reject(self, request: Request, pk: str) -> Response:
-        data = _valid(s.RejectSerializer, request.data)
+        data = validated(s.RejectSerializer, request.data)
         item = self.get_object()
         self._require_pending(item)
         if not services.certificate_request_reject(request=item, actor=request.user, reason=data["reason"]):
@@ -242,7 +242,7 @@ class CertificateViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     )
     @action(detail=True, methods=["post"], filter_backends=[])
     def revoke(self, request: Request, pk: str) -> Response:
-        data = _valid(s.RevokeSerializer, request.data)
+        data = validated(s.RevokeSerializer, request.data)
         certificate = self.get_object()
         services.certificate_revoke(certificate=certificate, actor=request.user, reason=data["reason"])
         return Response(s.CertificateDetailSerializer(self.get_queryset().get(pk=certificate.pk)).data)

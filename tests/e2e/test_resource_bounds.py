@@ -18,12 +18,12 @@ import pytest
 import websockets
 from django.conf import settings
 
+from fleet.api.exceptions import REQUEST_BODY_TOO_LARGE, error_body
 from fleet.consumers import CLOSE_MESSAGE_TOO_BIG, CLOSE_TIMED_OUT
 from opamp.codec import decode_server_ws_frame, encode_ws_frame
 from opamp.identifiers import new_instance_uid
 from opamp.proto import opamp_pb2
 from opamp_site.server import BODY_TIMED_OUT, HEADERS_TIMED_OUT
-from rollouts.api.exceptions import REQUEST_BODY_TOO_LARGE, error_body
 from tests.fleet.messages import full_report, heartbeat
 from tests.support.live_server import LiveOpampServer
 

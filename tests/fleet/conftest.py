@@ -6,7 +6,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from rollouts.api.roles import OPERATOR, grant_role
+from fleet.roles import OPERATOR, grant_role
 from tests.fleet import factories
 
 

@@ -9,6 +9,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import connection
 
+from fleet.agent_labels import agent_labels_set
 from fleet.models import Agent, RemoteConfigState
 from fleet.services import StatusWrite
 from fleet.session import runtime
@@ -17,7 +18,6 @@ from opamp.proto import opamp_pb2
 from rollouts import services
 from rollouts.models import RolloutTarget
 from rollouts.rollout_engine import rollout_start
-from rollouts.services import agent_labels_set
 from tests.fleet.asgi_clients import WsAgent
 from tests.fleet.messages import config_status, full_report, heartbeat
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, standard_rollout

@@ -24,9 +24,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from rest_framework.views import APIView
 
-from fleet.models import Agent
-from rollouts.api.roles import VIEWER, grant_role
-from rollouts.models import AuditEvent
+from fleet.models import Agent, AuditEvent
+from fleet.roles import VIEWER, grant_role
 from tests.fleet import factories
 
 pytestmark = pytest.mark.django_db

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.live_server, pytest.mark.timeout(600)]
 AGENTS = 10
 VIEWER_PASSWORD = "viewer-password-1"
 MAKE_VIEWER = (
-    "from django.contrib.auth.models import User; from rollouts.api.roles import grant_role; "
+    "from django.contrib.auth.models import User; from fleet.roles import grant_role; "
     f"grant_role(user=User.objects.create_user('vera', password='{VIEWER_PASSWORD}'), role='viewer')"
 )
 

@@ -13,8 +13,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from fleet.models import Agent
+from fleet.roles import OPERATOR, grant_role
 from rollouts import services
-from rollouts.api.roles import OPERATOR, grant_role
 from rollouts.dashboard import views
 from rollouts.models import AgentDesiredConfig, Configuration
 from tests.fleet.factories import AgentFactory, UserFactory

@@ -11,12 +11,12 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from fleet.models import Agent, RemoteConfigState
+from fleet.models import Agent, AuditEvent, RemoteConfigState
+from fleet.roles import OPERATOR, VIEWER, grant_role
 from rollouts import rollout_engine as engine
 from rollouts import services
-from rollouts.api.roles import OPERATOR, VIEWER, grant_role
 from rollouts.dashboard.views import BAD_CURSOR, PAGE_SIZE
-from rollouts.models import AuditEvent, Configuration, Rollout, RolloutState
+from rollouts.models import Configuration, Rollout, RolloutState
 from signing.models import CertificateRequest
 from tests.fleet.factories import AgentFactory, UserFactory
 

@@ -9,11 +9,11 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
-from fleet.resend import NOTHING_TO_RESEND
+from fleet.models import AuditEvent
+from fleet.roles import OPERATOR, VIEWER, grant_role
 from opamp.identifiers import uuid7
 from rollouts import services
-from rollouts.api.roles import OPERATOR, VIEWER, grant_role
-from rollouts.models import AuditEvent
+from rollouts.resend import NOTHING_TO_RESEND
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.factories import UserFactory
 from tests.fleet.messages import full_report, heartbeat

@@ -7,7 +7,7 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from rollouts.api.roles import OPERATOR, VIEWER, grant_role
+from fleet.roles import OPERATOR, VIEWER, grant_role
 from tests.fleet import factories
 
 

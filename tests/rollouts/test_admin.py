@@ -9,9 +9,10 @@ import pytest
 from django.contrib.messages import get_messages
 from django.test import Client
 
+from fleet.models import AuditEvent
+from fleet.roles import OPERATOR, VIEWER, grant_role
 from rollouts import desired_state, services
-from rollouts.api.roles import OPERATOR, VIEWER, grant_role
-from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
+from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion
 from tests.fleet.factories import AgentFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -74,8 +75,8 @@ def test_the_configuration_page_shows_its_versions_read_only(admin_client, edge)
     [
         "/admin/rollouts/configversion/",
         "/admin/rollouts/agentdesiredconfig/",
-        "/admin/rollouts/auditevent/",
-        "/admin/rollouts/auditevent/?action__exact=configuration.publish",
+        "/admin/fleet/auditevent/",
+        "/admin/fleet/auditevent/?action__exact=configuration.publish",
         "/admin/rollouts/configuration/add/",
         "/admin/rollouts/configversion/add/",
     ],
@@ -89,12 +90,12 @@ def test_the_desired_config_and_audit_pages_are_read_only(admin_client, checkout
     event = AuditEvent.objects.first()
     for url in [
         f"/admin/rollouts/agentdesiredconfig/{desired.pk}/change/",
-        f"/admin/rollouts/auditevent/{event.pk}/change/",
+        f"/admin/fleet/auditevent/{event.pk}/change/",
     ]:
         page = admin_client.get(url)
         assert page.status_code == 200
         assert b'name="_save"' not in page.content
-    assert admin_client.get("/admin/rollouts/auditevent/add/").status_code == 403
+    assert admin_client.get("/admin/fleet/auditevent/add/").status_code == 403
 
 
 def test_a_version_page_shows_escaped_files_status_counts_and_the_diff(admin_client, root):
@@ -331,8 +332,8 @@ def test_a_user_who_is_not_staff_cannot_use_the_admin_whatever_their_role(edge):
 
 
 def test_a_refusal_the_form_could_not_foresee_is_shown_and_nothing_is_saved(admin_client, monkeypatch):
+    from fleet.errors import DomainError
     from rollouts import admin as rollouts_admin
-    from rollouts.errors import DomainError
 
     def refuse(**kwargs: Any) -> Configuration:
         Configuration.objects.create(name="half-made")  # must not survive the refusal

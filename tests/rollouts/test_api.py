@@ -9,13 +9,15 @@ from django.core.management import call_command
 from django.db.models import ProtectedError
 from rest_framework.test import APIClient
 
+from fleet.api.exceptions import STILL_REFERENCED
+from fleet.errors import DomainError
 from fleet.labels import merged_labels
-from fleet.models import Agent, RemoteConfigState
+from fleet.models import Agent, AuditEvent, RemoteConfigState
+from fleet.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED
 from rollouts import desired_state, services
-from rollouts.api.exceptions import CONFIG_FILES_INVALID, STILL_REFERENCED
-from rollouts.api.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED
-from rollouts.errors import CONFIGURATION_NAME_TAKEN, NO_SUCH_VERSION, DomainError
-from rollouts.models import AgentDesiredConfig, AuditEvent, Configuration, ConfigVersion
+from rollouts.config_files import CONFIG_FILES_INVALID
+from rollouts.errors import CONFIGURATION_NAME_TAKEN, NO_SUCH_VERSION
+from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion
 from tests.fleet.factories import AgentFactory, UserFactory
 from tests.rollouts.conftest import token_client
 

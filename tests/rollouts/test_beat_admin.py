@@ -7,8 +7,8 @@ import pytest
 from django.test import Client
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from opamp_site.periodic import register_periodic_tasks
-from rollouts.api.roles import OPERATOR, grant_role
+from fleet.periodic import register_periodic_tasks
+from fleet.roles import OPERATOR, grant_role
 from tests.fleet.factories import UserFactory
 
 pytestmark = pytest.mark.django_db

@@ -16,12 +16,12 @@ from django.db import DatabaseError, connection, connections
 from django.utils import timezone
 
 from fleet import services as fleet_services
+from fleet.errors import DomainError
 from fleet.models import Agent
 from fleet.reports import ReportLimits, report_from_message
 from opamp.identifiers import uuid7
 from rollouts import resolver_cache, services
 from rollouts.desired_state import computed_assignments, stored_assignments
-from rollouts.errors import DomainError
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Configuration, Rollout
 from rollouts.rollout_engine import (
     StageSpec,

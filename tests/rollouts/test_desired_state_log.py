@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from fleet import agent_labels
 from fleet.desired_cache import CachedDesired, DesiredConfigCache
 from fleet.models import Agent
 from rollouts import services
@@ -85,7 +86,7 @@ def test_an_agent_losing_its_assignment_is_forgotten():
     configuration_with_candidate()
     cache = warm_cache(agents)
 
-    services.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
     catch_up(cache)
 
     assert still_cached(cache, agents) == {agents[1].pk, agents[2].pk}
@@ -100,7 +101,7 @@ def test_a_read_that_started_before_a_change_is_not_trusted_after_it():
     tag = cache.generation
     stale_read = desired_config_for_agent(agents[0].pk)  # the read, then the change commits
 
-    services.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
     catch_up(cache)
     cache.put(agents[0].instance_uid, CachedDesired(tag, agents[0].pk, stale_read))
     cache.put(agents[1].instance_uid, CachedDesired(tag, agents[1].pk, desired_config_for_agent(agents[1].pk)))
@@ -113,7 +114,7 @@ def test_a_process_behind_the_pruned_log_forgets_everything_once():
     agents = make_fleet(3)
     configuration_with_candidate()
     cache = warm_cache(agents)
-    services.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
     logged = DesiredStateChange.objects.count()
 
     assert prune_changes(older_than=timezone.now() + timedelta(seconds=1)) == logged
@@ -122,7 +123,7 @@ def test_a_process_behind_the_pruned_log_forgets_everything_once():
     assert still_cached(cache, agents) == set()
     assert not DesiredStateChange.objects.exists()
     warm = warm_cache(agents)  # a process that caught up after the prune follows the log again
-    services.agent_labels_set(instance_uid=agents[1].instance_uid, labels={"env": "staging"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=agents[1].instance_uid, labels={"env": "staging"}, actor=None)
     catch_up(warm)
     assert still_cached(warm, agents) == {agents[0].pk, agents[2].pk}
 
@@ -130,7 +131,7 @@ def test_a_process_behind_the_pruned_log_forgets_everything_once():
 def test_the_prune_task_keeps_the_retention_window():
     agents = make_fleet(2)
     configuration_with_candidate()
-    services.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=agents[0].instance_uid, labels={"env": "staging"}, actor=None)
     logged = DesiredStateChange.objects.count()
 
     assert prune_desired_state_log() == 0

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollouts.label_selectors import (
+from fleet.label_selectors import (
     MATCH_EVERYTHING,
     LabelSelector,
     Operator,

@@ -15,6 +15,7 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from fleet import agent_labels
 from fleet import services as fleet_services
 from fleet.models import Agent
 from fleet.reports import ReportLimits, report_from_message
@@ -205,7 +206,7 @@ def test_a_relabelled_agent_is_still_resolved_and_hinted(django_capture_on_commi
     assert resolve_agent(agent.pk) == []
     generation = current_generation()
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        services.agent_labels_set(instance_uid=agent.instance_uid, labels={"env": "prod"}, actor=None)
+        agent_labels.agent_labels_set(instance_uid=agent.instance_uid, labels={"env": "prod"}, actor=None)
     assert len(callbacks) == 1
     assert current_generation() > generation
     assert AgentDesiredConfig.objects.get(agent=agent).version_id == version.pk

@@ -12,18 +12,11 @@ from django.contrib.messages import get_messages
 from django.test import Client
 from django.utils.html import escape
 
+from fleet.models import AuditEvent
+from fleet.roles import OPERATOR, VIEWER, grant_role
 from rollouts.admin import NOTHING_TO_APPROVE, ROLLOUT_VERB_DONE, STAGE_UNKNOWN_FIELD, STAGES_NOT_A_LIST
-from rollouts.api.roles import OPERATOR, VIEWER, grant_role
 from rollouts.errors import NO_SUCH_VERSION
-from rollouts.models import (
-    AuditEvent,
-    Configuration,
-    ConfigVersion,
-    Rollout,
-    RolloutEvent,
-    RolloutState,
-    RolloutTarget,
-)
+from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
 from rollouts.rollout_engine import (
     NOT_IN_STATE,
     STAGES_NOT_NESTED,

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from rollouts.api.roles import WRITE_DENIED
+from fleet.models import AuditEvent
+from fleet.roles import WRITE_DENIED
 from rollouts.errors import NO_SUCH_VERSION
-from rollouts.models import AuditEvent, Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
+from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
 from rollouts.rollout_engine import (
     CANDIDATE_IS_STABLE,
     NO_STAGES,

@@ -9,8 +9,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from fleet.roles import VIEWER, grant_role
 from rollouts import rollout_samples
-from rollouts.api.roles import VIEWER, grant_role
 from rollouts.models import Rollout, RolloutSample, RolloutState, RolloutTarget
 from rollouts.rollout_engine import StageCounts, rollout_start, rollout_tick
 from rollouts.tasks import advance_rollouts

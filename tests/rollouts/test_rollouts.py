@@ -8,11 +8,12 @@ import pytest
 from django.db import connection, connections
 from django.utils import timezone
 
+from fleet import agent_labels
+from fleet.errors import DomainError
 from fleet.models import Agent
 from opamp.identifiers import uuid7
 from rollouts import services
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, percent_threshold
-from rollouts.errors import DomainError
 from rollouts.models import Rollout, RolloutEvent, RolloutState, RolloutTarget
 from rollouts.rollout_engine import (
     StageSpec,
@@ -189,7 +190,7 @@ def test_an_agent_joining_mid_rollout_falls_into_its_bucket():
         Agent.objects.create(
             instance_uid=uid, identifying_attributes={"env": "prod"}, last_seen=timezone.now(), connected=True
         )
-        services.agent_labels_set(instance_uid=uid, labels={}, actor=None)  # labels it and resolves it
+        agent_labels.agent_labels_set(instance_uid=uid, labels={}, actor=None)  # labels it and resolves it
     hashes = hashes_by_agent()
     assert hashes[Agent.objects.get(instance_uid=newcomer_uid).pk] == candidate.config_hash
     assert hashes[Agent.objects.get(instance_uid=outsider_uid).pk] == stable.config_hash

@@ -10,9 +10,9 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
+from fleet.label_selectors import MATCH_EVERYTHING, parse_selector
 from fleet.models import Agent
-from rollouts.label_selectors import MATCH_EVERYTHING, parse_selector
-from rollouts.selector_queries import ERR_PREFIX, agents_matching, selector_q
+from fleet.selector_queries import ERR_PREFIX, agents_matching, selector_q
 from tests.rollouts.selector_cases import AGENTS, SelectorCase, case_params
 
 ON_POSTGRESQL = connection.vendor == "postgresql"

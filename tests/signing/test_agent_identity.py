@@ -15,12 +15,11 @@ from urllib.parse import quote
 import pytest
 from channels.db import database_sync_to_async as sync_to_async
 
-from fleet.models import Agent
+from fleet.models import Agent, AuditEvent
 from fleet.session import CERTIFIED_SESSION_LIVE, reset_runtime
 from opamp.capabilities import AgentCapabilities, AgentToServerFlags
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
-from rollouts.models import AuditEvent
 from signing import services
 from signing.agent_credentials import CERTIFIED_AGENT, CSR_AGENT_OF_OTHER_TOKEN
 from signing.errors import TOKEN_EXHAUSTED

@@ -14,9 +14,9 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from rest_framework.test import APIClient
 
+from fleet.models import AuditEvent
+from fleet.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED, grant_role
 from opamp.identifiers import uuid7
-from rollouts.api.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED, grant_role
-from rollouts.models import AuditEvent
 from signing import services
 from signing.api.serializers import EXPIRY_NEEDED, REVOCATION_REASON_INVALID
 from signing.api.views import CRL_FORMAT_UNKNOWN, CSR_NO_LONGER_PASSES

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes
 from django.db import connection
 from django.utils import timezone
 
+from fleet.errors import DomainError
+from fleet.models import AuditEvent
 from opamp.identifiers import uuid7
-from rollouts.errors import DomainError
-from rollouts.models import AuditEvent
 from signing import selectors, services
 from signing.ca import CSR_OTHER_AGENT, CSR_REQUESTS_CA, CsrRejected, build_crl, create_ca
 from signing.errors import CA_NOT_CONFIGURED, CSR_RATE_LIMITED, CsrRateLimited, SigningError

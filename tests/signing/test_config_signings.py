@@ -14,6 +14,7 @@ import pytest
 from django.apps import apps as django_apps
 from django.db import connection, connections
 
+from fleet import agent_labels
 from fleet.models import Agent
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, ConfigVersion, Rollout, RolloutState
@@ -398,7 +399,7 @@ def test_an_agent_moved_back_to_stable_by_a_label_change_gets_a_fresh_sequence(s
     agents = make_fleet(20)
     canary = agents[0]
     Agent.objects.filter(pk__in=[a.pk for a in agents]).update(identifying_attributes={"env": "prod"})
-    services.agent_labels_set(instance_uid=canary.instance_uid, labels={"deployment.canary": "true"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=canary.instance_uid, labels={"deployment.canary": "true"}, actor=None)
     fleet = VerifyingFleet()
     configuration = services.configuration_create(name="fleet", selector="env=prod", actor=None)
     stable, _ = services.configuration_publish(configuration=configuration, files=STABLE, author=None)
@@ -417,12 +418,12 @@ def test_an_agent_moved_back_to_stable_by_a_label_change_gets_a_fresh_sequence(s
     fleet.deliver()
     assert fleet.running[canary.pk].config_hash == candidate.config_hash
 
-    services.agent_labels_set(instance_uid=canary.instance_uid, labels={"deployment.canary": "false"}, actor=None)
+    agent_labels.agent_labels_set(instance_uid=canary.instance_uid, labels={"deployment.canary": "false"}, actor=None)
     assert AgentDesiredConfig.objects.get(agent=canary).version_id == stable.pk
     assert fleet.deliver() == 1
     assert fleet.running[canary.pk].config_hash == stable.config_hash
 
     # A label change that moves nobody signs nothing.
     signings = ConfigSigning.objects.count()
-    services.agent_labels_set(instance_uid=agents[1].instance_uid, labels={"team": "a"}, actor=None, replace=False)
+    agent_labels.agent_labels_set(instance_uid=agents[1].instance_uid, labels={"team": "a"}, actor=None, replace=False)
     assert ConfigSigning.objects.count() == signings

@@ -10,8 +10,8 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from fleet.models import AuditEvent
 from opamp.identifiers import uuid7
-from rollouts.models import AuditEvent
 from signing import services
 from signing.errors import (
     TOKEN_EXHAUSTED,

@@ -12,7 +12,7 @@ from django.apps import apps
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from rollouts.models import AuditEvent
+from fleet.models import AuditEvent
 from signing import selectors, services
 from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config, verify_signed_config
 from signing.errors import SIGNING_KEY_IN_USE, SIGNING_KEY_RETIRED, SigningError

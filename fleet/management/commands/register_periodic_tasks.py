@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from opamp_site.periodic import register_periodic_tasks
+from fleet.periodic import register_periodic_tasks
 
 
 class Command(BaseCommand):

@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from rollouts.api.roles import ROLES, ensure_roles, grant_role
+from fleet.roles import ROLES, ensure_roles, grant_role
 
 
 class Command(BaseCommand):

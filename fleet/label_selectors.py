@@ -12,7 +12,7 @@ Two input forms are accepted:
   (DoesNotExist). Label values can hold any text, so a value that is empty or contains
   whitespace or one of `,()=!"` is written in double quotes, with `\\` escaping `"` and `\\`.
 
-Pure Python: the database form of a selector is in `rollouts.selector_queries`.
+Pure Python: the database form of a selector is in `fleet.selector_queries`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.errors import InputProblems
 from fleet.labels import MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS
 
 __all__ = [
@@ -78,8 +79,11 @@ ERR_TRAILING_TEXT = "{where}: unexpected {found} after the requirement"
 _END = "the end"
 
 
-class SelectorError(ValueError):
+class SelectorError(InputProblems):
     """A selector that is malformed or invalid; the message names the problem and where it is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="selector")
 
 
 class Operator(enum.StrEnum):

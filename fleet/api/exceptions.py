@@ -1,7 +1,7 @@
 """The one place where domain errors become HTTP answers.
 
-Every refusal a service or selector can raise (DomainError, a config map that fails
-validation, a malformed label selector, a model that fails full_clean, a delete blocked
+Every refusal a service or selector can raise (DomainError, InputProblems such as a config
+map that fails validation or a malformed label selector, a model that fails full_clean, a delete blocked
 by a protecting reference) is answered with one body shape,
 `{"detail": str, "field": str | null, "problems": [str, ...]}`: 400, or 409 for a blocked
 delete, 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, or the status the DomainError
@@ -20,11 +20,8 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler, set_rollback
 
-from rollouts.config_files import ConfigValidationError
-from rollouts.errors import DomainError
-from rollouts.label_selectors import SelectorError
+from fleet.errors import DomainError, InputProblems
 
-CONFIG_FILES_INVALID = "the configuration files are invalid"
 STILL_REFERENCED = "this cannot be deleted while other records refer to it"
 REQUEST_BODY_TOO_LARGE = "the request body is larger than {limit} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)"
 
@@ -54,10 +51,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 def _domain_response(exc: Exception) -> Response | None:
     if isinstance(exc, DomainError):
         return Response(error_body(exc.message, field=exc.field), status=exc.status)
-    if isinstance(exc, ConfigValidationError):
+    if isinstance(exc, InputProblems):
         return Response(
-            error_body(CONFIG_FILES_INVALID, field="files", problems=list(exc.problems)),
-            status=status.HTTP_400_BAD_REQUEST,
+            error_body(exc.detail, field=exc.field, problems=exc.problems), status=status.HTTP_400_BAD_REQUEST
         )
     if isinstance(exc, RequestDataTooBig):
         # Django's own answer would be an empty HTML 400.
@@ -65,8 +61,6 @@ def _domain_response(exc: Exception) -> Response | None:
         return Response(
             error_body(REQUEST_BODY_TOO_LARGE.format(limit=limit)), status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
         )
-    if isinstance(exc, SelectorError):
-        return Response(error_body(str(exc), field="selector"), status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, DjangoValidationError):
         return Response(_django_validation_body(exc), status=status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ProtectedError | RestrictedError):

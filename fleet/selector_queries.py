@@ -14,8 +14,8 @@ from operator import or_
 from django.db import connection, connections
 from django.db.models import Q, QuerySet
 
+from fleet.label_selectors import LabelSelector, Operator, Requirement
 from fleet.models import Agent
-from rollouts.label_selectors import LabelSelector, Operator, Requirement
 
 LABELS_FIELD = "labels"
 POSTGRESQL = "postgresql"

@@ -1,4 +1,4 @@
-"""The API's permission class: the role rules of `rollouts.api.roles` as DRF applies them."""
+"""The API's permission class: the role rules of `fleet.roles` as DRF applies them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
-from rollouts.api.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
+from fleet.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
 
 if TYPE_CHECKING:
     # Typing only: rest_framework.views imports this module (DEFAULT_PERMISSION_CLASSES).

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from django.db import transaction
 
+from fleet.audit import Actor, audit_record
+from fleet.errors import DomainError
 from fleet.models import Agent
 from rollouts import desired_state
-from rollouts.errors import DomainError
 from rollouts.models import AgentDesiredConfig
-from rollouts.services import Actor, audit_record
 
 NOTHING_TO_RESEND = "this agent has no desired configuration to re-send"
 

@@ -1,0 +1,56 @@
+"""What rollouts plug into the fleet (registered in `RolloutsConfig.ready`): an agent's
+labels decide its desired configuration, and the agent API filters by drift from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from django.db.models import QuerySet
+
+from fleet.extensions import AgentQueryFilter, FleetExtension
+from fleet.models import Agent
+from rollouts import desired_state, selectors
+from rollouts.models import AgentDesiredConfig
+from rollouts.resolver_cache import resolver_definitions
+from signing.services import config_version_sign_for_delivery
+
+
+def _sign_for_label_move(*, agent: Agent, new_labels: Mapping[str, str]) -> None:
+    """When new labels move an agent to another version of a configuration (out of a
+    rollout's first stage, say), that version's delivered signing must be the newest of the
+    configuration, or an agent that verifies signatures refuses it as a replay.
+
+    Done before the agent's row is locked, so the configuration's lock comes first, as in
+    publishing and every rollout transition. A concurrent change that moves the agent
+    differently signs for its own move.
+    """
+    definitions = resolver_definitions()
+    labels = dict(new_labels)
+    configuration = desired_state.choose_configuration(labels, definitions.candidates)
+    if configuration is None:
+        return
+    version_id, _ = desired_state.version_for_agent(
+        configuration, agent_id=agent.pk, instance_uid=agent.instance_uid, labels=labels, plans=definitions.plans
+    )
+    current = AgentDesiredConfig.objects.filter(agent_id=agent.pk).values_list("version_id", flat=True).first()
+    if current is None or current == version_id:
+        return  # not moved (a first assignment has no signing to be newer than)
+    config_version_sign_for_delivery(version_id=version_id, detail=f"agent {agent.instance_uid}: labels changed")
+
+
+def _drift(queryset: QuerySet[Agent], value: bool) -> QuerySet[Agent]:
+    drifting = selectors.drifting_agents().values("pk")
+    return queryset.filter(pk__in=drifting) if value else queryset.exclude(pk__in=drifting)
+
+
+class RolloutsFleetExtension(FleetExtension):
+    name = "rollouts"
+
+    def before_labels_change(self, *, agent: Agent, new_labels: Mapping[str, str]) -> None:
+        _sign_for_label_move(agent=agent, new_labels=new_labels)
+
+    def labels_changed(self, *, agent: Agent) -> None:
+        desired_state.resolve_agent(agent.pk)
+
+    def agent_filters(self) -> Mapping[str, AgentQueryFilter]:
+        return {"drift": _drift}
