@@ -7,6 +7,7 @@ import uuid
 import pytest
 from channels.db import database_sync_to_async
 
+from fleet import agent_labels
 from fleet.models import Agent
 from fleet.session import runtime
 from opamp.identifiers import uuid7
@@ -132,7 +133,7 @@ async def test_relabelling_an_agent_moves_it_to_the_matching_configuration():
     async with WsAgent() as agent:
         reply = await agent.exchange(full_report(uid, 1, service="other"))
         assert not reply.HasField("remote_config")
-        await database_sync_to_async(services.agent_labels_set)(
+        await database_sync_to_async(agent_labels.agent_labels_set)(
             instance_uid=uuid.UUID(bytes=uid), labels={"team": "payments"}, actor=None
         )
         pushed = await agent.receive()
