@@ -45,15 +45,15 @@ from agent_client.enrollment import (
     OfferKind,
 )
 from agent_client.remote_config import ConfigFile, ConfigRejected, check_remote_config
-from agent_client.signed_config import CUSTOM_CAPABILITY, content_hash, record_signing, verify_remote_config
+from agent_client.signed_config import content_hash, record_signing, verify_remote_config
 from agent_client.state import AgentState, RemoteConfigRecord
 from agent_client.transport import CredentialRefused, Transport, TransportError
 from agent_client.version import __version__
 from opamp.capabilities import AgentCapabilities, ServerCapabilities, ServerToAgentFlags
+from opamp.config_signature import CUSTOM_CAPABILITY, key_id_for
 from opamp.hashing import config_map_hash
 from opamp.identifiers import instance_uid_problem, new_instance_uid
 from opamp.proto import opamp_pb2 as pb
-from signing.config_signing import key_id_for
 
 logger = logging.getLogger("agent_client")
 

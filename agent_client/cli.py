@@ -52,8 +52,8 @@ from agent_client.signed_config import trusted_keys_by_id
 from agent_client.simulator import Fleet, progress_line, spread_evenly
 from agent_client.state import FileState, StateError
 from agent_client.transport import CredentialRefused, HttpTransport, WebSocketTransport, transport_for_url
+from opamp.config_signature import SigningKeyError, load_public_key_pem, load_public_keys_dir
 from opamp.proto import opamp_pb2 as pb
-from signing.config_signing import SigningKeyError, load_public_key_pem, load_public_keys_dir
 
 logger = logging.getLogger("agent_client")
 

@@ -31,21 +31,14 @@ from django.utils import timezone
 
 from fleet.models import Agent
 from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
+from opamp.config_signature import SignedConfig, SigningKeyError, key_id_for, load_public_key_pem
 from rollouts.errors import DomainError
 from rollouts.models import Configuration, ConfigVersion
 from rollouts.services import Actor, agent_labels_set, audit_record, check_labels
 from signing import ca as ca_module
 from signing import config_signing
 from signing.ca import CaInvalid, CheckedCsr, CsrRejected, LoadedCa, RevokedEntry, check_csr
-from signing.config_signing import (
-    KEY_FILE_UNREADABLE,
-    SignedConfig,
-    SigningKeyError,
-    SigningKeyPair,
-    key_id_for,
-    load_public_key_pem,
-    sign_config,
-)
+from signing.config_signing import KEY_FILE_UNREADABLE, SigningKeyPair, sign_config
 from signing.errors import (
     CA_NOT_CONFIGURED,
     CA_UNUSABLE,
