@@ -18,7 +18,8 @@ token=...))`) the agent enrolls for a TLS client certificate and presents it fro
 
 from __future__ import annotations
 
-from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.agent import Agent, AgentObserver
+from agent_client.agent_settings import AgentSettings
 from agent_client.backoff import Backoff
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import EnrollmentEvent, EnrollmentSettings

@@ -45,7 +45,8 @@ from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent_client.agent import DEFAULT_HEARTBEAT_INTERVAL, Agent, AgentObserver, AgentSettings
+from agent_client.agent import Agent, AgentObserver
+from agent_client.agent_settings import DEFAULT_HEARTBEAT_INTERVAL, AgentSettings
 from agent_client.credentials import DEFAULT_KEY_TYPE, KEY_TYPES, CredentialStore
 from agent_client.enrollment import TOKEN_PREFIX, EnrollmentEvent, EnrollmentSettings
 from agent_client.signed_config import trusted_keys_by_id

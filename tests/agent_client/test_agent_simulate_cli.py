@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_client.agent import AgentSettings
+from agent_client.agent_settings import AgentSettings
 from agent_client.cli import build_parser, simulate_fleet
 from agent_client.remote_config import MARKER_REJECTED
 from agent_client.simulator import spread_evenly
