@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent_client import AgentSettings, ConfigFile, FileState, report
-from agent_client.cli import build_parser, settings_from_options
+from agent_client.cli import build_parser
+from agent_client.cli_commands import settings_from_options
 from agent_client.signed_config import NOT_SIGNED, trusted_keys_by_id
 from agent_client.testing import FakeWebSocketServer
 from opamp.config_signature import CUSTOM_CAPABILITY, SIGNATURE_CONTENT_TYPE, SIGNATURE_FILE_NAME, AppliedSigning
