@@ -1,7 +1,9 @@
 """A pure-Python OpAMP agent: library, command line (`python -m agent_client`) and fleet simulator.
 
-It depends on the standard library, `opamp` (protocol messages and codec), `websockets` and
-`httpx`, never on Django, so it runs anywhere an agent would.
+It depends on the standard library, `opamp` (protocol messages, codec, config signatures;
+protobuf through it), `cryptography` (keys, certificate requests, signature checks),
+`websockets` and `httpx`; never on Django or the server's apps (`fleet`, `rollouts`,
+`signing`, `opamp_site`), so it runs anywhere an agent would.
 
     agent = Agent(
         transport=transport_for_url("ws://127.0.0.1:4320/v1/opamp"),
@@ -16,7 +18,8 @@ token=...))`) the agent enrolls for a TLS client certificate and presents it fro
 
 from __future__ import annotations
 
-from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.agent import Agent, AgentObserver
+from agent_client.agent_settings import AgentSettings
 from agent_client.backoff import Backoff
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import EnrollmentEvent, EnrollmentSettings

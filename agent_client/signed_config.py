@@ -10,7 +10,7 @@ The agent:
 - refuses a config without the signature file;
 - hashes the remaining files itself and refuses them when they do not hash to the offered
   `config_hash` (a changed body);
-- verifies the signature with `signing.config_signing.verify_signed_config` against that
+- verifies the signature with `opamp.config_signature.verify_signed_config` against that
   hash and the signing it runs for the configuration (a lower sequence is a replay of an
   older delivery and refused; the same envelope again is a re-delivery and accepted);
 - applies only the remaining files, never the signature file.
@@ -27,10 +27,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent_client.remote_config import ConfigFile, ConfigRejected
-from opamp.hashing import config_map_hash
-from signing.config_signing import (
-    CUSTOM_CAPABILITY,
-    SIGNATURE_FILE_NAME,
+from opamp.config_signature import (
     AppliedSigning,
     SignatureError,
     SignedConfig,
@@ -39,14 +36,12 @@ from signing.config_signing import (
     split_signature_file,
     verify_signed_config,
 )
+from opamp.hashing import config_map_hash
 
 __all__ = [
-    "CUSTOM_CAPABILITY",
     "NOT_SIGNED",
     "OFFERED_HASH_MISMATCH",
-    "SIGNATURE_FILE_NAME",
     "SIGNATURE_REFUSED",
-    "AppliedSigning",
     "VerifiedConfig",
     "content_hash",
     "record_signing",

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.agent import Agent, AgentObserver
+from agent_client.agent_settings import AgentSettings
 from agent_client.state import AgentState, FileState, MemoryState
 from agent_client.transport import TransportKind, transport_for_url
 from opamp.proto import opamp_pb2 as pb

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Protocol
 
 from agent_client.remote_config import ConfigFile, ConfigRejected, disk_name
+from opamp.config_signature import AppliedSigning
 from opamp.identifiers import instance_uid_problem
 from opamp.proto import opamp_pb2 as pb
-from signing.config_signing import AppliedSigning
 
 INSTANCE_UID_FILE = "instance_uid"
 REMOTE_CONFIG_FILE = "remote_config.json"

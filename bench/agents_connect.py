@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from agent_client.agent import AgentSettings  # noqa: E402
+from agent_client.agent_settings import AgentSettings  # noqa: E402
 from agent_client.cli import parse_header  # noqa: E402
 from agent_client.simulator import Fleet  # noqa: E402
 from agent_client.transport import TransportKind  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agents_connect import distribution_ms, raise_open_file_limit, require_loopback
 
-from agent_client.agent import AgentSettings
+from agent_client.agent_settings import AgentSettings
 from agent_client.simulator import Fleet
 
 

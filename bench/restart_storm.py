@@ -39,7 +39,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from agents_connect import distribution_ms, raise_open_file_limit, require_loopback  # noqa: E402
 
-from agent_client.agent import Agent, AgentSettings  # noqa: E402
+from agent_client.agent import Agent  # noqa: E402
+from agent_client.agent_settings import AgentSettings  # noqa: E402
 from agent_client.simulator import Fleet, FleetStats  # noqa: E402
 from deploy.run_production import ProductionProfile, ProfileOptions, process_cpu_seconds, process_rss_bytes  # noqa: E402
 from opamp.proto import opamp_pb2 as pb  # noqa: E402

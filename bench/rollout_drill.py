@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from agents_connect import raise_open_file_limit  # noqa: E402
 
-from agent_client.agent import AgentSettings  # noqa: E402
+from agent_client.agent_settings import AgentSettings  # noqa: E402
 from agent_client.simulator import Fleet  # noqa: E402
 from tests.support.live_server import LiveOpampServer  # noqa: E402
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opamp.capabilities import AgentCapabilities, has_capability
+from opamp.config_signature import CUSTOM_CAPABILITY, SIGNATURE_FILE_NAME
 from opamp.proto import opamp_pb2
 from rollouts.desired_state import DesiredConfig
-from signing.config_signing import CUSTOM_CAPABILITY, SIGNATURE_FILE_NAME
 
 
 @dataclass(frozen=True)

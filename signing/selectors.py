@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from signing.config_signing import SigningKeyError, load_public_key_pem, load_public_keys_dir
+from opamp.config_signature import SigningKeyError, load_public_key_pem, load_public_keys_dir
 from signing.models import CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey
 
 

@@ -34,19 +34,12 @@ from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
 from fleet.models import Agent
 from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
+from opamp.config_signature import SignedConfig, SigningKeyError, key_id_for, load_public_key_pem
 from rollouts.models import Configuration, ConfigVersion
 from signing import ca as ca_module
 from signing import config_signing
 from signing.ca import CaInvalid, CheckedCsr, CsrRejected, LoadedCa, RevokedEntry, check_csr
-from signing.config_signing import (
-    KEY_FILE_UNREADABLE,
-    SignedConfig,
-    SigningKeyError,
-    SigningKeyPair,
-    key_id_for,
-    load_public_key_pem,
-    sign_config,
-)
+from signing.config_signing import KEY_FILE_UNREADABLE, SigningKeyPair, sign_config
 from signing.errors import (
     CA_NOT_CONFIGURED,
     CA_UNUSABLE,

@@ -14,7 +14,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from agent_client.cli import build_parser, parse_header, parse_key_value, settings_from_options
+from agent_client.cli import build_parser, parse_header, parse_key_value
+from agent_client.cli_commands import settings_from_options
 from agent_client.testing import FakeWebSocketServer
 from opamp.capabilities import AgentCapabilities
 from opamp.proto import opamp_pb2 as pb

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 
 from agent_client import AgentSettings, ConfigFile, FileState, report
-from agent_client.cli import build_parser, settings_from_options
+from agent_client.cli import build_parser
+from agent_client.cli_commands import settings_from_options
 from agent_client.signed_config import NOT_SIGNED, trusted_keys_by_id
 from agent_client.testing import FakeWebSocketServer
+from opamp.config_signature import CUSTOM_CAPABILITY, SIGNATURE_CONTENT_TYPE, SIGNATURE_FILE_NAME, AppliedSigning
 from opamp.hashing import config_map_hash
 from opamp.proto import opamp_pb2 as pb
-from signing.config_signing import (
-    CUSTOM_CAPABILITY,
-    SIGNATURE_CONTENT_TYPE,
-    SIGNATURE_FILE_NAME,
-    AppliedSigning,
-    SigningKeyPair,
-    sign_config,
-)
+from signing.config_signing import SigningKeyPair, sign_config
 from tests.agent_client.helpers import QUIET, is_full_report, make_agent, remote_config, running
 
 APPLIED = pb.RemoteConfigStatuses_APPLIED

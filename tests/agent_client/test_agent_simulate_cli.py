@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_client.agent import AgentSettings
-from agent_client.cli import build_parser, simulate_fleet
+from agent_client.agent_settings import AgentSettings
+from agent_client.cli import build_parser
+from agent_client.cli_commands import simulate_fleet
 from agent_client.remote_config import MARKER_REJECTED
 from agent_client.simulator import spread_evenly
 from agent_client.testing import SERVER_CAPABILITIES, FakeWebSocketServer

@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent_client.agent import Agent, AgentSettings
+from agent_client.agent import Agent
+from agent_client.agent_settings import AgentSettings
 from agent_client.simulator import Fleet, FleetStats
 from opamp.proto import opamp_pb2 as pb
 from signing.ca import create_ca, write_ca

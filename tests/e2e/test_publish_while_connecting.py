@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_client.agent import AgentSettings
+from agent_client.agent_settings import AgentSettings
 from agent_client.simulator import Fleet
 from tests.support.live_server import LiveOpampServer
 

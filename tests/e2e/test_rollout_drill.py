@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agent_client.agent import AgentSettings
+from agent_client.agent_settings import AgentSettings
 from agent_client.simulator import Fleet
 from agent_client.state import INSTANCE_UID_FILE
 from opamp.identifiers import uuid7

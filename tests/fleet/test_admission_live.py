@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent_client.agent import Agent, AgentObserver, AgentSettings
+from agent_client.agent import Agent, AgentObserver
+from agent_client.agent_settings import AgentSettings
 from agent_client.state import MemoryState
 from agent_client.transport import TransportError, transport_for_url
 from opamp.proto import opamp_pb2 as pb

@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 from channels.db import database_sync_to_async
 
-from opamp.hashing import config_map_hash
-from opamp.identifiers import uuid7
-from rollouts import services
-from signing.config_signing import (
+from opamp.config_signature import (
     CUSTOM_CAPABILITY,
     SIGNATURE_FILE_NAME,
     SignedConfig,
-    generate_signing_key,
     split_signature_file,
     verify_signed_config,
 )
+from opamp.hashing import config_map_hash
+from opamp.identifiers import uuid7
+from rollouts import services
+from signing.config_signing import generate_signing_key
 from tests.fleet.asgi_clients import WsAgent
 from tests.fleet.messages import full_report
 

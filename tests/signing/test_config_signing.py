@@ -10,11 +10,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from signing.config_signing import (
+from opamp.config_signature import (
     BAD_SIGNATURE,
     CONFIGURATION_MISMATCH,
     HASH_MISMATCH,
-    KEY_FILE_EXISTS,
     LEGACY_SIGNED_CONFIG_DOMAIN,
     SEQUENCE_REPLAYED,
     SEQUENCE_REUSED,
@@ -29,17 +28,14 @@ from signing.config_signing import (
     SequenceReused,
     SignedConfig,
     SigningKeyError,
-    SigningKeyPair,
     UnknownSigningKey,
     canonical_envelope_bytes,
-    generate_signing_key,
     key_id_for,
-    load_private_key,
     load_public_keys_dir,
-    sign_config,
     split_signature_file,
     verify_signed_config,
 )
+from signing.config_signing import KEY_FILE_EXISTS, SigningKeyPair, generate_signing_key, load_private_key, sign_config
 
 HASH = hashlib.sha256(b"receivers: {}").hexdigest()
 OTHER_HASH = hashlib.sha256(b"receivers: {evil: {}}").hexdigest()

@@ -16,6 +16,7 @@ from django.db import connection, connections
 
 from fleet import agent_labels
 from fleet.models import Agent
+from opamp.config_signature import AppliedSigning, SequenceReplayed, SignedConfig, verify_signed_config
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, ConfigVersion, Rollout, RolloutState
 from rollouts.rollout_engine import (
@@ -29,14 +30,7 @@ from rollouts.rollout_engine import (
 )
 from signing import selectors
 from signing import services as signing_services
-from signing.config_signing import (
-    AppliedSigning,
-    SequenceReplayed,
-    SignedConfig,
-    SigningKeyPair,
-    generate_signing_key,
-    verify_signed_config,
-)
+from signing.config_signing import SigningKeyPair, generate_signing_key
 from signing.models import ConfigSigning
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, answer_all, make_fleet
 

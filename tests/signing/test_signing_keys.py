@@ -13,8 +13,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from fleet.models import AuditEvent
+from opamp.config_signature import verify_signed_config
 from signing import selectors, services
-from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config, verify_signed_config
+from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config
 from signing.errors import SIGNING_KEY_IN_USE, SIGNING_KEY_RETIRED, SigningError
 from signing.models import SigningKey
 

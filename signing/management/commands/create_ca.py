@@ -7,9 +7,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from opamp.config_signature import SigningKeyError
 from signing import services
 from signing.ca import CA_KEY_TYPES, certificate_fingerprint, create_ca, write_ca
-from signing.config_signing import SigningKeyError
 
 
 class Command(BaseCommand):

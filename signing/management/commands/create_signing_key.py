@@ -6,8 +6,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from opamp.config_signature import SigningKeyError
 from signing import services
-from signing.config_signing import SigningKeyError, generate_signing_key
+from signing.config_signing import generate_signing_key
 from signing.errors import SigningError
 
 

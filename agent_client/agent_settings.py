@@ -1,0 +1,76 @@
+"""`AgentSettings`: how an agent describes itself and behaves, and the capabilities it declares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent_client.enrollment import EnrollmentSettings
+from opamp.capabilities import AgentCapabilities
+from opamp.config_signature import CUSTOM_CAPABILITY as SIGNED_CONFIG_CAPABILITY
+from opamp.config_signature import key_id_for
+
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+_ALWAYS_DECLARED = (
+    AgentCapabilities.REPORTS_STATUS
+    | AgentCapabilities.REPORTS_EFFECTIVE_CONFIG
+    | AgentCapabilities.REPORTS_HEALTH
+    | AgentCapabilities.REPORTS_REMOTE_CONFIG
+    | AgentCapabilities.REPORTS_HEARTBEAT
+)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How an agent describes itself and behaves; shared freely between simulated agents."""
+
+    identifying_attributes: Mapping[str, str] = field(default_factory=dict)
+    non_identifying_attributes: Mapping[str, str] = field(default_factory=dict)
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    accept_remote_config: bool = True
+    fail_if_contains: bytes | None = None
+    fail_apply: bool = False
+    # Drill: seconds an apply takes (the agent reports APPLYING meanwhile), as a real
+    # collector restart would.
+    apply_delay: float = 0.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    shutdown_timeout: float = 5.0
+    # Key id -> Ed25519 public key. None: signatures are not required. Otherwise the agent
+    # declares the signed-config custom capability and applies only configs signed by one
+    # of these keys (an empty mapping refuses every config).
+    trusted_keys: Mapping[str, Ed25519PublicKey] | None = None
+    # Used only by agents given a CredentialStore (certificate enrollment).
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
+    # A refused credential (401/403) does not fix itself in a second: retry no sooner.
+    refused_credential_delay: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        if self.refused_credential_delay < 0:
+            raise ValueError("refused_credential_delay must not be negative")
+        if self.apply_delay < 0:
+            raise ValueError("apply_delay must not be negative")
+        for key_id, key in (self.trusted_keys or {}).items():
+            if key_id != key_id_for(key):
+                raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")
+
+    @property
+    def requires_signed_config(self) -> bool:
+        return self.trusted_keys is not None
+
+    @property
+    def custom_capabilities(self) -> list[str]:
+        """The custom capabilities declared in full reports."""
+        return [SIGNED_CONFIG_CAPABILITY] if self.requires_signed_config else []
+
+    @property
+    def capabilities(self) -> int:
+        bits = _ALWAYS_DECLARED
+        if self.accept_remote_config:
+            bits |= AgentCapabilities.ACCEPTS_REMOTE_CONFIG
+        return int(bits)
