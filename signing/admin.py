@@ -20,7 +20,14 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 
 from fleet.admin_base import preformatted
-from signing import selectors, services
+from signing import selectors
+from signing.certificates import (
+    ApprovalOutcome,
+    certificate_request_approve,
+    certificate_request_reject,
+    certificate_revoke,
+)
+from signing.enrollment_tokens import enrollment_labels_check, enrollment_token_create, enrollment_token_revoke
 from signing.errors import SigningError
 from signing.models import (
     REVOKED_KEY_COMPROMISE,
@@ -32,6 +39,7 @@ from signing.models import (
     IssuedCertificate,
     SigningKey,
 )
+from signing.signing_keys import signing_key_retire
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -75,7 +83,7 @@ class SigningKeyAdmin(ReadOnlyAdmin):
         retired = 0
         for key in queryset:
             try:
-                retired += services.signing_key_retire(key=key, actor=request.user)
+                retired += signing_key_retire(key=key, actor=request.user)
             except SigningError as refused:
                 self.message_user(request, refused.message, messages.ERROR)
         self.message_user(request, f"{retired} key(s) retired.", messages.SUCCESS)
@@ -120,25 +128,25 @@ class CertificateRequestAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Approve and issue certificates", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
-        outcomes: Counter[services.ApprovalOutcome] = Counter()
+        outcomes: Counter[ApprovalOutcome] = Counter()
         for certificate_request in queryset:
             try:
-                outcomes[services.certificate_request_approve(request=certificate_request, actor=request.user)] += 1
+                outcomes[certificate_request_approve(request=certificate_request, actor=request.user)] += 1
             except SigningError as error:
                 self.message_user(request, error.message, messages.ERROR)
                 return
         self.message_user(
             request,
-            f"{outcomes[services.ApprovalOutcome.ISSUED]} request(s) approved; "
-            f"{outcomes[services.ApprovalOutcome.NO_LONGER_PASSES]} rejected because the CSR no longer passes the "
-            f"policy; {outcomes[services.ApprovalOutcome.NOT_PENDING]} were no longer pending.",
+            f"{outcomes[ApprovalOutcome.ISSUED]} request(s) approved; "
+            f"{outcomes[ApprovalOutcome.NO_LONGER_PASSES]} rejected because the CSR no longer passes the "
+            f"policy; {outcomes[ApprovalOutcome.NOT_PENDING]} were no longer pending.",
             messages.SUCCESS,
         )
 
     @admin.action(description="Reject", permissions=["decide"])
     def reject(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
         rejected = sum(
-            services.certificate_request_reject(request=item, actor=request.user, reason="rejected by an operator")
+            certificate_request_reject(request=item, actor=request.user, reason="rejected by an operator")
             for item in queryset
         )
         self.message_user(request, f"{rejected} request(s) rejected.", messages.SUCCESS)
@@ -174,9 +182,7 @@ class IssuedCertificateAdmin(ReadOnlyAdmin):
         return preformatted(certificate.pem)
 
     def _revoke(self, request: HttpRequest, queryset: QuerySet[IssuedCertificate], reason: str) -> None:
-        revoked = sum(
-            services.certificate_revoke(certificate=item, actor=request.user, reason=reason) for item in queryset
-        )
+        revoked = sum(certificate_revoke(certificate=item, actor=request.user, reason=reason) for item in queryset)
         self.message_user(request, f"{revoked} certificate(s) revoked.", messages.SUCCESS)
 
     @admin.action(description="Revoke", permissions=["decide"])
@@ -197,7 +203,7 @@ class EnrollmentTokenCreateForm(ModelForm):
 
     def clean_labels(self) -> dict[str, str]:
         try:
-            return services.enrollment_labels_check(self.cleaned_data.get("labels"))
+            return enrollment_labels_check(self.cleaned_data.get("labels"))
         except SigningError as error:
             raise ValidationError(error.message) from None
 
@@ -265,7 +271,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         if change:
             return
         data = form.cleaned_data
-        token, secret = services.enrollment_token_create(
+        token, secret = enrollment_token_create(
             name=data["name"],
             expires_in=timedelta(hours=data["expires_in_hours"]),
             max_uses=data["max_uses"],
@@ -290,5 +296,5 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke (agents already enrolled keep working)", permissions=["decide"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[EnrollmentToken]) -> None:
-        revoked = sum(services.enrollment_token_revoke(token=token, actor=request.user) for token in queryset)
+        revoked = sum(enrollment_token_revoke(token=token, actor=request.user) for token in queryset)
         self.message_user(request, f"{revoked} token(s) revoked.", messages.SUCCESS)

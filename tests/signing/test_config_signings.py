@@ -17,7 +17,8 @@ from django.db import connection, connections
 from fleet import agent_labels
 from fleet.models import Agent
 from rollouts import services
-from rollouts.models import AgentDesiredConfig, ConfigVersion, Rollout, RolloutState
+from rollouts.config_signings import config_version_sign
+from rollouts.models import AgentDesiredConfig, ConfigSigning, ConfigVersion, Rollout, RolloutState
 from rollouts.rollout_engine import (
     StageSpec,
     rollout_abort,
@@ -28,7 +29,6 @@ from rollouts.rollout_engine import (
     rollout_tick,
 )
 from signing import selectors
-from signing import services as signing_services
 from signing.config_signing import (
     AppliedSigning,
     SequenceReplayed,
@@ -37,7 +37,7 @@ from signing.config_signing import (
     generate_signing_key,
     verify_signed_config,
 )
-from signing.models import ConfigSigning
+from signing.file_cache import reset_file_cache
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, answer_all, make_fleet
 
 pytestmark = pytest.mark.django_db
@@ -51,7 +51,7 @@ def signing_key(settings, tmp_path) -> SigningKeyPair:
     path = tmp_path / "signing.key"
     pair = generate_signing_key(path)
     settings.OPAMP_SIGNING_KEY_FILE = str(path)
-    signing_services.reset_file_cache()
+    reset_file_cache()
     return pair
 
 
@@ -256,7 +256,7 @@ def test_keys_rotate_without_breaking_the_sequence(signing_key, settings, tmp_pa
     # A new key signs from now on; the old one stays accepted (two trusted key ids).
     next_key = generate_signing_key(tmp_path / "next.key")
     settings.OPAMP_SIGNING_KEY_FILE = str(tmp_path / "next.key")
-    signing_services.reset_file_cache()
+    reset_file_cache()
     rollout_abort(rollout=rollout, actor=None)
     assert set(selectors.trusted_public_keys()) == {signing_key.key_id, next_key.key_id}
     assert fleet.deliver() == 20
@@ -298,7 +298,7 @@ def test_concurrent_signings_of_one_configuration_never_reuse_a_sequence(signing
     def sign(version: ConfigVersion) -> None:
         try:
             barrier.wait()
-            signing_services.config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
+            config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
         except BaseException as error:
             errors.append(error)
         finally:
@@ -390,7 +390,7 @@ def test_signatures_made_before_sequences_are_recorded_as_signings_by_the_data_m
     )
     assert signing.issued_at == datetime(2025, 1, 31, 12, tzinfo=UTC)
     version.refresh_from_db()
-    next_signing = signing_services.config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
+    next_signing = config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
     assert next_signing is not None and next_signing.sequence == 8
 
 
