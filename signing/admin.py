@@ -1,8 +1,9 @@
 """Admin for keys, the CA, certificate requests, certificates and enrollment tokens.
 
 Rows with a state machine are read-only here; every change is an action that goes
-through `signing.services` (and so is conditional, one-shot and audited). Actions need
-the model's change permission, checked apart from the read-only form.
+through the signing services (and so is conditional, one-shot and audited). The role rules
+of the API apply (`fleet.roles`): viewers see, and actions need the operator role, checked
+apart from the read-only form.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from fleet.admin_base import preformatted
+from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, preformatted
+from fleet.roles import can_write
 from signing import selectors
 from signing.certificates import (
     ApprovalOutcome,
@@ -42,21 +44,11 @@ from signing.models import (
 from signing.signing_keys import signing_key_retire
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
     """Viewable, never edited or deleted in a form: changes are the actions below."""
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_decide_permission(self, request: HttpRequest) -> bool:
-        opts = self.model._meta
-        return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
+        return can_write(request.user)
 
 
 @admin.register(SigningKey)
@@ -208,19 +200,16 @@ class EnrollmentTokenCreateForm(ModelForm):
             raise ValidationError(error.message) from None
 
 
-class EnrollmentTokenUseInline(admin.TabularInline):
+class EnrollmentTokenUseInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
     model = EnrollmentTokenUse
     fields = ["instance_uid", "used_at"]
     readonly_fields = fields
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
 
 @admin.register(EnrollmentToken)
-class EnrollmentTokenAdmin(admin.ModelAdmin):
+class EnrollmentTokenAdmin(RoleAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "use_count", "max_uses", "expires_at", "auto_approve", "revoked_at"]
     list_filter = ["auto_approve", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix"]
@@ -265,7 +254,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         return False
 
     def has_decide_permission(self, request: HttpRequest) -> bool:
-        return bool(request.user.has_perm("signing.change_enrollmenttoken"))
+        return can_write(request.user)
 
     def save_model(self, request: HttpRequest, obj: EnrollmentToken, form: Any, change: bool) -> None:
         if change:

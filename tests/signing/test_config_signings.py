@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
-from django.apps import apps as django_apps
 from django.db import connection, connections
+from django.db.migrations.loader import MigrationLoader
 
 from fleet import agent_labels
 from fleet.models import Agent
@@ -379,7 +379,9 @@ def test_signatures_made_before_sequences_are_recorded_as_signings_by_the_data_m
     ConfigSigning.objects.all().delete()
     ConfigVersion.objects.filter(pk=version.pk).update(signature=json.dumps(legacy))
     migration = importlib.import_module("signing.migrations.0003_config_signings_from_versions")
-    migration.record_existing_signatures(django_apps, None)
+    # The models as the migration knows them (ConfigSigning belonged to the signing app then).
+    historical = MigrationLoader(connection).project_state(("signing", "0003_config_signings_from_versions")).apps
+    migration.record_existing_signatures(historical, None)
 
     signing = ConfigSigning.objects.get()
     assert (signing.version_id, signing.sequence, signing.key_id, signing.reason) == (
