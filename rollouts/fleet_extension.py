@@ -10,9 +10,9 @@ from django.db.models import QuerySet
 from fleet.extensions import AgentQueryFilter, FleetExtension
 from fleet.models import Agent
 from rollouts import desired_state, selectors
+from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import AgentDesiredConfig
 from rollouts.resolver_cache import resolver_definitions
-from signing.services import config_version_sign_for_delivery
 
 
 def _sign_for_label_move(*, agent: Agent, new_labels: Mapping[str, str]) -> None:

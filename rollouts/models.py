@@ -1,4 +1,4 @@
-"""Configurations, their immutable versions, and each agent's desired configuration."""
+"""Configurations, their immutable versions and the signings of those, and each agent's desired configuration."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ class ConfigVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     note = models.TextField(blank=True)
-    # The version's newest Ed25519-signed envelope (signing.config_signing.SignedConfig as
-    # JSON), the one delivered: a copy of its newest signing.ConfigSigning, replaced when a
+    # The version's newest Ed25519-signed envelope (opamp.config_signature.SignedConfig as
+    # JSON), the one delivered: a copy of its newest ConfigSigning, replaced when a
     # rollout transition signs the version anew. Empty when no signing key is configured.
     # The only field that changes after creation.
     signature = models.TextField(blank=True)
@@ -87,6 +87,57 @@ class ConfigVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.configuration.name} v{self.number}"
+
+
+# Why a version was signed, as plain strings for the code that passes them around (the
+# choices' members are typed as tuples by tools that do not know TextChoices).
+SIGNED_ON_PUBLISH = "publish"
+SIGNED_ON_ROLLBACK = "rollback"
+SIGNED_FOR_DELIVERY = "rollout"
+
+
+class ConfigSigning(models.Model):
+    """One signed delivery of a configuration version: its envelope under a sequence.
+
+    A version is signed when it is published and signed anew, under a sequence above every
+    one issued before for its configuration, whenever it becomes what agents should run
+    again while another version's signing is newer (a rollout started, stepped, promoted or
+    retried; an abort or an automatic rollback to stable). Agents refuse a sequence lower
+    than the one they run, so going back to older content needs the fresh signing; older
+    signings stay valid for the agents that run them. Sequences are allocated under the
+    configuration's row lock; the unique constraint makes the database refuse a reuse.
+    `ConfigVersion.signature` holds a copy of the version's newest `document`, the one
+    delivered (read per agent on the delivery path, without a join).
+    """
+
+    class Reason(models.TextChoices):
+        PUBLISH = SIGNED_ON_PUBLISH, "published"
+        ROLLBACK = SIGNED_ON_ROLLBACK, "rolled back to"
+        ROLLOUT = SIGNED_FOR_DELIVERY, "made desired again"
+        MIGRATED = "migrated", "signed before sequences"
+
+    configuration = models.ForeignKey(Configuration, on_delete=models.CASCADE, related_name="signings")
+    version = models.ForeignKey(ConfigVersion, on_delete=models.CASCADE, related_name="signings")
+    sequence = models.PositiveBigIntegerField()
+    key_id = models.CharField(max_length=16)
+    issued_at = models.DateTimeField()
+    # opamp.config_signature.SignedConfig as JSON: the bytes agents receive.
+    document = models.TextField()
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    detail = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        # The table the signing app created; the model moved here with its rows.
+        db_table = "signing_configsigning"
+        ordering = ["configuration", "-sequence"]
+        constraints = [
+            models.UniqueConstraint(fields=["configuration", "sequence"], name="config_signing_sequence_unique"),
+        ]
+        indexes = [models.Index(fields=["version", "-sequence"], name="config_signing_version_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.configuration_id} #{self.sequence} (version {self.version_id})"
 
 
 class AgentDesiredConfig(models.Model):

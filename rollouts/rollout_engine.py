@@ -29,6 +29,7 @@ from fleet.models import Agent, RemoteConfigState
 from fleet.selectors import presence_q
 from rollouts import desired_state, rollout_samples
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, count_threshold, percent_threshold
+from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import (
     ACTIVE_ROLLOUT_STATES,
     Configuration,
@@ -40,7 +41,6 @@ from rollouts.models import (
     RolloutTarget,
 )
 from rollouts.resolver_cache import bump_definitions
-from signing.services import config_version_sign_for_delivery
 
 Kind = RolloutEvent.Kind
 ANSWERS = {

@@ -15,16 +15,15 @@ from fleet.label_selectors import SelectorError, parse_selector
 from fleet.models import Agent
 from rollouts import desired_state
 from rollouts.config_files import ConfigLimits, files_hash, files_to_document, parse_config_files
+from rollouts.config_signings import config_version_sign
 from rollouts.errors import (
     CONFIGURATION_NAME_TAKEN,
     NO_SUCH_VERSION,
     ROLLBACK_TO_CURRENT,
     ROLLOUT_IN_PROGRESS,
 )
-from rollouts.models import Configuration, ConfigVersion
+from rollouts.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK, Configuration, ConfigVersion
 from rollouts.resolver_cache import bump_definitions
-from signing.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK
-from signing.services import config_version_sign
 
 
 def config_limits() -> ConfigLimits:

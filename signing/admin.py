@@ -1,8 +1,9 @@
 """Admin for keys, the CA, certificate requests, certificates and enrollment tokens.
 
 Rows with a state machine are read-only here; every change is an action that goes
-through `signing.services` (and so is conditional, one-shot and audited). Actions need
-the model's change permission, checked apart from the read-only form.
+through the signing services (and so is conditional, one-shot and audited). The role rules
+of the API apply (`fleet.roles`): viewers see, and actions need the operator role, checked
+apart from the read-only form.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from fleet.admin_base import preformatted
-from signing import selectors, services
+from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, preformatted
+from fleet.roles import can_write
+from signing import selectors
+from signing.certificates import (
+    ApprovalOutcome,
+    certificate_request_approve,
+    certificate_request_reject,
+    certificate_revoke,
+)
+from signing.enrollment_tokens import enrollment_labels_check, enrollment_token_create, enrollment_token_revoke
 from signing.errors import SigningError
 from signing.models import (
     REVOKED_KEY_COMPROMISE,
@@ -32,23 +41,14 @@ from signing.models import (
     IssuedCertificate,
     SigningKey,
 )
+from signing.signing_keys import signing_key_retire
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
     """Viewable, never edited or deleted in a form: changes are the actions below."""
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_decide_permission(self, request: HttpRequest) -> bool:
-        opts = self.model._meta
-        return bool(request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}"))
+        return can_write(request.user)
 
 
 @admin.register(SigningKey)
@@ -75,7 +75,7 @@ class SigningKeyAdmin(ReadOnlyAdmin):
         retired = 0
         for key in queryset:
             try:
-                retired += services.signing_key_retire(key=key, actor=request.user)
+                retired += signing_key_retire(key=key, actor=request.user)
             except SigningError as refused:
                 self.message_user(request, refused.message, messages.ERROR)
         self.message_user(request, f"{retired} key(s) retired.", messages.SUCCESS)
@@ -120,25 +120,25 @@ class CertificateRequestAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Approve and issue certificates", permissions=["decide"])
     def approve(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
-        outcomes: Counter[services.ApprovalOutcome] = Counter()
+        outcomes: Counter[ApprovalOutcome] = Counter()
         for certificate_request in queryset:
             try:
-                outcomes[services.certificate_request_approve(request=certificate_request, actor=request.user)] += 1
+                outcomes[certificate_request_approve(request=certificate_request, actor=request.user)] += 1
             except SigningError as error:
                 self.message_user(request, error.message, messages.ERROR)
                 return
         self.message_user(
             request,
-            f"{outcomes[services.ApprovalOutcome.ISSUED]} request(s) approved; "
-            f"{outcomes[services.ApprovalOutcome.NO_LONGER_PASSES]} rejected because the CSR no longer passes the "
-            f"policy; {outcomes[services.ApprovalOutcome.NOT_PENDING]} were no longer pending.",
+            f"{outcomes[ApprovalOutcome.ISSUED]} request(s) approved; "
+            f"{outcomes[ApprovalOutcome.NO_LONGER_PASSES]} rejected because the CSR no longer passes the "
+            f"policy; {outcomes[ApprovalOutcome.NOT_PENDING]} were no longer pending.",
             messages.SUCCESS,
         )
 
     @admin.action(description="Reject", permissions=["decide"])
     def reject(self, request: HttpRequest, queryset: QuerySet[CertificateRequest]) -> None:
         rejected = sum(
-            services.certificate_request_reject(request=item, actor=request.user, reason="rejected by an operator")
+            certificate_request_reject(request=item, actor=request.user, reason="rejected by an operator")
             for item in queryset
         )
         self.message_user(request, f"{rejected} request(s) rejected.", messages.SUCCESS)
@@ -174,9 +174,7 @@ class IssuedCertificateAdmin(ReadOnlyAdmin):
         return preformatted(certificate.pem)
 
     def _revoke(self, request: HttpRequest, queryset: QuerySet[IssuedCertificate], reason: str) -> None:
-        revoked = sum(
-            services.certificate_revoke(certificate=item, actor=request.user, reason=reason) for item in queryset
-        )
+        revoked = sum(certificate_revoke(certificate=item, actor=request.user, reason=reason) for item in queryset)
         self.message_user(request, f"{revoked} certificate(s) revoked.", messages.SUCCESS)
 
     @admin.action(description="Revoke", permissions=["decide"])
@@ -197,24 +195,21 @@ class EnrollmentTokenCreateForm(ModelForm):
 
     def clean_labels(self) -> dict[str, str]:
         try:
-            return services.enrollment_labels_check(self.cleaned_data.get("labels"))
+            return enrollment_labels_check(self.cleaned_data.get("labels"))
         except SigningError as error:
             raise ValidationError(error.message) from None
 
 
-class EnrollmentTokenUseInline(admin.TabularInline):
+class EnrollmentTokenUseInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
     model = EnrollmentTokenUse
     fields = ["instance_uid", "used_at"]
     readonly_fields = fields
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
 
 @admin.register(EnrollmentToken)
-class EnrollmentTokenAdmin(admin.ModelAdmin):
+class EnrollmentTokenAdmin(RoleAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "use_count", "max_uses", "expires_at", "auto_approve", "revoked_at"]
     list_filter = ["auto_approve", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix"]
@@ -259,13 +254,13 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         return False
 
     def has_decide_permission(self, request: HttpRequest) -> bool:
-        return bool(request.user.has_perm("signing.change_enrollmenttoken"))
+        return can_write(request.user)
 
     def save_model(self, request: HttpRequest, obj: EnrollmentToken, form: Any, change: bool) -> None:
         if change:
             return
         data = form.cleaned_data
-        token, secret = services.enrollment_token_create(
+        token, secret = enrollment_token_create(
             name=data["name"],
             expires_in=timedelta(hours=data["expires_in_hours"]),
             max_uses=data["max_uses"],
@@ -290,5 +285,5 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke (agents already enrolled keep working)", permissions=["decide"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[EnrollmentToken]) -> None:
-        revoked = sum(services.enrollment_token_revoke(token=token, actor=request.user) for token in queryset)
+        revoked = sum(enrollment_token_revoke(token=token, actor=request.user) for token in queryset)
         self.message_user(request, f"{revoked} token(s) revoked.", messages.SUCCESS)

@@ -42,16 +42,12 @@ from fleet.services import agent_change_instance_uid
 from opamp.proto import opamp_pb2
 from signing import ca as ca_module
 from signing.ca import CsrRejected
+from signing.certificates import certificate_request_submit
+from signing.configured_ca import ca_certificate_pem
+from signing.enrollment_tokens import enrollment_token_authenticate, enrollment_token_refusal, enrollment_token_use
 from signing.errors import EnrollmentTokenRefused, SigningError
 from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
 from signing.selectors import agent_current_certificate, certificate_for_fingerprint, valid_certificates
-from signing.services import (
-    ca_certificate_pem,
-    certificate_request_submit,
-    enrollment_token_authenticate,
-    enrollment_token_refusal,
-    enrollment_token_use,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Refusals of the signing services, as the project's one domain error type.
 
-Every class here is a `rollouts.errors.DomainError`, so the API's central handler maps it
+Every class here is a `fleet.errors.DomainError`, so the API's central handler maps it
 (with its `status`) without knowing this app. A refused CSR is also a `ca.CsrRejected`, so
 the OpAMP session can catch one type for "reply with error_response BadRequest".
 """
@@ -49,7 +49,6 @@ SIGNING_KEY_IN_USE = (
     "OPAMP_SIGNING_KEY_FILE holds a new key (manage.py create_signing_key); "
     "activate another key first, or retire with force to accept that"
 )
-SIGNING_KEY_NOT_CONFIGURED = "no config signing key is configured (set OPAMP_SIGNING_KEY_FILE)"
 CA_NOT_CONFIGURED = "no certificate authority is configured (set OPAMP_CA_KEY_FILE and OPAMP_CA_CERT_FILE)"
 CA_UNUSABLE = "the configured certificate authority cannot be used: {problem}"
 CSR_RATE_LIMITED = "too many certificate requests from this agent: at most {limit} per hour"
@@ -61,4 +60,3 @@ TOKEN_EXHAUSTED = "the enrollment token has been used its maximum number of time
 TOKEN_MAX_USES_INVALID = "max_uses must be at least 1"
 TOKEN_LIFETIME_INVALID = "an enrollment token must expire in the future"
 TOKEN_NAME_INVALID = "the token name must be 1-200 characters"
-LABELS_NOT_AN_OBJECT = "labels must be an object of string keys and string values"

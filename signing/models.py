@@ -117,7 +117,7 @@ class CertificateRequest(models.Model):
     """An agent's CSR and the decision on it.
 
     pending -> approved -> issued, or pending -> rejected. Each transition is one
-    conditional UPDATE on the old state (signing.services), so a repeated decision is a
+    conditional UPDATE on the old state (signing.certificates), so a repeated decision is a
     no-op. CSRs that fail policy are stored as rejected too: they count toward the
     agent's rate limit and show operators what was refused.
     """
@@ -192,51 +192,3 @@ class IssuedCertificate(models.Model):
     @property
     def serial(self) -> int:
         return int(self.serial_hex, 16)
-
-
-# Plain strings for the reasons code passes around (see REVOKED_UNSPECIFIED).
-SIGNED_ON_PUBLISH = "publish"
-SIGNED_ON_ROLLBACK = "rollback"
-SIGNED_FOR_DELIVERY = "rollout"
-
-
-class ConfigSigning(models.Model):
-    """One signed delivery of a configuration version: its envelope under a sequence.
-
-    A version is signed when it is published and signed anew, under a sequence above every
-    one issued before for its configuration, whenever it becomes what agents should run
-    again while another version's signing is newer (a rollout started, stepped, promoted or
-    retried; an abort or an automatic rollback to stable). Agents refuse a sequence lower
-    than the one they run, so going back to older content needs the fresh signing; older
-    signings stay valid for the agents that run them. Sequences are allocated under the
-    configuration's row lock; the unique constraint makes the database refuse a reuse.
-    `ConfigVersion.signature` holds a copy of the version's newest `document`, the one
-    delivered (read per agent on the delivery path, without a join).
-    """
-
-    class Reason(models.TextChoices):
-        PUBLISH = SIGNED_ON_PUBLISH, "published"
-        ROLLBACK = SIGNED_ON_ROLLBACK, "rolled back to"
-        ROLLOUT = SIGNED_FOR_DELIVERY, "made desired again"
-        MIGRATED = "migrated", "signed before sequences"
-
-    configuration = models.ForeignKey("rollouts.Configuration", on_delete=models.CASCADE, related_name="signings")
-    version = models.ForeignKey("rollouts.ConfigVersion", on_delete=models.CASCADE, related_name="signings")
-    sequence = models.PositiveBigIntegerField()
-    key_id = models.CharField(max_length=16)
-    issued_at = models.DateTimeField()
-    # signing.config_signing.SignedConfig as JSON: the bytes agents receive.
-    document = models.TextField()
-    reason = models.CharField(max_length=16, choices=Reason.choices)
-    detail = models.CharField(max_length=200, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["configuration", "-sequence"]
-        constraints = [
-            models.UniqueConstraint(fields=["configuration", "sequence"], name="config_signing_sequence_unique"),
-        ]
-        indexes = [models.Index(fields=["version", "-sequence"], name="config_signing_version_idx")]
-
-    def __str__(self) -> str:
-        return f"{self.configuration_id} #{self.sequence} (version {self.version_id})"

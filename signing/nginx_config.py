@@ -34,14 +34,6 @@ SIGNING_PUBLIC_KEYS = (
 USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
 
 
-class NginxConfigError(ValueError):
-    """Values that cannot make a working configuration; `problems` lists every one found."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
 @dataclass(frozen=True)
 class Site:
     """What the server block needs. Paths are absolute."""

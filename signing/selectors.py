@@ -90,7 +90,7 @@ class TokenState:
     """What an enrollment token can do now, derived from its row and the clock, never stored.
 
     When several apply, the first of revoked, expired, exhausted wins: the order in which
-    `services.enrollment_token_authenticate` names the reason for a refusal.
+    `enrollment_tokens.enrollment_token_authenticate` names the reason for a refusal.
     """
 
     ACTIVE = "active"

@@ -30,7 +30,7 @@ from fleet.models import Agent
 from fleet.roles import OPERATOR, grant_role
 from opamp.identifiers import uuid7
 from rollouts import services
-from signing import services as signing_services
+from signing.enrollment_tokens import enrollment_token_create
 from tests.fleet import factories
 
 EXAMPLES = int(os.environ.get("OPAMP_API_FUZZ_EXAMPLES", "12"))
@@ -59,7 +59,7 @@ def operator_token(db: Any, keep_the_test_connection: None) -> str:
     Agent.objects.create(instance_uid=uuid7(), last_seen=timezone.now(), labels={"env": "prod"})
     configuration = services.configuration_create(name="edge", selector="env=prod", actor=None)
     services.configuration_publish(configuration=configuration, files=FILES, author=None)
-    signing_services.enrollment_token_create(
+    enrollment_token_create(
         name="fuzz", expires_in=timedelta(days=1), max_uses=5, labels={}, auto_approve=False, actor=user
     )
     token, _ = Token.objects.get_or_create(user=user)

@@ -40,7 +40,7 @@ from rollouts.config_files import ConfigValidationError
 from rollouts.dashboard.progress import rollout_progress
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutState
 from signing import selectors as signing_selectors
-from signing import services as signing_services
+from signing.certificates import certificate_request_approve, certificate_request_reject, certificate_revoke
 from signing.models import CertificateRequest, IssuedCertificate
 
 PAGE_SIZE = 50
@@ -336,7 +336,7 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                 certificate = get_object_or_404(
                     IssuedCertificate, pk=_number(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
                 )
-                signing_services.certificate_revoke(certificate=certificate, actor=request.user)
+                certificate_revoke(certificate=certificate, actor=request.user)
             if not errors:
                 return redirect("dashboard-agent", instance_uid=agent.instance_uid)
         except DomainError as error:
@@ -628,11 +628,9 @@ def certificate_requests(request: HttpRequest) -> HttpResponse:
         pending = get_object_or_404(CertificateRequest, pk=_number(request.POST.get("request"), 0))
         try:
             if request.POST.get("decision") == "approve":
-                signing_services.certificate_request_approve(request=pending, actor=request.user)
+                certificate_request_approve(request=pending, actor=request.user)
             else:
-                signing_services.certificate_request_reject(
-                    request=pending, actor=request.user, reason=request.POST.get("reason", "")
-                )
+                certificate_request_reject(request=pending, actor=request.user, reason=request.POST.get("reason", ""))
             return redirect("dashboard-certificate-requests")
         except DomainError as error:
             errors.append(error.message)

@@ -13,7 +13,8 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from fleet.api.validation import LabelsField, StrictSerializer
-from signing import selectors, services
+from signing import selectors
+from signing.certificates import certificate_needs_renewal
 from signing.errors import TOKEN_LIFETIME_INVALID
 from signing.models import REVOKED_UNSPECIFIED, CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey
 
@@ -200,7 +201,7 @@ class CertificateSerializer(serializers.ModelSerializer):
 
     def get_needs_renewal(self, certificate: IssuedCertificate) -> bool:
         """less than a third of the validity is left (by dates alone)"""
-        return services.certificate_needs_renewal(certificate)
+        return certificate_needs_renewal(certificate)
 
 
 class CertificateDetailSerializer(CertificateSerializer):

@@ -26,13 +26,23 @@ from fleet.api.exceptions import error_body
 from fleet.api.permissions import RolePermission
 from fleet.api.strict_input import JSONParser
 from fleet.api.validation import validated
-from signing import selectors, services
+from signing import selectors
 from signing.api import filters
 from signing.api import serializers as s
 from signing.ca import LoadedCa
+from signing.certificates import (
+    ApprovalOutcome,
+    certificate_request_approve,
+    certificate_request_reject,
+    certificate_revoke,
+)
 from signing.config_signing import public_key_pem
+from signing.configured_ca import certificate_authority_load
+from signing.crl import crl_pem
+from signing.enrollment_tokens import enrollment_token_create, enrollment_token_revoke
 from signing.errors import CA_NOT_CONFIGURED, REQUEST_NOT_PENDING, SigningError
 from signing.models import CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey
+from signing.signing_keys import signing_key_retire
 
 CSR_NO_LONGER_PASSES = (
     "certificate request {pk} no longer passes the certificate policy and was rejected instead: {reason}"
@@ -82,7 +92,7 @@ class SigningKeyViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     def retire(self, request: Request, key_id: str) -> Response:
         key = self.get_object()
         force = str(request.data.get("force", "")).lower() in ("true", "1")
-        services.signing_key_retire(key=key, actor=request.user, force=force)
+        signing_key_retire(key=key, actor=request.user, force=force)
         return Response(s.SigningKeySerializer(key).data)
 
     @extend_schema(
@@ -129,7 +139,7 @@ class EnrollmentTokenViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     )
     def create(self, request: Request) -> Response:
         data = validated(s.EnrollmentTokenInputSerializer, request.data)
-        token, secret = services.enrollment_token_create(actor=request.user, **data)
+        token, secret = enrollment_token_create(actor=request.user, **data)
         token = self.get_queryset().get(pk=token.pk)
         return Response(
             s.EnrollmentTokenCreatedSerializer(token, context={"secret": secret}).data, status=status.HTTP_201_CREATED
@@ -144,7 +154,7 @@ class EnrollmentTokenViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], filter_backends=[])
     def revoke(self, request: Request, pk: str) -> Response:
         token = self.get_object()
-        services.enrollment_token_revoke(token=token, actor=request.user)
+        enrollment_token_revoke(token=token, actor=request.user)
         return Response(s.EnrollmentTokenSerializer(token).data)
 
 
@@ -188,10 +198,10 @@ class CertificateRequestViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     def approve(self, request: Request, pk: str) -> Response:
         item = self.get_object()
         self._require_pending(item)
-        outcome = services.certificate_request_approve(request=item, actor=request.user)
-        if outcome is services.ApprovalOutcome.ISSUED:
+        outcome = certificate_request_approve(request=item, actor=request.user)
+        if outcome is ApprovalOutcome.ISSUED:
             return self._encode(item)
-        if outcome is services.ApprovalOutcome.NO_LONGER_PASSES:
+        if outcome is ApprovalOutcome.NO_LONGER_PASSES:
             # The rejection stands: answered, not raised, so nothing rolls it back.
             detail = CSR_NO_LONGER_PASSES.format(pk=item.pk, reason=item.reason)
             return Response(error_body(detail, field="csr"), status=status.HTTP_409_CONFLICT)
@@ -207,7 +217,7 @@ class CertificateRequestViewSet(SigningAPIMixin, viewsets.GenericViewSet):
         data = validated(s.RejectSerializer, request.data)
         item = self.get_object()
         self._require_pending(item)
-        if not services.certificate_request_reject(request=item, actor=request.user, reason=data["reason"]):
+        if not certificate_request_reject(request=item, actor=request.user, reason=data["reason"]):
             raise SigningError(REQUEST_NOT_PENDING.format(pk=item.pk, state=item.state), status=409)
         return self._encode(item)
 
@@ -244,7 +254,7 @@ class CertificateViewSet(SigningAPIMixin, viewsets.GenericViewSet):
     def revoke(self, request: Request, pk: str) -> Response:
         data = validated(s.RevokeSerializer, request.data)
         certificate = self.get_object()
-        services.certificate_revoke(certificate=certificate, actor=request.user, reason=data["reason"])
+        certificate_revoke(certificate=certificate, actor=request.user, reason=data["reason"])
         return Response(s.CertificateDetailSerializer(self.get_queryset().get(pk=certificate.pk)).data)
 
 
@@ -252,7 +262,7 @@ class CertificateViewSet(SigningAPIMixin, viewsets.GenericViewSet):
 
 
 def _configured_ca() -> LoadedCa:
-    loaded = services.certificate_authority_load()
+    loaded = certificate_authority_load()
     if loaded is None:
         raise SigningError(CA_NOT_CONFIGURED, status=404)
     return loaded
@@ -329,7 +339,7 @@ class CertificateRevocationListView(SigningAPIMixin, generics.GenericAPIView):
     )
     def get(self, request: Request) -> Response:
         _configured_ca()
-        pem = services.crl_pem()
+        pem = crl_pem()
         if request.accepted_renderer.format == CrlPemRenderer.format:
             return Response(pem)
         return Response(x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER))

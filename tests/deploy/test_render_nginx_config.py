@@ -15,8 +15,9 @@ from cryptography import x509
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from signing import nginx_config, services
+from signing import nginx_config
 from signing.ca import LoadedCa, build_crl, write_ca
+from signing.file_cache import reset_file_cache
 from tests.deploy import pki
 
 
@@ -49,9 +50,9 @@ def files(tmp_path: Path) -> Files:
 
 @pytest.fixture(autouse=True)
 def forget_loaded_files() -> Iterator[None]:
-    services.reset_file_cache()
+    reset_file_cache()
     yield
-    services.reset_file_cache()
+    reset_file_cache()
 
 
 def render(*args: str) -> str:

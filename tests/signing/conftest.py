@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from signing import services
 from signing.ca import LoadedCa, create_ca, write_ca
+from signing.file_cache import reset_file_cache
 from tests.fleet import factories
 
 
@@ -29,9 +29,9 @@ def ca_files(tmp_path_factory: pytest.TempPathFactory) -> CaFiles:
 
 @pytest.fixture(autouse=True)
 def forget_loaded_files() -> Iterator[None]:
-    services.reset_file_cache()
+    reset_file_cache()
     yield
-    services.reset_file_cache()
+    reset_file_cache()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from fleet.session import CERTIFICATE_CAPABILITIES, SERVER_CAPABILITIES, reset_r
 from opamp.capabilities import AgentCapabilities
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
-from signing import services
 from signing.agent_credentials import (
     AUTHORIZATION_MALFORMED,
     CERTIFICATE_CAPABILITY,
@@ -42,6 +41,8 @@ from signing.ca import (
     CSR_SUBJECT_ALT_NAMES,
     CSR_UNKNOWN_CRITICAL_EXTENSION,
 )
+from signing.certificates import certificate_request_approve, certificate_request_submit, certificate_revoke
+from signing.enrollment_tokens import enrollment_token_create, enrollment_token_revoke
 from signing.errors import TOKEN_EXHAUSTED, TOKEN_EXPIRED, TOKEN_REVOKED, TOKEN_UNKNOWN
 from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
 from tests.fleet.asgi_clients import WsAgent, decode_http_reply, http_exchange, http_post
@@ -87,11 +88,11 @@ async def new_token(**overrides: Any) -> tuple[EnrollmentToken, str]:
         "actor": None,
         **overrides,
     }
-    return await sync_to_async(services.enrollment_token_create)(**options)
+    return await sync_to_async(enrollment_token_create)(**options)
 
 
 async def issued_certificate(uid: uuid.UUID, **csr_options: Any) -> IssuedCertificate:
-    request = await sync_to_async(services.certificate_request_submit)(
+    request = await sync_to_async(certificate_request_submit)(
         instance_uid=uid, csr_pem=make_csr("p256", **csr_options), auto_approve=True
     )
     return await sync_to_async(IssuedCertificate.objects.get)(request=request)
@@ -130,7 +131,7 @@ async def test_the_open_embedded_default_admits_agents_without_a_credential():
         ("not a token at all", lambda token, secret: "hunter2", TOKEN_UNKNOWN),
         (
             "revoked",
-            lambda token, secret: services.enrollment_token_revoke(token=token, actor=None) and secret,
+            lambda token, secret: enrollment_token_revoke(token=token, actor=None) and secret,
             TOKEN_REVOKED,
         ),
         (
@@ -239,7 +240,7 @@ async def test_a_revoked_or_expired_certificate_is_refused_by_the_app_itself(req
     revoked_uid, expired_uid = uuid7(), uuid7()
     revoked = await issued_certificate(revoked_uid)
     expired = await issued_certificate(expired_uid)
-    await sync_to_async(services.certificate_revoke)(certificate=revoked, actor=None)
+    await sync_to_async(certificate_revoke)(certificate=revoked, actor=None)
     await sync_to_async(IssuedCertificate.objects.filter(pk=expired.pk).update)(not_after=expired.not_before)
     for uid, certificate in ((revoked_uid, revoked), (expired_uid, expired)):
         response = await http_post(
@@ -262,7 +263,7 @@ async def test_revoking_a_certificate_drops_the_live_session_that_uses_it_and_on
         await bystander.exchange(full_report(bystander_uid.bytes, 1))
         await token_session.exchange(full_report(token_uid.bytes, 1))
 
-        await sync_to_async(services.certificate_revoke)(certificate=certificate, actor=None)
+        await sync_to_async(certificate_revoke)(certificate=certificate, actor=None)
 
         closed = await victim.receive_close()
         assert closed["code"] == CLOSE_CREDENTIAL_REVOKED
@@ -338,7 +339,7 @@ async def test_a_pending_csr_is_answered_by_a_push_once_an_operator_approves(req
         request = await sync_to_async(CertificateRequest.objects.get)(instance_uid=uid)
         assert request.state == CertificateRequest.State.PENDING
 
-        await sync_to_async(services.certificate_request_approve)(request=request, actor=operator)
+        await sync_to_async(certificate_request_approve)(request=request, actor=operator)
         pushed = await agent.receive()
     assert pushed.connection_settings.opamp.certificate.cert
     x509.load_pem_x509_certificate(pushed.connection_settings.opamp.certificate.cert)
@@ -349,7 +350,7 @@ async def test_an_http_agent_gets_its_certificate_on_its_next_poll_until_it_answ
     first = await http_exchange(csr_message(uid.bytes, 1, make_csr("p256")))
     assert not first.HasField("connection_settings")
     request = await sync_to_async(CertificateRequest.objects.get)(instance_uid=uid)
-    await sync_to_async(services.certificate_request_approve)(request=request, actor=operator)
+    await sync_to_async(certificate_request_approve)(request=request, actor=operator)
 
     poll = await http_exchange(heartbeat(uid.bytes, 2, capabilities=CSR_CAPABLE))
     assert poll.connection_settings.opamp.certificate.cert
@@ -365,9 +366,7 @@ async def test_an_agent_that_does_not_accept_connection_settings_is_never_offere
     uid = uuid7()
     message = full_report(uid.bytes, 1)  # no AcceptsOpAMPConnectionSettings
     message.connection_settings_request.opamp.certificate_request.csr = make_csr("p256")
-    await sync_to_async(services.certificate_request_submit)(
-        instance_uid=uid, csr_pem=make_csr("p256"), auto_approve=True
-    )
+    await sync_to_async(certificate_request_submit)(instance_uid=uid, csr_pem=make_csr("p256"), auto_approve=True)
     reply = await http_exchange(message)
     assert not reply.HasField("connection_settings")
 

@@ -20,11 +20,11 @@ from fleet.session import CERTIFIED_SESSION_LIVE, reset_runtime
 from opamp.capabilities import AgentCapabilities, AgentToServerFlags
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
-from signing import services
 from signing.agent_credentials import CERTIFIED_AGENT, CSR_AGENT_OF_OTHER_TOKEN
+from signing.certificates import CSR_PENDING_FROM_OTHER_CREDENTIAL, certificate_request_approve
+from signing.enrollment_tokens import enrollment_token_create
 from signing.errors import TOKEN_EXHAUSTED
 from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
-from signing.services import CSR_PENDING_FROM_OTHER_CREDENTIAL
 from tests.fleet.asgi_clients import WsAgent, decode_http_reply, http_exchange, http_post
 from tests.fleet.messages import BASE_CAPABILITIES, full_report, heartbeat
 from tests.signing.csrs import make_csr
@@ -61,7 +61,7 @@ async def new_token(**overrides: Any) -> tuple[EnrollmentToken, str]:
         "actor": None,
         **overrides,
     }
-    return await sync_to_async(services.enrollment_token_create)(**options)
+    return await sync_to_async(enrollment_token_create)(**options)
 
 
 def requesting_uid(uid: bytes, seq: int = 1) -> opamp_pb2.AgentToServer:
@@ -193,7 +193,7 @@ async def test_another_tokens_csr_cannot_supersede_a_pending_request_or_take_the
     assert await sync_to_async(CertificateRequest.objects.count)() == 1
 
     # P's request is still approvable, and P (with its own token) gets the certificate.
-    await sync_to_async(services.certificate_request_approve)(request=pending, actor=operator)
+    await sync_to_async(certificate_request_approve)(request=pending, actor=operator)
     delivered = await http_exchange(heartbeat(agent_p.bytes, 2, capabilities=CSR_CAPABLE), headers=bearer(manual))
     assert delivered.connection_settings.opamp.certificate.cert
 
@@ -238,7 +238,7 @@ async def test_the_token_that_requested_a_certificate_keeps_working_for_its_agen
     uid = uuid7()
     await http_exchange(csr_message(uid.bytes, 1, make_csr("p256", common_name=str(uid))), headers=bearer(manual))
     request = await sync_to_async(CertificateRequest.objects.get)(instance_uid=uid)
-    await sync_to_async(services.certificate_request_approve)(request=request, actor=operator)
+    await sync_to_async(certificate_request_approve)(request=request, actor=operator)
 
     # The approved certificate is delivered to the agent presenting the token that asked for it.
     delivered = await http_exchange(heartbeat(uid.bytes, 2, capabilities=CSR_CAPABLE), headers=bearer(manual))

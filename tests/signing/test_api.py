@@ -17,13 +17,21 @@ from rest_framework.test import APIClient
 from fleet.models import AuditEvent
 from fleet.roles import OPERATOR, READ_DENIED, VIEWER, WRITE_DENIED, grant_role
 from opamp.identifiers import uuid7
-from signing import services
 from signing.api.serializers import EXPIRY_NEEDED, REVOCATION_REASON_INVALID
 from signing.api.views import CRL_FORMAT_UNKNOWN, CSR_NO_LONGER_PASSES
 from signing.ca import CSR_BAD_SIGNATURE
+from signing.certificates import certificate_request_submit, certificate_revoke
 from signing.config_signing import SigningKeyPair, generate_signing_key
+from signing.enrollment_tokens import (
+    TOKEN_PREFIX,
+    enrollment_token_authenticate,
+    enrollment_token_create,
+    enrollment_token_revoke,
+)
 from signing.errors import CA_NOT_CONFIGURED, REQUEST_NOT_PENDING, SIGNING_KEY_IN_USE, TOKEN_LIFETIME_INVALID
+from signing.file_cache import reset_file_cache
 from signing.models import CertificateRequest, EnrollmentToken, IssuedCertificate, SigningKey
+from signing.signing_keys import signing_key_register, signing_key_register_active, signing_key_retire
 from tests.fleet.factories import UserFactory
 from tests.rollouts.conftest import token_client
 from tests.signing.csrs import make_csr, with_broken_signature
@@ -65,9 +73,7 @@ def post(client: APIClient, url: str, body: dict[str, Any] | None = None) -> Any
 
 
 def register_key(*, active: bool = False) -> SigningKey:
-    return services.signing_key_register(
-        public_key_pem=SigningKeyPair.generate().public_key_pem, actor=None, active=active
-    )
+    return signing_key_register(public_key_pem=SigningKeyPair.generate().public_key_pem, actor=None, active=active)
 
 
 def create_token(**overrides: Any) -> tuple[EnrollmentToken, str]:
@@ -80,12 +86,12 @@ def create_token(**overrides: Any) -> tuple[EnrollmentToken, str]:
         "actor": None,
     }
     arguments.update(overrides)
-    return services.enrollment_token_create(**arguments)
+    return enrollment_token_create(**arguments)
 
 
 def submit(uid: uuid.UUID | None = None, *, auto_approve: bool = False, **extra: Any) -> CertificateRequest:
     uid = uid or uuid7()
-    return services.certificate_request_submit(
+    return certificate_request_submit(
         instance_uid=uid,
         csr_pem=make_csr(extra.pop("kind", "ed25519"), common_name=str(uid)),
         auto_approve=auto_approve,
@@ -252,7 +258,7 @@ def test_the_once_active_key_retires_without_force_after_another_is_activated(ap
 
 def test_the_accepted_filter_leaves_out_retired_keys(api):
     kept, retired = register_key(), register_key()
-    services.signing_key_retire(key=retired, actor=None)
+    signing_key_retire(key=retired, actor=None)
     assert [row["key_id"] for row in results(api.get(f"{API}/signing-keys/", {"accepted": "true"}))] == [kept.key_id]
     assert [row["key_id"] for row in results(api.get(f"{API}/signing-keys/", {"accepted": "false"}))] == [
         retired.key_id
@@ -261,7 +267,7 @@ def test_the_accepted_filter_leaves_out_retired_keys(api):
 
 def test_the_trusted_keys_are_the_unretired_ones_plus_the_extra_directory(viewer_api, settings, tmp_path):
     kept, retired = register_key(), register_key()
-    services.signing_key_retire(key=retired, actor=None)
+    signing_key_retire(key=retired, actor=None)
     extra = SigningKeyPair.generate()
     (tmp_path / "extra.pem").write_text(extra.public_key_pem)
     settings.OPAMP_SIGNING_EXTRA_PUBLIC_KEYS_DIR = str(tmp_path)
@@ -285,7 +291,7 @@ def test_creating_a_token_shows_its_secret_once_and_stores_only_its_hash(api):
     assert response.status_code == 201, response.content
     body = response.json()
     secret = body["secret"]
-    assert secret.startswith(services.TOKEN_PREFIX) and secret.startswith(body["prefix"])
+    assert secret.startswith(TOKEN_PREFIX) and secret.startswith(body["prefix"])
     assert len(secret) > len(body["prefix"])
     assert (body["name"], body["max_uses"], body["use_count"], body["labels"], body["auto_approve"]) == (
         "edge",
@@ -304,7 +310,7 @@ def test_creating_a_token_shows_its_secret_once_and_stores_only_its_hash(api):
     stored = [str(getattr(token, field.attname)) for field in EnrollmentToken._meta.concrete_fields]
     assert not any(secret in value for value in stored)
     # The secret works, so the hash really is of the secret handed out.
-    assert services.enrollment_token_authenticate(secret) == token
+    assert enrollment_token_authenticate(secret) == token
 
     assert secret.encode() not in api.get(f"{API}/enrollment-tokens/").content
     detail = api.get(f"{API}/enrollment-tokens/{token.pk}/")
@@ -386,7 +392,7 @@ def test_the_token_state_is_derived_and_filterable(viewer_api):
     EnrollmentToken.objects.filter(pk=exhausted.pk).update(use_count=2)
     # Revoked wins over expired, and expired over exhausted: the refusal an agent would get.
     EnrollmentToken.objects.filter(pk=expired.pk).update(expires_at=past, use_count=5)
-    services.enrollment_token_revoke(token=revoked, actor=None)
+    enrollment_token_revoke(token=revoked, actor=None)
     EnrollmentToken.objects.filter(pk=revoked.pk).update(expires_at=past, use_count=5)
 
     states = {row["name"]: row["state"] for row in results(viewer_api.get(f"{API}/enrollment-tokens/"))}
@@ -501,7 +507,7 @@ def test_approving_a_csr_that_no_longer_passes_rejects_it_with_the_reason(api, c
 def test_approving_without_a_ca_is_refused_and_the_request_stays_pending(api, configured_ca, settings):
     request = submit()
     settings.OPAMP_CA_KEY_FILE = ""
-    services.reset_file_cache()
+    reset_file_cache()
     response = post(api, f"{API}/certificate-requests/{request.pk}/approve/")
     assert response.status_code == 503
     assert response.json()["detail"] == CA_NOT_CONFIGURED
@@ -515,7 +521,7 @@ def test_approving_without_a_ca_is_refused_and_the_request_stays_pending(api, co
 def test_certificates_filter_by_agent_revocation_and_expiry(viewer_api, configured_ca):
     kept_uid = uuid7()
     kept, revoked, soon = issued(kept_uid), issued(), issued()
-    services.certificate_revoke(certificate=revoked, actor=None)
+    certificate_revoke(certificate=revoked, actor=None)
     IssuedCertificate.objects.filter(pk=soon.pk).update(not_after=timezone.now() + timedelta(days=3))
 
     def ids(**query: Any) -> set[int]:
@@ -610,7 +616,7 @@ def test_the_ca_endpoint_gives_the_certificate_and_its_fingerprint(viewer_api, c
 
 def test_the_crl_is_der_by_default_signed_by_the_ca_and_lists_revoked_certificates(viewer_api, configured_ca):
     revoked, valid = issued(), issued()
-    services.certificate_revoke(certificate=revoked, actor=None, reason="key_compromise")
+    certificate_revoke(certificate=revoked, actor=None, reason="key_compromise")
     response = viewer_api.get(f"{API}/ca/crl/")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/pkix-crl"
@@ -625,7 +631,7 @@ def test_the_crl_is_der_by_default_signed_by_the_ca_and_lists_revoked_certificat
 )
 def test_the_crl_comes_as_pem_when_asked(viewer_api, configured_ca, request_kwargs):
     revoked = issued()
-    services.certificate_revoke(certificate=revoked, actor=None)
+    certificate_revoke(certificate=revoked, actor=None)
     response = viewer_api.get(f"{API}/ca/crl/", **request_kwargs)
     assert response.status_code == 200
     assert response["Content-Type"] == "application/x-pem-file"
@@ -647,7 +653,7 @@ def test_no_answer_carries_private_key_material(api, configured_ca, settings, tm
     key_file = tmp_path / "signing.key"
     generate_signing_key(key_file)
     settings.OPAMP_SIGNING_KEY_FILE = str(key_file)
-    key = services.signing_key_register_active()
+    key = signing_key_register_active()
     assert key is not None and PRIVATE_MARKER in key_file.read_bytes()
     token, _ = create_token()
     pending = submit(kind="rsa2048")

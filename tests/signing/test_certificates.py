@@ -15,11 +15,21 @@ from django.utils import timezone
 from fleet.errors import DomainError
 from fleet.models import AuditEvent
 from opamp.identifiers import uuid7
-from signing import selectors, services
+from signing import certificates, selectors
 from signing.ca import CSR_OTHER_AGENT, CSR_REQUESTS_CA, CsrRejected, build_crl, create_ca
+from signing.certificates import (
+    AUTO_APPROVAL_WITHHELD,
+    SUPERSEDED_REASON,
+    ApprovalOutcome,
+    certificate_needs_renewal,
+    certificate_request_approve,
+    certificate_request_reject,
+    certificate_request_submit,
+    certificate_revoke,
+)
+from signing.crl import crl_pem, crl_refresh_if_due
 from signing.errors import CA_NOT_CONFIGURED, CSR_RATE_LIMITED, CsrRateLimited, SigningError
 from signing.models import CertificateRequest, IssuedCertificate
-from signing.services import ApprovalOutcome
 from tests.signing.csrs import make_csr
 
 pytestmark = pytest.mark.django_db
@@ -33,9 +43,7 @@ def uid() -> uuid.UUID:
 
 
 def submit(uid: uuid.UUID, *, auto_approve: bool = False, kind: str = "ed25519", **csr: object) -> CertificateRequest:
-    return services.certificate_request_submit(
-        instance_uid=uid, csr_pem=make_csr(kind, **csr), auto_approve=auto_approve
-    )
+    return certificate_request_submit(instance_uid=uid, csr_pem=make_csr(kind, **csr), auto_approve=auto_approve)
 
 
 def test_an_auto_approved_csr_is_issued_at_once(configured_ca, uid):
@@ -63,18 +71,18 @@ def test_without_auto_approval_a_csr_waits_for_an_operator(configured_ca, uid):
 
 def test_an_operator_approval_issues_the_certificate_once(configured_ca, uid, operator):
     request = submit(uid, kind="p256")
-    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.ISSUED
+    assert certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.ISSUED
     assert request.state == State.ISSUED and request.decided_by == operator
-    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
+    assert certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
     assert IssuedCertificate.objects.filter(instance_uid=uid).count() == 1
     assert AuditEvent.objects.filter(action="certificate_request.approve").count() == 1
 
 
 def test_a_rejection_is_final_and_a_later_approval_changes_nothing(configured_ca, uid, operator):
     request = submit(uid)
-    assert services.certificate_request_reject(request=request, actor=operator, reason="unknown host") is True
-    assert services.certificate_request_reject(request=request, actor=operator) is False
-    assert services.certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
+    assert certificate_request_reject(request=request, actor=operator, reason="unknown host") is True
+    assert certificate_request_reject(request=request, actor=operator) is False
+    assert certificate_request_approve(request=request, actor=operator) is ApprovalOutcome.NOT_PENDING
     request.refresh_from_db()
     assert (request.state, request.reason) == (State.REJECTED, "unknown host")
     assert not IssuedCertificate.objects.exists()
@@ -98,8 +106,8 @@ def test_a_csr_naming_another_agent_is_refused(configured_ca, uid):
 
 def test_resending_the_same_csr_returns_the_earlier_request(configured_ca, uid):
     pem = make_csr(common_name=str(uid))
-    first = services.certificate_request_submit(instance_uid=uid, csr_pem=pem, auto_approve=True)
-    again = services.certificate_request_submit(instance_uid=uid, csr_pem=pem, auto_approve=True)
+    first = certificate_request_submit(instance_uid=uid, csr_pem=pem, auto_approve=True)
+    again = certificate_request_submit(instance_uid=uid, csr_pem=pem, auto_approve=True)
     assert again.pk == first.pk
     assert IssuedCertificate.objects.count() == 1
 
@@ -109,7 +117,7 @@ def test_a_new_csr_supersedes_the_agents_pending_one(configured_ca, uid):
     second = submit(uid, kind="p256")
     first.refresh_from_db()
     assert (first.state, second.state) == (State.REJECTED, State.PENDING)
-    assert first.reason == services.SUPERSEDED_REASON
+    assert first.reason == SUPERSEDED_REASON
 
 
 def test_csr_submissions_are_rate_limited_per_agent(configured_ca, settings, uid):
@@ -124,9 +132,7 @@ def test_csr_submissions_are_rate_limited_per_agent(configured_ca, settings, uid
     # Another agent is not affected, and the window moves on.
     submit(uuid7(), kind="p256")
     later = timezone.now() + timedelta(hours=1, seconds=1)
-    request = services.certificate_request_submit(
-        instance_uid=uid, csr_pem=make_csr("p384"), auto_approve=False, now=later
-    )
+    request = certificate_request_submit(instance_uid=uid, csr_pem=make_csr("p384"), auto_approve=False, now=later)
     assert request.state == State.PENDING
 
 
@@ -140,14 +146,14 @@ def test_without_a_ca_no_csr_is_accepted(settings, uid):
 def test_a_revoked_certificate_appears_in_the_crl_and_revoking_again_changes_nothing(configured_ca, uid, operator):
     certificate = submit(uid, auto_approve=True).certificate
     kept = submit(uuid7(), auto_approve=True).certificate
-    assert services.certificate_revoke(certificate=certificate, actor=operator, reason="key_compromise") is True
+    assert certificate_revoke(certificate=certificate, actor=operator, reason="key_compromise") is True
     revoked_at = certificate.revoked_at
-    assert services.certificate_revoke(certificate=certificate, actor=operator) is False
+    assert certificate_revoke(certificate=certificate, actor=operator) is False
     certificate.refresh_from_db()
     assert (certificate.revoked_at, certificate.revocation_reason) == (revoked_at, "key_compromise")
     assert AuditEvent.objects.filter(action="certificate.revoke").count() == 1
 
-    crl = x509.load_pem_x509_crl(services.crl_pem())
+    crl = x509.load_pem_x509_crl(crl_pem())
     assert crl.is_signature_valid(configured_ca.ca.cert.public_key())
     assert crl.issuer == configured_ca.ca.cert.subject
     entry = crl.get_revoked_certificate_by_serial_number(certificate.serial)
@@ -161,17 +167,17 @@ def test_a_revoked_certificate_appears_in_the_crl_and_revoking_again_changes_not
 
 def test_an_agent_with_a_revoked_certificate_is_not_auto_approved_again(configured_ca, uid, operator):
     certificate = submit(uid, auto_approve=True).certificate
-    services.certificate_revoke(certificate=certificate, actor=operator)
+    certificate_revoke(certificate=certificate, actor=operator)
     request = submit(uid, auto_approve=True, kind="p256")
     assert request.state == State.PENDING
-    assert request.reason == services.AUTO_APPROVAL_WITHHELD
+    assert request.reason == AUTO_APPROVAL_WITHHELD
 
 
 def test_a_certificate_needs_renewal_once_two_thirds_of_its_validity_passed(configured_ca, uid):
     certificate = submit(uid, auto_approve=True).certificate
     lifetime = certificate.not_after - certificate.not_before
-    assert not services.certificate_needs_renewal(certificate, certificate.not_before + lifetime * 0.6)
-    assert services.certificate_needs_renewal(certificate, certificate.not_before + lifetime * 0.7)
+    assert not certificate_needs_renewal(certificate, certificate.not_before + lifetime * 0.6)
+    assert certificate_needs_renewal(certificate, certificate.not_before + lifetime * 0.7)
 
 
 def test_issued_validity_is_capped_by_the_maximum_setting(configured_ca, settings, uid):
@@ -193,7 +199,7 @@ def test_concurrent_approvals_of_one_request_issue_one_certificate(configured_ca
         try:
             barrier.wait()
             copy = CertificateRequest.objects.get(pk=request.pk)
-            results.append(services.certificate_request_approve(request=copy, actor=operator))
+            results.append(certificate_request_approve(request=copy, actor=operator))
         finally:
             connection.close()
 
@@ -211,14 +217,16 @@ def test_issuing_and_revoking_hint_the_agents_live_session_after_commit(
 ):
     settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
     hinted: list[tuple[str, list[uuid.UUID]]] = []
-    monkeypatch.setattr(services, "notify_desired_state_changed", lambda uids: hinted.append(("issued", list(uids))))
-    monkeypatch.setattr(services, "notify_credentials_revoked", lambda uids: hinted.append(("revoked", list(uids))))
+    monkeypatch.setattr(
+        certificates, "notify_desired_state_changed", lambda uids: hinted.append(("issued", list(uids)))
+    )
+    monkeypatch.setattr(certificates, "notify_credentials_revoked", lambda uids: hinted.append(("revoked", list(uids))))
     request = submit(uid)
     with django_capture_on_commit_callbacks(execute=True):
-        services.certificate_request_approve(request=request, actor=operator)
+        certificate_request_approve(request=request, actor=operator)
     assert hinted == [("issued", [uid])]
     with django_capture_on_commit_callbacks(execute=False) as pending:
-        services.certificate_revoke(certificate=request.certificate, actor=operator)
+        certificate_revoke(certificate=request.certificate, actor=operator)
     # Nothing leaves the transaction before it commits: no hint, no CRL file.
     assert hinted == [("issued", [uid])] and not (tmp_path / "agents.crl.pem").exists()
     for callback in pending:
@@ -234,9 +242,9 @@ def test_the_periodic_crl_refresh_rewrites_the_configured_file(configured_ca, tm
     assert refresh_crl() == "no CRL file configured"
     settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
     request = submit(uid)
-    services.certificate_request_approve(request=request, actor=operator)
+    certificate_request_approve(request=request, actor=operator)
     # The revocation's own on-commit write does not run inside this test's transaction.
-    services.certificate_revoke(certificate=request.certificate, actor=operator)
+    certificate_revoke(certificate=request.certificate, actor=operator)
     assert refresh_crl() == f"wrote {tmp_path / 'agents.crl.pem'}"
     crl = x509.load_pem_x509_crl((tmp_path / "agents.crl.pem").read_bytes())
     assert crl.is_signature_valid(configured_ca.ca.cert.public_key())
@@ -246,7 +254,7 @@ def test_the_periodic_crl_refresh_rewrites_the_configured_file(configured_ca, tm
     assert refresh_crl() == "the CRL file is current"
     # Past half of its window: re-signed.
     later = timezone.now() + timedelta(hours=settings.OPAMP_CRL_NEXT_UPDATE_HOURS * 0.6)
-    assert services.crl_refresh_if_due(now=later) == tmp_path / "agents.crl.pem"
+    assert crl_refresh_if_due(now=later) == tmp_path / "agents.crl.pem"
     # Signed by some other CA (a replaced CA, a stray file): replaced at once.
     other_ca = create_ca(common_name="Someone else", days=30)
     (tmp_path / "agents.crl.pem").write_bytes(

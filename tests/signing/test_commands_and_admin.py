@@ -13,11 +13,13 @@ from django.core.management.base import CommandError
 from django.test import Client
 
 from opamp.identifiers import uuid7
-from signing import services
 from signing.ca import CA_NOT_A_CA, check_csr, create_ca, issue_certificate, write_ca
+from signing.certificates import certificate_request_submit, certificate_revoke
 from signing.config_signing import SigningKeyPair, private_key_pem_pkcs8
+from signing.enrollment_tokens import enrollment_token_authenticate, enrollment_token_create
 from signing.errors import SIGNING_KEY_IN_USE
 from signing.models import CertificateAuthority, CertificateRequest, EnrollmentToken, IssuedCertificate
+from signing.signing_keys import signing_key_register
 from tests.signing.csrs import key, make_csr
 
 pytestmark = pytest.mark.django_db
@@ -65,10 +67,8 @@ def test_import_ca_refuses_an_end_entity_certificate(tmp_path, ca_files):
 
 
 def test_write_crl_replaces_the_file_with_a_signed_crl(configured_ca, tmp_path, operator):
-    certificate = services.certificate_request_submit(
-        instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=True
-    ).certificate
-    services.certificate_revoke(certificate=certificate, actor=operator)
+    certificate = certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=True).certificate
+    certificate_revoke(certificate=certificate, actor=operator)
     output = tmp_path / "agents.crl"
     output.write_text("old")
     call_command("write_crl", "--output", str(output))
@@ -79,7 +79,7 @@ def test_write_crl_replaces_the_file_with_a_signed_crl(configured_ca, tmp_path, 
 def test_create_enrollment_token_prints_the_secret_once_and_stores_its_hash(capsys):
     call_command("create_enrollment_token", "--name", "lab", "--max-uses", "5", "--label", "env=lab")
     secret = capsys.readouterr().out.strip().splitlines()[-1]
-    token = services.enrollment_token_authenticate(secret)
+    token = enrollment_token_authenticate(secret)
     assert (token.name, token.max_uses, token.labels) == ("lab", 5, {"env": "lab"})
 
 
@@ -102,7 +102,7 @@ def test_the_admin_creates_a_token_and_shows_its_secret_once(admin_client):
     secret_messages = [text for text in shown if "<code>" in text]
     assert len(secret_messages) == 1
     secret = secret_messages[0].split("<code>")[1].split("</code>")[0]
-    assert services.enrollment_token_authenticate(secret) == token
+    assert enrollment_token_authenticate(secret) == token
     assert (token.max_uses, token.labels, token.auto_approve) == (4, {"env": "lab"}, True)
     again = admin_client.get(f"/admin/signing/enrollmenttoken/{token.pk}/change/")
     assert secret.encode() not in again.content
@@ -118,7 +118,7 @@ def test_the_admin_refuses_invalid_token_labels(admin_client):
 
 
 def test_the_admin_approves_and_revokes_through_the_services(admin_client, configured_ca):
-    request = services.certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=False)
+    request = certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=False)
     answer = admin_client.post(
         "/admin/signing/certificaterequest/", {"action": "approve", "_selected_action": [request.pk]}, follow=True
     )
@@ -141,8 +141,8 @@ def test_the_admin_approves_and_revokes_through_the_services(admin_client, confi
 
 
 def test_every_signing_admin_page_renders(admin_client, configured_ca):
-    services.certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=True)
-    services.enrollment_token_create(
+    certificate_request_submit(instance_uid=uuid7(), csr_pem=make_csr(), auto_approve=True)
+    enrollment_token_create(
         name="t", expires_in=timedelta(hours=1), max_uses=1, labels={}, auto_approve=False, actor=None
     )
     for model in ["signingkey", "certificateauthority", "certificaterequest", "issuedcertificate", "enrollmenttoken"]:
@@ -150,9 +150,7 @@ def test_every_signing_admin_page_renders(admin_client, configured_ca):
 
 
 def test_the_admin_refuses_to_retire_the_active_key_and_says_why(admin_client):
-    key = services.signing_key_register(
-        public_key_pem=SigningKeyPair.generate().public_key_pem, actor=None, active=True
-    )
+    key = signing_key_register(public_key_pem=SigningKeyPair.generate().public_key_pem, actor=None, active=True)
     answer = admin_client.post(
         "/admin/signing/signingkey/", {"action": "retire", "_selected_action": [key.pk]}, follow=True
     )

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
-from django.apps import apps as django_apps
 from django.db import connection, connections
+from django.db.migrations.loader import MigrationLoader
 
 from fleet import agent_labels
 from fleet.models import Agent
 from opamp.config_signature import AppliedSigning, SequenceReplayed, SignedConfig, verify_signed_config
 from rollouts import services
-from rollouts.models import AgentDesiredConfig, ConfigVersion, Rollout, RolloutState
+from rollouts.config_signings import config_version_sign
+from rollouts.models import AgentDesiredConfig, ConfigSigning, ConfigVersion, Rollout, RolloutState
 from rollouts.rollout_engine import (
     StageSpec,
     rollout_abort,
@@ -29,9 +30,8 @@ from rollouts.rollout_engine import (
     rollout_tick,
 )
 from signing import selectors
-from signing import services as signing_services
 from signing.config_signing import SigningKeyPair, generate_signing_key
-from signing.models import ConfigSigning
+from signing.file_cache import reset_file_cache
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, answer_all, make_fleet
 
 pytestmark = pytest.mark.django_db
@@ -45,7 +45,7 @@ def signing_key(settings, tmp_path) -> SigningKeyPair:
     path = tmp_path / "signing.key"
     pair = generate_signing_key(path)
     settings.OPAMP_SIGNING_KEY_FILE = str(path)
-    signing_services.reset_file_cache()
+    reset_file_cache()
     return pair
 
 
@@ -250,7 +250,7 @@ def test_keys_rotate_without_breaking_the_sequence(signing_key, settings, tmp_pa
     # A new key signs from now on; the old one stays accepted (two trusted key ids).
     next_key = generate_signing_key(tmp_path / "next.key")
     settings.OPAMP_SIGNING_KEY_FILE = str(tmp_path / "next.key")
-    signing_services.reset_file_cache()
+    reset_file_cache()
     rollout_abort(rollout=rollout, actor=None)
     assert set(selectors.trusted_public_keys()) == {signing_key.key_id, next_key.key_id}
     assert fleet.deliver() == 20
@@ -292,7 +292,7 @@ def test_concurrent_signings_of_one_configuration_never_reuse_a_sequence(signing
     def sign(version: ConfigVersion) -> None:
         try:
             barrier.wait()
-            signing_services.config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
+            config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
         except BaseException as error:
             errors.append(error)
         finally:
@@ -373,7 +373,9 @@ def test_signatures_made_before_sequences_are_recorded_as_signings_by_the_data_m
     ConfigSigning.objects.all().delete()
     ConfigVersion.objects.filter(pk=version.pk).update(signature=json.dumps(legacy))
     migration = importlib.import_module("signing.migrations.0003_config_signings_from_versions")
-    migration.record_existing_signatures(django_apps, None)
+    # The models as the migration knows them (ConfigSigning belonged to the signing app then).
+    historical = MigrationLoader(connection).project_state(("signing", "0003_config_signings_from_versions")).apps
+    migration.record_existing_signatures(historical, None)
 
     signing = ConfigSigning.objects.get()
     assert (signing.version_id, signing.sequence, signing.key_id, signing.reason) == (
@@ -384,7 +386,7 @@ def test_signatures_made_before_sequences_are_recorded_as_signings_by_the_data_m
     )
     assert signing.issued_at == datetime(2025, 1, 31, 12, tzinfo=UTC)
     version.refresh_from_db()
-    next_signing = signing_services.config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
+    next_signing = config_version_sign(version=version, reason=ConfigSigning.Reason.ROLLOUT)
     assert next_signing is not None and next_signing.sequence == 8
 
 

@@ -12,7 +12,12 @@ from django.utils import timezone
 
 from fleet.models import AuditEvent
 from opamp.identifiers import uuid7
-from signing import services
+from signing.enrollment_tokens import (
+    enrollment_token_authenticate,
+    enrollment_token_create,
+    enrollment_token_revoke,
+    enrollment_token_use,
+)
 from signing.errors import (
     TOKEN_EXHAUSTED,
     TOKEN_EXPIRED,
@@ -37,12 +42,12 @@ def create(**overrides: object) -> tuple[EnrollmentToken, str]:
         "actor": None,
     }
     arguments.update(overrides)
-    return services.enrollment_token_create(**arguments)
+    return enrollment_token_create(**arguments)
 
 
 def refusal_of(secret: str, **kwargs: object) -> str:
     with pytest.raises(EnrollmentTokenRefused) as refused:
-        services.enrollment_token_authenticate(secret, **kwargs)
+        enrollment_token_authenticate(secret, **kwargs)
     assert refused.value.status == 401
     return refused.value.message
 
@@ -60,7 +65,7 @@ def test_only_the_hash_of_the_secret_is_stored(operator):
 
 def test_the_secret_authenticates_its_token():
     token, secret = create()
-    assert services.enrollment_token_authenticate(secret) == token
+    assert enrollment_token_authenticate(secret) == token
 
 
 @pytest.mark.parametrize("secret", ["", "opamp_et_", "opamp_et_guess", "something-else", "x" * 500])
@@ -76,19 +81,19 @@ def test_an_expired_token_is_refused():
 
 def test_a_revoked_token_is_refused_and_revoking_again_changes_nothing(operator):
     token, secret = create()
-    assert services.enrollment_token_revoke(token=token, actor=operator) is True
-    assert services.enrollment_token_revoke(token=token, actor=operator) is False
+    assert enrollment_token_revoke(token=token, actor=operator) is True
+    assert enrollment_token_revoke(token=token, actor=operator) is False
     assert refusal_of(secret) == TOKEN_REVOKED
     assert AuditEvent.objects.filter(action="enrollment_token.revoke").count() == 1
 
 
 def test_a_token_is_refused_once_used_its_maximum_number_of_times():
     token, secret = create(max_uses=2)
-    services.enrollment_token_use(token=token, instance_uid=uuid7())
-    services.enrollment_token_use(token=token, instance_uid=uuid7())
+    enrollment_token_use(token=token, instance_uid=uuid7())
+    enrollment_token_use(token=token, instance_uid=uuid7())
     assert refusal_of(secret) == TOKEN_EXHAUSTED
     with pytest.raises(EnrollmentTokenRefused) as refused:
-        services.enrollment_token_use(token=token, instance_uid=uuid7())
+        enrollment_token_use(token=token, instance_uid=uuid7())
     assert refused.value.message == TOKEN_EXHAUSTED
     token.refresh_from_db()
     assert token.use_count == 2
@@ -98,8 +103,8 @@ def test_a_token_is_refused_once_used_its_maximum_number_of_times():
 def test_the_same_agent_enrolling_again_is_not_a_new_use():
     token, _ = create(max_uses=1)
     uid = uuid7()
-    first = services.enrollment_token_use(token=token, instance_uid=uid)
-    again = services.enrollment_token_use(token=token, instance_uid=uid)
+    first = enrollment_token_use(token=token, instance_uid=uid)
+    again = enrollment_token_use(token=token, instance_uid=uid)
     token.refresh_from_db()
     assert first.pk == again.pk
     assert token.use_count == 1
@@ -108,7 +113,7 @@ def test_the_same_agent_enrolling_again_is_not_a_new_use():
 def test_using_an_expired_token_counts_nothing():
     token, _ = create()
     with pytest.raises(EnrollmentTokenRefused) as refused:
-        services.enrollment_token_use(token=token, instance_uid=uuid7(), now=timezone.now() + timedelta(hours=2))
+        enrollment_token_use(token=token, instance_uid=uuid7(), now=timezone.now() + timedelta(hours=2))
     assert refused.value.message == TOKEN_EXPIRED
     token.refresh_from_db()
     assert token.use_count == 0
@@ -118,7 +123,7 @@ def test_using_an_expired_token_counts_nothing():
 def test_the_tokens_labels_are_applied_to_an_enrolled_agent():
     agent = AgentFactory(identifying_attributes={"service.name": "checkout"})
     token, _ = create(labels={"env": "prod", "team": "payments"})
-    services.enrollment_token_use(token=token, instance_uid=agent.instance_uid)
+    enrollment_token_use(token=token, instance_uid=agent.instance_uid)
     agent.refresh_from_db()
     assert agent.operator_labels == {"env": "prod", "team": "payments"}
     assert agent.labels["team"] == "payments"
@@ -154,7 +159,7 @@ def test_concurrent_enrolments_never_exceed_max_uses():
     def enrol() -> None:
         try:
             barrier.wait()
-            services.enrollment_token_use(token=EnrollmentToken.objects.get(pk=token.pk), instance_uid=uuid7())
+            enrollment_token_use(token=EnrollmentToken.objects.get(pk=token.pk), instance_uid=uuid7())
             outcomes.append("enrolled")
         except EnrollmentTokenRefused as error:
             outcomes.append(error.message)

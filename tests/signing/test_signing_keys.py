@@ -14,10 +14,12 @@ from django.core.management.base import CommandError
 
 from fleet.models import AuditEvent
 from opamp.config_signature import verify_signed_config
-from signing import selectors, services
+from rollouts.config_signings import sign_delivery
+from signing import selectors
 from signing.config_signing import SigningKeyPair, generate_signing_key, sign_config
 from signing.errors import SIGNING_KEY_IN_USE, SIGNING_KEY_RETIRED, SigningError
 from signing.models import SigningKey
+from signing.signing_keys import signing_key_register, signing_key_register_active, signing_key_retire
 
 pytestmark = pytest.mark.django_db
 
@@ -35,12 +37,12 @@ def key_file(settings, tmp_path) -> Path:
 
 def test_without_a_configured_key_versions_are_not_signed(settings):
     settings.OPAMP_SIGNING_KEY_FILE = ""
-    assert services.sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is None
-    assert services.signing_key_register_active() is None
+    assert sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is None
+    assert signing_key_register_active() is None
 
 
 def test_a_signed_delivery_verifies_with_the_trusted_keys_the_server_publishes(key_file):
-    signed = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
+    signed = sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
     assert signed is not None
     envelope = verify_signed_config(
         signed.to_json_bytes(), trusted_keys=selectors.trusted_public_keys(), config_hash_hex=HASH, running=None
@@ -49,8 +51,8 @@ def test_a_signed_delivery_verifies_with_the_trusted_keys_the_server_publishes(k
 
 
 def test_signing_the_same_sequence_at_the_same_time_twice_gives_the_same_bytes(key_file):
-    first = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
-    second = services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
+    first = sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
+    second = sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH, issued_at=PUBLISHED)
     assert first is not None and second is not None
     assert first.to_json_bytes() == second.to_json_bytes()
 
@@ -59,9 +61,9 @@ def test_the_configured_key_becomes_the_single_active_key_and_the_previous_one_s
     old_path, new_path = tmp_path / "old.key", tmp_path / "new.key"
     old, new = generate_signing_key(old_path), generate_signing_key(new_path)
     settings.OPAMP_SIGNING_KEY_FILE = str(old_path)
-    services.signing_key_register_active()
+    signing_key_register_active()
     settings.OPAMP_SIGNING_KEY_FILE = str(new_path)
-    services.signing_key_register_active()
+    signing_key_register_active()
 
     assert list(SigningKey.objects.filter(active=True).values_list("key_id", flat=True)) == [new.key_id]
     trusted = selectors.trusted_public_keys()
@@ -75,13 +77,13 @@ def test_the_configured_key_becomes_the_single_active_key_and_the_previous_one_s
 
 
 def test_a_retired_key_is_no_longer_trusted_and_refuses_to_sign(key_file, operator):
-    key = services.signing_key_register_active()
+    key = signing_key_register_active()
     assert key is not None
-    assert services.signing_key_retire(key=key, actor=operator, force=True) is True
-    assert services.signing_key_retire(key=key, actor=operator) is False
+    assert signing_key_retire(key=key, actor=operator, force=True) is True
+    assert signing_key_retire(key=key, actor=operator) is False
     assert key.key_id not in selectors.trusted_public_keys()
     with pytest.raises(SigningError) as refused:
-        services.sign_delivery(configuration_name="edge", sequence=3, config_hash=HASH)
+        sign_delivery(configuration_name="edge", sequence=3, config_hash=HASH)
     assert refused.value.message == SIGNING_KEY_RETIRED.format(key_id=key.key_id)
     assert AuditEvent.objects.filter(action="signing_key.retire").count() == 1
 
@@ -89,25 +91,25 @@ def test_a_retired_key_is_no_longer_trusted_and_refuses_to_sign(key_file, operat
 def test_the_key_file_in_use_is_not_retired_without_force_and_publishing_keeps_signing(key_file, operator):
     pair = SigningKeyPair.from_file(key_file)
     # Registered but not yet active: the configured file is what signs, so it is in use.
-    key = services.signing_key_register(public_key_pem=pair.public_key_pem, actor=None)
+    key = signing_key_register(public_key_pem=pair.public_key_pem, actor=None)
     with pytest.raises(SigningError) as refused:
-        services.signing_key_retire(key=key, actor=operator)
+        signing_key_retire(key=key, actor=operator)
     assert refused.value.message == SIGNING_KEY_IN_USE.format(key_id=key.key_id)
     assert refused.value.status == 409
     key.refresh_from_db()
     assert key.retired_at is None
     assert not AuditEvent.objects.filter(action="signing_key.retire").exists()
-    assert services.sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is not None
+    assert sign_delivery(configuration_name="edge", sequence=1, config_hash=HASH) is not None
 
 
 def test_after_rotation_the_previous_key_retires_without_force(settings, tmp_path, key_file, operator):
-    old = services.signing_key_register_active()
+    old = signing_key_register_active()
     assert old is not None
     generate_signing_key(tmp_path / "next.key")
     settings.OPAMP_SIGNING_KEY_FILE = str(tmp_path / "next.key")
-    services.signing_key_register_active()
-    assert services.signing_key_retire(key=old, actor=operator) is True
-    assert services.sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH) is not None
+    signing_key_register_active()
+    assert signing_key_retire(key=old, actor=operator) is True
+    assert sign_delivery(configuration_name="edge", sequence=2, config_hash=HASH) is not None
 
 
 def test_an_extra_public_key_directory_adds_trusted_keys(settings, tmp_path, key_file):
@@ -115,7 +117,7 @@ def test_an_extra_public_key_directory_adds_trusted_keys(settings, tmp_path, key
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "next.pem").write_text(extra.public_key_pem)
     settings.OPAMP_SIGNING_EXTRA_PUBLIC_KEYS_DIR = str(tmp_path / "keys")
-    services.signing_key_register_active()
+    signing_key_register_active()
     assert extra.key_id in selectors.trusted_public_keys()
 
 
@@ -123,14 +125,14 @@ def test_registering_private_material_as_a_public_key_is_refused(tmp_path):
     path = tmp_path / "k.key"
     generate_signing_key(path)
     with pytest.raises(SigningError):
-        services.signing_key_register(public_key_pem=path.read_text(), actor=None)
+        signing_key_register(public_key_pem=path.read_text(), actor=None)
     assert not SigningKey.objects.exists()
 
 
 def test_a_public_key_pasted_together_with_its_private_key_is_stored_without_it(tmp_path):
     path = tmp_path / "k.key"
     pair = generate_signing_key(path)
-    key = services.signing_key_register(public_key_pem=pair.public_key_pem + path.read_text(), actor=None)
+    key = signing_key_register(public_key_pem=pair.public_key_pem + path.read_text(), actor=None)
     assert key.key_id == pair.key_id
     assert key.public_key_pem == pair.public_key_pem
     assert "PRIVATE" not in SigningKey.objects.get().public_key_pem

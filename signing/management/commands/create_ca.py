@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from opamp.config_signature import SigningKeyError
-from signing import services
 from signing.ca import CA_KEY_TYPES, certificate_fingerprint, create_ca, write_ca
+from signing.configured_ca import certificate_authority_register
 
 
 class Command(BaseCommand):
@@ -37,7 +37,7 @@ class Command(BaseCommand):
             write_ca(ca, key_file=key_file, cert_file=cert_file)
         except (SigningKeyError, OSError) as error:
             raise CommandError(str(error)) from None
-        services.certificate_authority_register(ca=ca, actor=None)
+        certificate_authority_register(ca=ca, actor=None)
         self.stdout.write(f"CA subject:     {ca.cert.subject.rfc4514_string()}")
         self.stdout.write(f"SHA-256:        {certificate_fingerprint(ca.cert)}")
         self.stdout.write(f"valid until:    {ca.cert.not_valid_after_utc.isoformat()}")

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from signing import services
+from signing.enrollment_tokens import enrollment_token_create
 from signing.errors import SigningError
 
 
@@ -29,7 +29,7 @@ class Command(BaseCommand):
                 raise CommandError(f"--label must be KEY=VALUE, got {item!r}")
             labels[key] = value
         try:
-            token, secret = services.enrollment_token_create(
+            token, secret = enrollment_token_create(
                 name=options["name"],
                 expires_in=timedelta(hours=options["expires_in_hours"]),
                 max_uses=options["max_uses"],

@@ -7,9 +7,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from opamp.config_signature import SigningKeyError
-from signing import services
 from signing.config_signing import generate_signing_key
 from signing.errors import SigningError
+from signing.signing_keys import is_configured_signing_key_file, signing_key_register
 
 
 class Command(BaseCommand):
@@ -28,9 +28,9 @@ class Command(BaseCommand):
             pair = generate_signing_key(path)
         except (SigningKeyError, OSError) as error:
             raise CommandError(str(error)) from None
-        active = services.is_configured_signing_key_file(path)
+        active = is_configured_signing_key_file(path)
         try:
-            services.signing_key_register(public_key_pem=pair.public_key_pem, actor=None, active=active)
+            signing_key_register(public_key_pem=pair.public_key_pem, actor=None, active=active)
         except SigningError as error:
             raise CommandError(error.message) from None
         self.stdout.write(f"key id: {pair.key_id}")

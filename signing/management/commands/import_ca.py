@@ -8,8 +8,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from signing import services
 from signing.ca import CaInvalid, certificate_fingerprint, load_ca
+from signing.configured_ca import certificate_authority_register
 
 
 class Command(BaseCommand):
@@ -30,7 +30,7 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         if key_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             self.stderr.write(f"warning: {key_file} is readable by other users; chmod 600 it")
-        services.certificate_authority_register(ca=ca, actor=None)
+        certificate_authority_register(ca=ca, actor=None)
         self.stdout.write(f"CA subject:     {ca.cert.subject.rfc4514_string()}")
         self.stdout.write(f"SHA-256:        {certificate_fingerprint(ca.cert)}")
         self.stdout.write(f"valid until:    {ca.cert.not_valid_after_utc.isoformat()}")

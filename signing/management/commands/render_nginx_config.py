@@ -11,7 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from signing import nginx_config, services
+from signing import nginx_config
+from signing.crl import crl_pem, write_public_file_atomically
 from signing.errors import SigningError
 
 TEMPLATE_DIR = Path(settings.BASE_DIR) / "deploy" / "nginx"
@@ -166,7 +167,7 @@ class Command(BaseCommand):
             return
         target = _absolute(output)
         try:
-            services.write_public_file_atomically(target, rendered.encode("utf-8"))
+            write_public_file_atomically(target, rendered.encode("utf-8"))
         except OSError as error:
             raise CommandError(f"--output {target}: {error}") from None
         self.stderr.write(f"wrote {target}; check it with: nginx -t -c {target}" if standalone else f"wrote {target}")
@@ -175,11 +176,11 @@ class Command(BaseCommand):
         if not path.parent.is_dir():
             raise CommandError(f"--crl {path}: the directory {path.parent} does not exist")
         try:
-            pem = services.crl_pem()
+            pem = crl_pem()
         except SigningError as error:
             raise CommandError(f"--write-crl: {error.message}") from None
         try:
-            services.write_public_file_atomically(path, pem)
+            write_public_file_atomically(path, pem)
         except OSError as error:
             raise CommandError(f"--crl {path}: {error}") from None
         self.stderr.write(f"wrote the CRL to {path}")

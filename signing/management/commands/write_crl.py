@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from signing import services
+from signing.crl import crl_pem, crl_write
 from signing.errors import SigningError
 
 
@@ -24,9 +24,9 @@ class Command(BaseCommand):
         output = options.get("output") or settings.OPAMP_CRL_FILE
         try:
             if not output or output == "-":
-                self.stdout.write(services.crl_pem().decode("ascii"), ending="")
+                self.stdout.write(crl_pem().decode("ascii"), ending="")
                 return
-            target = services.crl_write(output)
+            target = crl_write(output)
         except SigningError as error:
             raise CommandError(error.message) from None
         except OSError as error:
