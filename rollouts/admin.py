@@ -26,7 +26,6 @@ from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, ServiceErro
 from fleet.errors import DomainError
 from fleet.label_selectors import SelectorError, parse_selector
 from fleet.roles import can_write
-from rollouts import rollout_engine as engine
 from rollouts import selectors
 from rollouts.api import rollout_serializers
 from rollouts.api.serializers import CONFIGURATION_NAME_INVALID, CONFIGURATION_NAME_REGEX
@@ -41,6 +40,7 @@ from rollouts.models import (
     RolloutEvent,
     RolloutState,
 )
+from rollouts.rollout_services import answers, creation, verbs
 from rollouts.services import (
     config_limits,
     configuration_create,
@@ -455,7 +455,7 @@ class RolloutAddForm(forms.ModelForm):
             "note",
         ]
 
-    def clean_stages(self) -> list[engine.StageSpec]:
+    def clean_stages(self) -> list[creation.StageSpec]:
         try:
             document = json.loads(self.cleaned_data["stages"])
         except json.JSONDecodeError as error:
@@ -484,7 +484,7 @@ class RolloutAddForm(forms.ModelForm):
                     for name, problems in stage_errors.items()
                 ]
             )
-        return [engine.StageSpec(**stage) for stage in serializer.validated_data]
+        return [creation.StageSpec(**stage) for stage in serializer.validated_data]
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -629,10 +629,10 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
 
     @admin.display(description="stages and their agents")
     def stages_display(self, rollout: Rollout) -> str:
-        counts = engine.stage_counts(rollout)
+        counts = answers.stage_counts(rollout)
         rows = []
         for stage in rollout.stages.select_related("approved_by"):
-            stage_counts = counts.get(stage.index, engine.StageCounts())
+            stage_counts = counts.get(stage.index, answers.StageCounts())
             if not stage.requires_approval:
                 approval = "not needed"
             elif stage.approved_at is None:
@@ -666,11 +666,11 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
     def rollback_display(self, rollout: Rollout) -> str:
         if rollout.state not in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
             return "—"
-        return format_html_join(", ", "{}: {}", engine.rollback_progress(rollout).items())
+        return format_html_join(", ", "{}: {}", answers.rollback_progress(rollout).items())
 
     def save_model(self, request: HttpRequest, obj: Rollout, form: RolloutAddForm, change: bool) -> None:
         data = form.cleaned_data
-        rollout = engine.rollout_create(
+        rollout = creation.rollout_create(
             configuration=data["configuration"],
             candidate=data["candidate_version"],
             stages=data["stages"],
@@ -689,7 +689,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
     def _run_verb(self, request: HttpRequest, queryset: QuerySet[Rollout], verb: str, done: str) -> None:
         for rollout in queryset.order_by("pk"):
             try:
-                moved = getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user)
+                moved = getattr(verbs, f"rollout_{verb}")(rollout=rollout, actor=request.user)
             except DomainError as error:
                 self.message_user(request, f"rollout {rollout.pk}: {error.message}", messages.ERROR)
                 continue
@@ -735,7 +735,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
             if stage is None or rollout.state not in (RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED):
                 self.message_user(request, NOTHING_TO_APPROVE.format(rollout_id=rollout.pk), messages.WARNING)
                 continue
-            if engine.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user):
+            if verbs.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user):
                 self.message_user(
                     request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=f"stage {stage.index} approved")
                 )

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from rollouts.desired_state import prune_changes
 from rollouts.reconciler import desired_state_reconcile
-from rollouts.rollout_engine import rollout_tick, running_rollout_ids
+from rollouts.rollout_services.gate import rollout_tick, running_rollout_ids
 
 
 @shared_task(acks_late=True, ignore_result=True)

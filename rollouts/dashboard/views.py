@@ -35,10 +35,10 @@ from fleet.models import Agent, RemoteConfigState, Transport
 from fleet.roles import READ_DENIED, WRITE_DENIED, can_read, can_write
 from fleet.selector_queries import selector_q
 from rollouts import resend, selectors, services
-from rollouts import rollout_engine as engine
 from rollouts.config_files import ConfigValidationError
 from rollouts.dashboard.progress import rollout_progress
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutState
+from rollouts.rollout_services import creation, verbs
 from signing import selectors as signing_selectors
 from signing import services as signing_services
 from signing.models import CertificateRequest, IssuedCertificate
@@ -480,7 +480,7 @@ def _stage_rows(post: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _stage_specs(rows: list[dict[str, Any]]) -> list[engine.StageSpec]:
+def _stage_specs(rows: list[dict[str, Any]]) -> list[creation.StageSpec]:
     specs = []
     for index, row in enumerate(rows):
         try:
@@ -490,10 +490,10 @@ def _stage_specs(rows: list[dict[str, Any]]) -> list[engine.StageSpec]:
             raise DomainError(BAD_STAGE_ROW.format(index=index), field="stages") from None
         if row["unit"] == "count":
             if size != int(size):
-                raise DomainError(engine.STAGE_SIZE.format(index=index), field="stages")
-            specs.append(engine.StageSpec(count=int(size), hold_seconds=hold, requires_approval=row["approval"]))
+                raise DomainError(creation.STAGE_SIZE.format(index=index), field="stages")
+            specs.append(creation.StageSpec(count=int(size), hold_seconds=hold, requires_approval=row["approval"]))
         else:
-            specs.append(engine.StageSpec(percent=size, hold_seconds=hold, requires_approval=row["approval"]))
+            specs.append(creation.StageSpec(percent=size, hold_seconds=hold, requires_approval=row["approval"]))
     return specs
 
 
@@ -519,7 +519,7 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
                 candidate = configuration.versions.filter(number=_number(post.get("candidate"), 0) or 0).first()
                 if candidate is None:
                     raise DomainError("choose the candidate version", field="candidate")
-                rollout = engine.rollout_create(
+                rollout = creation.rollout_create(
                     configuration=configuration,
                     candidate=candidate,
                     stages=specs,
@@ -530,7 +530,7 @@ def rollout_new(request: HttpRequest) -> HttpResponse:
                     note=post.get("note", ""),
                 )
                 return redirect("dashboard-rollout", rollout_id=rollout.pk)
-            preview = engine.rollout_dry_run(configuration=configuration, stages=specs, salt=salt)
+            preview = creation.rollout_dry_run(configuration=configuration, stages=specs, salt=salt)
         except (DomainError, ValueError) as error:
             errors.append(error.message if isinstance(error, DomainError) else str(error))
     return render(
@@ -558,15 +558,15 @@ def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
         verb = request.POST.get("verb", "")
         try:
             if verb == "approve":
-                done = engine.rollout_approve_stage(
+                done = verbs.rollout_approve_stage(
                     rollout=rollout, stage_index=_number(request.POST.get("stage"), -1) or 0, actor=request.user
                 )
             elif verb in VERBS:
-                done = getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user)
+                done = getattr(verbs, f"rollout_{verb}")(rollout=rollout, actor=request.user)
             else:
                 raise DomainError(f"unknown verb {verb!r}")
             if not done:
-                raise DomainError(engine.LOST_RACE.format(rollout_id=rollout.pk), status=409)
+                raise DomainError(verbs.LOST_RACE.format(rollout_id=rollout.pk), status=409)
             return redirect("dashboard-rollout", rollout_id=rollout.pk)
         except DomainError as error:
             errors.append(error.message)

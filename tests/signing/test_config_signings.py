@@ -18,15 +18,9 @@ from fleet import agent_labels
 from fleet.models import Agent
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, ConfigVersion, Rollout, RolloutState
-from rollouts.rollout_engine import (
-    StageSpec,
-    rollout_abort,
-    rollout_create,
-    rollout_promote,
-    rollout_retry,
-    rollout_start,
-    rollout_tick,
-)
+from rollouts.rollout_services.creation import StageSpec, rollout_create
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import rollout_abort, rollout_promote, rollout_retry, rollout_start
 from signing import selectors
 from signing import services as signing_services
 from signing.config_signing import (
