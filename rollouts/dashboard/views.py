@@ -585,7 +585,7 @@ def rollout_detail(request: HttpRequest, rollout_id: int) -> HttpResponse:
 
 
 def _verbs(rollout: Rollout) -> list[str]:
-    """The verbs that make sense in the rollout's state (the engine still decides)."""
+    """The verbs that make sense in the rollout's state (the verb itself still decides)."""
     state = rollout.state
     return {
         RolloutState.DRAFT: ["start", "abort"],

@@ -14,7 +14,7 @@ from django.utils.html import escape
 
 from fleet.models import AuditEvent
 from fleet.roles import OPERATOR, VIEWER, grant_role
-from rollouts.admin import NOTHING_TO_APPROVE, ROLLOUT_VERB_DONE, STAGE_UNKNOWN_FIELD, STAGES_NOT_A_LIST
+from rollouts.admin.rollouts import NOTHING_TO_APPROVE, ROLLOUT_VERB_DONE, STAGE_UNKNOWN_FIELD, STAGES_NOT_A_LIST
 from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
 from rollouts.rollout_services.creation import STAGES_NOT_NESTED, StageSpec, rollout_create
