@@ -14,7 +14,7 @@ from django.utils import timezone
 from fleet.models import Agent, AuditEvent, RemoteConfigState
 from fleet.roles import OPERATOR, VIEWER, grant_role
 from rollouts import services
-from rollouts.dashboard.views import BAD_CURSOR, PAGE_SIZE
+from rollouts.dashboard.views.fleet import BAD_CURSOR, PAGE_SIZE
 from rollouts.models import Configuration, Rollout, RolloutState
 from rollouts.rollout_services import creation, verbs
 from signing.models import CertificateRequest
