@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.models import Count, F, Q, QuerySet
 
-from fleet.label_selectors import parse_selector
+from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent, RemoteConfigState
 from fleet.selector_queries import selector_q
 from fleet.selectors import agent_list, counts_by, presence_q

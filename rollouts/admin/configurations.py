@@ -19,7 +19,8 @@ from django.utils.html import format_html
 
 from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
-from fleet.label_selectors import SelectorError, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import SelectorError
 from fleet.roles import can_write
 from rollouts import selectors
 from rollouts.admin.saved_rows import become

@@ -16,7 +16,7 @@ from django.utils.html import format_html, format_html_join
 
 from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
-from fleet.label_selectors import parse_selector
+from fleet.label_selectors.parsing import parse_selector
 from fleet.roles import can_write
 from rollouts import selectors
 from rollouts.admin.saved_rows import become

@@ -14,7 +14,8 @@ from django.db import transaction
 
 from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
-from fleet.label_selectors import SelectorError, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import SelectorError
 from fleet.models import Agent
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, count_threshold, percent_threshold
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutStage, RolloutState

@@ -17,7 +17,8 @@ from django.shortcuts import render
 from django.utils.dateparse import parse_datetime
 
 from fleet import selectors as fleet_selectors
-from fleet.label_selectors import SelectorError, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import SelectorError
 from fleet.models import Agent, RemoteConfigState, Transport
 from fleet.selector_queries import selector_q
 from rollouts import selectors
