@@ -20,12 +20,6 @@ def advance_rollouts() -> dict[int, str]:
 
 
 @shared_task(acks_late=True, ignore_result=True)
-def advance_rollout(rollout_id: int) -> str:
-    """One rollout now (enqueued on commit after a verb); a stale id simply does nothing."""
-    return rollout_tick(rollout_id=rollout_id)
-
-
-@shared_task(acks_late=True, ignore_result=True)
 def prune_desired_state_log() -> int:
     """Drop change-log rows older than the retention; a process further behind starts over."""
     retention = timedelta(seconds=settings.OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS)
