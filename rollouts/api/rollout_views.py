@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from fleet.api.validation import validated
 from fleet.errors import DomainError
 from rollouts.api import rollout_serializers as rs
-from rollouts.api.views import RolloutsAPIMixin, _configuration, _version
+from rollouts.api.views import RolloutsAPIMixin, configuration_or_404, version_or_400
 from rollouts.models import Rollout, RolloutState
 from rollouts.rollout_services import answers, creation, verbs
 
@@ -61,14 +61,14 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     )
     def create(self, request: Request) -> Response:
         data = validated(rs.RolloutInputSerializer, request.data)
-        configuration = _configuration(data["configuration"])
+        configuration = configuration_or_404(data["configuration"])
         stages = _stage_specs(data["stages"])
         if data["dry_run"]:
             result = creation.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
             return Response(rs.DryRunSerializer(result).data)
         rollout = creation.rollout_create(
             configuration=configuration,
-            candidate=_version(configuration, data["candidate_version"], field="candidate_version"),
+            candidate=version_or_400(configuration, data["candidate_version"], field="candidate_version"),
             stages=stages,
             actor=request.user,
             max_failure_rate=data["max_failure_rate"],
