@@ -12,7 +12,7 @@ from django.db import transaction
 from fleet import extensions
 from fleet.audit import Actor, audit_record
 from fleet.errors import DomainError
-from fleet.label_selectors import SelectorError, check_label
+from fleet.label_selectors.selector import SelectorError, check_label
 from fleet.labels import merged_labels
 from fleet.models import Agent
 

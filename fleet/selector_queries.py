@@ -14,7 +14,7 @@ from operator import or_
 from django.db import connection, connections
 from django.db.models import Q, QuerySet
 
-from fleet.label_selectors import LabelSelector, Operator, Requirement
+from fleet.label_selectors.selector import LabelSelector, Operator, Requirement
 from fleet.models import Agent
 
 LABELS_FIELD = "labels"

@@ -13,7 +13,7 @@ from fleet.labels import merged_labels
 from fleet.models import Agent, stored_remote_address, uint64_to_db
 from fleet.reports import AgentReport
 from rollouts.desired_state import resolve_agent, resolve_new_agent
-from rollouts.rollout_engine import AnswerRecord, record_answer, record_answers
+from rollouts.rollout_services.answers import AnswerRecord, record_answer, record_answers
 
 
 @dataclass

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fleet.label_selectors import LabelSelector
+from fleet.label_selectors.selector import LabelSelector
 
 BUCKETS = 10_000
 CANARY_LABEL = "deployment.canary"

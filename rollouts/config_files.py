@@ -122,13 +122,6 @@ def files_to_document(files: Mapping[str, ConfigFileSpec]) -> dict[str, dict[str
     return {name: {"body": files[name].text, "content_type": files[name].content_type} for name in sorted(files)}
 
 
-def files_from_document(document: Mapping[str, Mapping[str, str]]) -> dict[str, ConfigFileSpec]:
-    return {
-        name: ConfigFileSpec(body=entry["body"].encode("utf-8"), content_type=entry.get("content_type", ""))
-        for name, entry in document.items()
-    }
-
-
 def files_hash(files: Mapping[str, ConfigFileSpec]) -> str:
     """Hex SHA-256 over the canonical encoding (opamp.hashing), as sent in config_hash."""
     return config_map_hash(files).hex()

@@ -21,7 +21,7 @@ from django.db.models import F, Max, Q, QuerySet
 from django.utils import timezone
 
 from fleet.db import bulk_update_from_unnest
-from fleet.label_selectors import parse_selector
+from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent
 from fleet.selector_queries import selector_q
 from rollouts.models import (

@@ -217,8 +217,9 @@ ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState
 class Rollout(models.Model):
     """Moves a configuration's agents from `stable_version` to `candidate_version` in stages.
 
-    State changes happen only in rollouts.rollout_engine, each as a conditional UPDATE on
-    (state, stage_index), so a duplicated or stale Celery task cannot repeat one.
+    State changes happen only in `rollouts.rollout_services.verbs.transition`, each as a
+    conditional UPDATE on (state, stage_index), so a duplicated or stale Celery task cannot
+    repeat one.
     """
 
     configuration = models.ForeignKey(Configuration, on_delete=models.CASCADE, related_name="rollouts")

@@ -26,7 +26,8 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-from fleet.label_selectors import LabelSelector, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import LabelSelector
 from rollouts.models import Configuration, ConfigVersion, DesiredStateGeneration
 from rollouts.rollout_plans import RolloutPlan, active_rollout_plans
 

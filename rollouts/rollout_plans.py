@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fleet.label_selectors import parse_selector
+from fleet.label_selectors.parsing import parse_selector
 from rollouts.cohorts import StagePlan, bucket_of, cohort_of
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Rollout, RolloutState
 

@@ -18,7 +18,7 @@ from django.db import transaction
 from rollouts.models import Rollout, RolloutSample
 
 if TYPE_CHECKING:
-    from rollouts.rollout_engine import StageCounts
+    from rollouts.rollout_services.answers import StageCounts
 
 SAMPLES_PER_STAGE = 240
 SAMPLE_EVERY = timedelta(seconds=60)

@@ -1,4 +1,7 @@
-"""Reads for configurations: versions, per-version status counts, per-agent config state."""
+"""Read functions for configurations (the house split: `services` write, `selectors` read):
+versions, per-version status counts, per-agent config state, drift, a selector's preview and
+version diffs. Label selectors themselves are `fleet.label_selectors`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,11 @@ from typing import Any
 
 from django.db.models import Count, F, Q, QuerySet
 
-from fleet.label_selectors import parse_selector
+from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent, RemoteConfigState
 from fleet.selector_queries import selector_q
 from fleet.selectors import agent_list, counts_by, presence_q
 from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion
-
-VERSION_STATES = ("applied", "applying", "failed", "pending", "offline")
 
 
 def configuration_list() -> QuerySet[Configuration]:

@@ -11,7 +11,8 @@ from django.db.models import Max
 
 from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
-from fleet.label_selectors import SelectorError, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import SelectorError
 from fleet.models import Agent
 from rollouts import desired_state
 from rollouts.config_files import ConfigLimits, files_hash, files_to_document, parse_config_files

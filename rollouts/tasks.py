@@ -10,19 +10,13 @@ from django.utils import timezone
 
 from rollouts.desired_state import prune_changes
 from rollouts.reconciler import desired_state_reconcile
-from rollouts.rollout_engine import rollout_tick, running_rollout_ids
+from rollouts.rollout_services.gate import rollout_tick, running_rollout_ids
 
 
 @shared_task(acks_late=True, ignore_result=True)
 def advance_rollouts() -> dict[int, str]:
     """Beat's periodic tick: give every running (or rolling-back) rollout one gate check."""
     return {rollout_id: rollout_tick(rollout_id=rollout_id) for rollout_id in running_rollout_ids()}
-
-
-@shared_task(acks_late=True, ignore_result=True)
-def advance_rollout(rollout_id: int) -> str:
-    """One rollout now (enqueued on commit after a verb); a stale id simply does nothing."""
-    return rollout_tick(rollout_id=rollout_id)
 
 
 @shared_task(acks_late=True, ignore_result=True)

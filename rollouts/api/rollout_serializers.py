@@ -35,19 +35,6 @@ class ApproveSerializer(serializers.Serializer):
     stage = serializers.IntegerField(min_value=0)
 
 
-class StageCountsSerializer(serializers.Serializer):
-    targeted = serializers.IntegerField()
-    applied = serializers.IntegerField()
-    unhealthy = serializers.IntegerField()
-    failed = serializers.IntegerField()
-    pending = serializers.IntegerField()
-    timed_out = serializers.IntegerField()
-    offline = serializers.IntegerField()
-    reported = serializers.IntegerField()
-    reachable = serializers.IntegerField()
-    failure_rate = serializers.FloatField()
-
-
 class StageSerializer(serializers.ModelSerializer):
     approved_by = serializers.CharField(source="approved_by.username", read_only=True, allow_null=True)
     counts = serializers.SerializerMethodField()

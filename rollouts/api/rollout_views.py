@@ -14,14 +14,14 @@ from rest_framework.response import Response
 
 from fleet.api.validation import validated
 from fleet.errors import DomainError
-from rollouts import rollout_engine as engine
 from rollouts.api import rollout_serializers as rs
-from rollouts.api.views import RolloutsAPIMixin, _configuration, _version
+from rollouts.api.views import RolloutsAPIMixin, configuration_or_404, version_or_400
 from rollouts.models import Rollout, RolloutState
+from rollouts.rollout_services import answers, creation, verbs
 
 
-def _stage_specs(stages: list[dict[str, Any]]) -> list[engine.StageSpec]:
-    return [engine.StageSpec(**stage) for stage in stages]
+def _stage_specs(stages: list[dict[str, Any]]) -> list[creation.StageSpec]:
+    return [creation.StageSpec(**stage) for stage in stages]
 
 
 class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
@@ -41,9 +41,9 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     def _encode(self, rollout: Rollout, *, code: int = status.HTTP_200_OK) -> Response:
         rollout = self.get_queryset().get(pk=rollout.pk)
-        context: dict[str, Any] = {"counts": engine.stage_counts(rollout)}
+        context: dict[str, Any] = {"counts": answers.stage_counts(rollout)}
         if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
-            context["rollback"] = engine.rollback_progress(rollout)
+            context["rollback"] = answers.rollback_progress(rollout)
         return Response(rs.RolloutSerializer(rollout, context=context).data, status=code)
 
     def list(self, request: Request) -> Response:
@@ -61,14 +61,14 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     )
     def create(self, request: Request) -> Response:
         data = validated(rs.RolloutInputSerializer, request.data)
-        configuration = _configuration(data["configuration"])
+        configuration = configuration_or_404(data["configuration"])
         stages = _stage_specs(data["stages"])
         if data["dry_run"]:
-            result = engine.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
+            result = creation.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
             return Response(rs.DryRunSerializer(result).data)
-        rollout = engine.rollout_create(
+        rollout = creation.rollout_create(
             configuration=configuration,
-            candidate=_version(configuration, data["candidate_version"], field="candidate_version"),
+            candidate=version_or_400(configuration, data["candidate_version"], field="candidate_version"),
             stages=stages,
             actor=request.user,
             max_failure_rate=data["max_failure_rate"],
@@ -82,8 +82,8 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     def _verb(self, request: Request, pk: str, verb: str) -> Response:
         rollout = get_object_or_404(Rollout, pk=pk)
-        if not getattr(engine, f"rollout_{verb}")(rollout=rollout, actor=request.user):
-            raise DomainError(engine.LOST_RACE.format(rollout_id=rollout.pk), status=409)
+        if not getattr(verbs, f"rollout_{verb}")(rollout=rollout, actor=request.user):
+            raise DomainError(verbs.LOST_RACE.format(rollout_id=rollout.pk), status=409)
         return self._encode(rollout)
 
     @extend_schema(request=None, responses=rs.RolloutSerializer)
@@ -121,7 +121,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     def approve(self, request: Request, pk: str) -> Response:
         data = validated(rs.ApproveSerializer, request.data)
         rollout = get_object_or_404(Rollout, pk=pk)
-        engine.rollout_approve_stage(rollout=rollout, stage_index=data["stage"], actor=request.user)
+        verbs.rollout_approve_stage(rollout=rollout, stage_index=data["stage"], actor=request.user)
         return self._encode(rollout)
 
     @extend_schema(responses=rs.RolloutEventSerializer(many=True))

@@ -11,7 +11,8 @@ from rest_framework import serializers
 
 from fleet.api.serializers import AgentSummarySerializer
 from fleet.api.validation import LabelsField
-from fleet.label_selectors import Operator, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import Operator
 from rollouts.models import Configuration, ConfigVersion, ReconcilerState
 
 SELECTOR_EXAMPLE = "env=prod,tier in (edge,core),!legacy"

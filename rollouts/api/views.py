@@ -30,11 +30,11 @@ from rollouts.models import Configuration, ConfigVersion
 PREVIEW_LIMIT = 100
 
 
-def _configuration(name: str) -> Configuration:
+def configuration_or_404(name: str) -> Configuration:
     return get_object_or_404(selectors.configuration_list(), name=name)
 
 
-def _version(configuration: Configuration, number: int, *, field: str) -> ConfigVersion:
+def version_or_400(configuration: Configuration, number: int, *, field: str) -> ConfigVersion:
     """A version of `configuration` named in the request body or query: unknown is a 400."""
     version = selectors.version_list(configuration).filter(number=number).first()
     if version is None:
@@ -106,8 +106,8 @@ class ConfigurationViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     def diff(self, request: Request, name: str) -> Response:
         query = validated(s.DiffQuerySerializer, request.query_params)
         configuration = self.get_object()
-        older = _version(configuration, query["from"], field="from")
-        newer = _version(configuration, query["to"], field="to")
+        older = version_or_400(configuration, query["from"], field="from")
+        newer = version_or_400(configuration, query["to"], field="to")
         files = selectors.version_diff(older, newer)
         return Response(s.VersionDiffSerializer({"from": older.number, "to": newer.number, "files": files}).data)
 
@@ -136,7 +136,7 @@ class ConfigVersionViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     def get_queryset(self) -> QuerySet[ConfigVersion]:
         if getattr(self, "swagger_fake_view", False):  # schema generation has no URL kwargs
             return ConfigVersion.objects.none()
-        return selectors.version_list(_configuration(self.kwargs["name"]))
+        return selectors.version_list(configuration_or_404(self.kwargs["name"]))
 
     def list(self, request: Request, name: str) -> Response:
         page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
@@ -154,7 +154,7 @@ class ConfigVersionViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     def create(self, request: Request, name: str) -> Response:
         data = validated(s.PublishSerializer, request.data)
         version, created = services.configuration_publish(
-            configuration=_configuration(name),
+            configuration=configuration_or_404(name),
             files=data["files"],
             author=request.user,
             note=data["note"],

@@ -1,8 +1,8 @@
 """One rollout's progress as the rollout page and `manage.py rollout_watch` show it.
 
-A read model only: the counts come from the engine's grouped queries (`stage_counts`,
-`rollback_progress`), the failed agents from the targets' recorded answers, which stay
-after an automatic rollback has moved those agents back to the stable version.
+A read model only: the counts come from the grouped queries of `rollout_services.answers`
+(`stage_counts`, `rollback_progress`), the failed agents from the targets' recorded answers,
+which stay after an automatic rollback has moved those agents back to the stable version.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from django.utils import timezone
 
 from fleet.models import Agent
-from rollouts import rollout_engine as engine
 from rollouts.models import Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
+from rollouts.rollout_services import answers
 
 FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
 FAILED_AGENTS_SHOWN = 50
@@ -29,7 +29,7 @@ class StageProgress:
     hold_seconds: float
     requires_approval: bool
     approved: bool
-    counts: engine.StageCounts
+    counts: answers.StageCounts
     failed_answers: int  # targets of this stage that answered "failed", even if since reverted
     current: bool
     reached: bool
@@ -60,7 +60,7 @@ class FailedAgent:
 class RolloutProgress:
     rollout: Rollout
     stages: list[StageProgress]
-    cumulative: engine.StageCounts
+    cumulative: answers.StageCounts
     population: int
     rollback: dict[str, int] | None
     failed_agents: list[FailedAgent]
@@ -118,7 +118,7 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
     rollout = Rollout.objects.select_related("configuration", "stable_version", "candidate_version", "created_by").get(
         pk=rollout_id
     )
-    counts = engine.stage_counts(rollout, now=now)
+    counts = answers.stage_counts(rollout, now=now)
     failed = RolloutTarget.objects.filter(rollout=rollout, answer="failed")
     failed_by_stage: dict[int, int] = {}
     for index in failed.values_list("stage_index", flat=True):
@@ -131,19 +131,19 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
             hold_seconds=stage.hold_seconds,
             requires_approval=stage.requires_approval,
             approved=stage.approved_at is not None,
-            counts=counts.get(stage.index, engine.StageCounts()),
+            counts=counts.get(stage.index, answers.StageCounts()),
             failed_answers=failed_by_stage.get(stage.index, 0),
             current=started and stage.index == rollout.stage_index and rollout.state not in FINAL_STATES,
             reached=started and stage.index <= rollout.stage_index,
         )
         for stage in rollout.stages.all()
     ]
-    cumulative = engine.StageCounts()
+    cumulative = answers.StageCounts()
     for stage_counts in counts.values():
         cumulative = cumulative + stage_counts
     rollback = None
     if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
-        rollback = engine.rollback_progress(rollout, now=now)
+        rollback = answers.rollback_progress(rollout, now=now)
     failed_agents = [
         FailedAgent(
             agent_id=target.agent_id,

@@ -17,7 +17,7 @@ from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from rollouts import services
 from rollouts.models import RolloutTarget
-from rollouts.rollout_engine import rollout_start
+from rollouts.rollout_services.verbs import rollout_start
 from tests.fleet.asgi_clients import WsAgent
 from tests.fleet.messages import config_status, full_report, heartbeat
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, standard_rollout

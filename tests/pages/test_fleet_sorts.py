@@ -15,7 +15,7 @@ from django.utils import timezone
 from fleet.models import Agent
 from fleet.roles import OPERATOR, grant_role
 from rollouts import services
-from rollouts.dashboard import views
+from rollouts.dashboard.views import fleet as fleet_views
 from rollouts.models import AgentDesiredConfig, Configuration
 from tests.fleet.factories import AgentFactory, UserFactory
 
@@ -117,9 +117,9 @@ def walk(client: Client, sort: str) -> list[int]:
 
 
 def test_every_column_sorts_both_ways_and_paging_visits_each_agent_once(operator, agents, monkeypatch):
-    assert set(KEYS) == set(views.SORTS)
+    assert set(KEYS) == set(fleet_views.SORTS)
     # Pages of three: every sort crosses page boundaries inside a run of equal keys.
-    monkeypatch.setattr(views, "PAGE_SIZE", 3)
+    monkeypatch.setattr(fleet_views, "PAGE_SIZE", 3)
     for name, key in KEYS.items():
         ascending = [a.pk for a in sorted(agents, key=lambda a: (key(a), a.pk))]
         with CaptureQueriesContext(connection) as queries:
@@ -131,7 +131,7 @@ def test_every_column_sorts_both_ways_and_paging_visits_each_agent_once(operator
 def test_each_column_header_links_its_sort_and_flips_the_current_one(operator, agents):
     page = operator.get("/fleet/", {"sort": "health"})
     links = {column["label"]: column for column in page.context["columns"]}
-    assert len(links) == len(views.SORTS)
+    assert len(links) == len(fleet_views.SORTS)
     assert links["health"]["arrow"] == "↑" and "sort=-health" in links["health"]["link"]
     assert "sort=name" in links["agent"]["link"] and not links["agent"]["arrow"]
     assert "sort=-last_seen" in links["last seen"]["link"]
@@ -141,6 +141,6 @@ def test_each_column_header_links_its_sort_and_flips_the_current_one(operator, a
 
 
 def test_an_unknown_sort_falls_back_to_last_seen_and_a_cursor_of_the_wrong_kind_is_stale(operator, agents):
-    assert operator.get("/fleet/", {"sort": "-password"}).context["sort"] == views.DEFAULT_SORT
+    assert operator.get("/fleet/", {"sort": "-password"}).context["sort"] == fleet_views.DEFAULT_SORT
     stale = operator.get("/fleet/", {"sort": "version", "after": "abc|3"})
-    assert stale.context["problem"] == views.BAD_CURSOR and not stale.context["agents"]
+    assert stale.context["problem"] == fleet_views.BAD_CURSOR and not stale.context["agents"]

@@ -13,10 +13,10 @@ from django.utils import timezone
 
 from fleet.models import Agent, AuditEvent, RemoteConfigState
 from fleet.roles import OPERATOR, VIEWER, grant_role
-from rollouts import rollout_engine as engine
 from rollouts import services
-from rollouts.dashboard.views import BAD_CURSOR, PAGE_SIZE
+from rollouts.dashboard.views.fleet import BAD_CURSOR, PAGE_SIZE
 from rollouts.models import Configuration, Rollout, RolloutState
+from rollouts.rollout_services import creation, verbs
 from signing.models import CertificateRequest
 from tests.fleet.factories import AgentFactory, UserFactory
 
@@ -68,10 +68,10 @@ def configured() -> tuple[Configuration, list[Agent]]:
 
 def create_rollout(configuration: Configuration) -> Rollout:
     candidate = configuration.versions.get(number=2)
-    return engine.rollout_create(
+    return creation.rollout_create(
         configuration=configuration,
         candidate=candidate,
-        stages=[engine.StageSpec(percent=10), engine.StageSpec(percent=100)],
+        stages=[creation.StageSpec(percent=10), creation.StageSpec(percent=100)],
         actor=None,
         salt="s",
     )
@@ -192,10 +192,10 @@ def test_the_rollout_form_previews_with_a_salt_and_saves_the_same_cohorts(operat
     assert created.status_code == 302
     rollout = Rollout.objects.get()
     assert rollout.salt == dry.salt and rollout.max_failure_rate == pytest.approx(0.001)
-    assert engine.rollout_start(rollout=rollout, actor=None)
+    assert verbs.rollout_start(rollout=rollout, actor=None)
     assert rollout.targets.count() == dry.stages[0].cohort_size
     bad = operator.post("/rollouts/new/", {**data, "stage_size": ["50", "10"]})
-    assert bad.context["errors"] == [engine.STAGES_NOT_NESTED.format(index=1)]
+    assert bad.context["errors"] == [creation.STAGES_NOT_NESTED.format(index=1)]
 
 
 def test_the_rollout_page_shows_stages_and_runs_verbs_and_its_fragment_is_live(operator, configured):

@@ -10,7 +10,8 @@ from fleet.models import Agent, RemoteConfigState
 from opamp.identifiers import uuid7
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion, Rollout
-from rollouts.rollout_engine import StageSpec, record_answer, rollout_create
+from rollouts.rollout_services.answers import record_answer
+from rollouts.rollout_services.creation import StageSpec, rollout_create
 
 STABLE = {"c.yaml": {"body": "v: stable\n", "content_type": "text/yaml"}}
 CANDIDATE = {"c.yaml": {"body": "v: candidate\n", "content_type": "text/yaml"}}

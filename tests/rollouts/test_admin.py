@@ -333,7 +333,7 @@ def test_a_user_who_is_not_staff_cannot_use_the_admin_whatever_their_role(edge):
 
 def test_a_refusal_the_form_could_not_foresee_is_shown_and_nothing_is_saved(admin_client, monkeypatch):
     from fleet.errors import DomainError
-    from rollouts import admin as rollouts_admin
+    from rollouts.admin import configurations as rollouts_admin
 
     def refuse(**kwargs: Any) -> Configuration:
         Configuration.objects.create(name="half-made")  # must not survive the refusal

@@ -23,14 +23,9 @@ from opamp.identifiers import uuid7
 from rollouts import resolver_cache, services
 from rollouts.desired_state import computed_assignments, stored_assignments
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Configuration, Rollout
-from rollouts.rollout_engine import (
-    StageSpec,
-    rollout_abort,
-    rollout_create,
-    rollout_promote,
-    rollout_start,
-    rollout_tick,
-)
+from rollouts.rollout_services.creation import StageSpec, rollout_create
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import rollout_abort, rollout_promote, rollout_start
 from tests.fleet.messages import BASE_CAPABILITIES, full_report
 from tests.rollouts.rollout_helpers import answer_all, make_fleet
 

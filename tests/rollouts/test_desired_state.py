@@ -12,7 +12,7 @@ from opamp.identifiers import uuid7
 from rollouts import services
 from rollouts.desired_state import Offer, current_generation, record_offers, resolve_agents
 from rollouts.models import AgentDesiredConfig, ConfigVersion, RolloutTarget
-from rollouts.rollout_engine import rollout_start
+from rollouts.rollout_services.verbs import rollout_start
 from rollouts.selectors import agent_config_state, drifting_agents, version_status_counts
 from tests.fleet.factories import AgentFactory
 from tests.rollouts.rollout_helpers import configuration_with_candidate, make_fleet, standard_rollout

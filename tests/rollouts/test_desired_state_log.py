@@ -23,7 +23,7 @@ from rollouts.desired_state import (
     prune_changes,
 )
 from rollouts.models import DesiredStateChange, RolloutTarget
-from rollouts.rollout_engine import rollout_start
+from rollouts.rollout_services.verbs import rollout_start
 from rollouts.tasks import prune_desired_state_log
 from tests.rollouts.rollout_helpers import configuration_with_candidate, make_fleet, standard_rollout
 

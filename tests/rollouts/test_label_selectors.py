@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.label_selectors import (
-    MATCH_EVERYTHING,
-    LabelSelector,
-    Operator,
-    Requirement,
-    SelectorError,
-    parse_selector,
-)
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import MATCH_EVERYTHING, LabelSelector, Operator, Requirement, SelectorError
 from tests.rollouts.selector_cases import AGENTS, SelectorCase, case_params
 
 

@@ -13,7 +13,7 @@ from rollouts import services
 from rollouts.desired_state import computed_assignments, current_generation, stored_assignments
 from rollouts.models import AgentDesiredConfig, ReconcilerState
 from rollouts.reconciler import BATCH_TOO_SMALL, REPAIR_LOG, ReconcileRun, desired_state_reconcile
-from rollouts.rollout_engine import rollout_start
+from rollouts.rollout_services.verbs import rollout_start
 from rollouts.tasks import reconcile_desired_state
 from tests.rollouts.rollout_helpers import (
     CANDIDATE,

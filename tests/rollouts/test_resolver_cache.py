@@ -23,7 +23,8 @@ from opamp.identifiers import uuid7
 from rollouts import resolver_cache, services
 from rollouts.desired_state import current_generation, desired_config_for_agent, resolve_agent, resolve_new_agent
 from rollouts.models import AgentDesiredConfig, Configuration, ConfigVersion, RolloutTarget
-from rollouts.rollout_engine import rollout_abort, rollout_promote, rollout_start, rollout_tick
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import rollout_abort, rollout_promote, rollout_start
 from tests.fleet.messages import BASE_CAPABILITIES, full_report
 from tests.rollouts.rollout_helpers import CANDIDATE, STABLE, answer_all, configuration_with_candidate, standard_rollout
 

@@ -14,19 +14,12 @@ from django.utils.html import escape
 
 from fleet.models import AuditEvent
 from fleet.roles import OPERATOR, VIEWER, grant_role
-from rollouts.admin import NOTHING_TO_APPROVE, ROLLOUT_VERB_DONE, STAGE_UNKNOWN_FIELD, STAGES_NOT_A_LIST
+from rollouts.admin.rollouts import NOTHING_TO_APPROVE, ROLLOUT_VERB_DONE, STAGE_UNKNOWN_FIELD, STAGES_NOT_A_LIST
 from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
-from rollouts.rollout_engine import (
-    NOT_IN_STATE,
-    STAGES_NOT_NESTED,
-    StageSpec,
-    rollout_abort,
-    rollout_create,
-    rollout_pause,
-    rollout_start,
-    rollout_tick,
-)
+from rollouts.rollout_services.creation import STAGES_NOT_NESTED, StageSpec, rollout_create
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import NOT_IN_STATE, rollout_abort, rollout_pause, rollout_start
 from tests.fleet.factories import UserFactory
 from tests.rollouts.rollout_helpers import answer_all, configuration_with_candidate, make_fleet, standard_rollout
 

@@ -12,15 +12,9 @@ from fleet.models import AuditEvent
 from fleet.roles import WRITE_DENIED
 from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutState, RolloutTarget
-from rollouts.rollout_engine import (
-    CANDIDATE_IS_STABLE,
-    NO_STAGES,
-    NOT_IN_STATE,
-    ROLLOUT_ACTIVE,
-    STAGE_SIZE,
-    STAGES_NOT_NESTED,
-    rollout_tick,
-)
+from rollouts.rollout_services.creation import CANDIDATE_IS_STABLE, NO_STAGES, STAGE_SIZE, STAGES_NOT_NESTED
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import NOT_IN_STATE, ROLLOUT_ACTIVE
 from tests.rollouts.rollout_helpers import answer_all, configuration_with_candidate, make_fleet
 
 pytestmark = pytest.mark.django_db

@@ -12,7 +12,9 @@ from django.utils import timezone
 from fleet.roles import VIEWER, grant_role
 from rollouts import rollout_samples
 from rollouts.models import Rollout, RolloutSample, RolloutState, RolloutTarget
-from rollouts.rollout_engine import StageCounts, rollout_start, rollout_tick
+from rollouts.rollout_services.answers import StageCounts
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import rollout_start
 from rollouts.tasks import advance_rollouts
 from tests.fleet.factories import UserFactory
 from tests.rollouts.rollout_helpers import answer_all, configuration_with_candidate, make_fleet, standard_rollout

@@ -15,19 +15,17 @@ from opamp.identifiers import uuid7
 from rollouts import services
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, percent_threshold
 from rollouts.models import Rollout, RolloutEvent, RolloutState, RolloutTarget
-from rollouts.rollout_engine import (
-    StageSpec,
+from rollouts.rollout_services.answers import stage_counts
+from rollouts.rollout_services.creation import StageSpec, rollout_create, rollout_dry_run
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import (
     rollout_abort,
     rollout_approve_stage,
-    rollout_create,
-    rollout_dry_run,
     rollout_pause,
     rollout_promote,
     rollout_resume,
     rollout_retry,
     rollout_start,
-    rollout_tick,
-    stage_counts,
 )
 from tests.rollouts.rollout_helpers import (
     answer_all,

@@ -10,7 +10,8 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from fleet.label_selectors import MATCH_EVERYTHING, parse_selector
+from fleet.label_selectors.parsing import parse_selector
+from fleet.label_selectors.selector import MATCH_EVERYTHING
 from fleet.models import Agent
 from fleet.selector_queries import ERR_PREFIX, agents_matching, selector_q
 from tests.rollouts.selector_cases import AGENTS, SelectorCase, case_params

@@ -20,15 +20,9 @@ from opamp.config_signature import AppliedSigning, SequenceReplayed, SignedConfi
 from rollouts import services
 from rollouts.config_signings import config_version_sign
 from rollouts.models import AgentDesiredConfig, ConfigSigning, ConfigVersion, Rollout, RolloutState
-from rollouts.rollout_engine import (
-    StageSpec,
-    rollout_abort,
-    rollout_create,
-    rollout_promote,
-    rollout_retry,
-    rollout_start,
-    rollout_tick,
-)
+from rollouts.rollout_services.creation import StageSpec, rollout_create
+from rollouts.rollout_services.gate import rollout_tick
+from rollouts.rollout_services.verbs import rollout_abort, rollout_promote, rollout_retry, rollout_start
 from signing import selectors
 from signing.config_signing import SigningKeyPair, generate_signing_key
 from signing.file_cache import reset_file_cache

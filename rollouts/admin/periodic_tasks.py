@@ -1,7 +1,7 @@
 """Celery beat's schedule in the admin: only what an operator may need to see.
 
 django-celery-beat registers five admins (clocked, crontab, interval and solar schedules,
-periodic tasks). The schedules are written from code at start (`opamp_site.periodic`), so
+periodic tasks). The schedules are written from code at start (`fleet.periodic`), so
 the schedule models are internal: they leave the admin. The periodic tasks stay, for
 superusers only and read-mostly: a superuser sees what runs how often and may switch a task
 off or on (e.g. stop advancing rollouts during an incident); nothing is added, deleted or
