@@ -33,7 +33,7 @@ from fleet.agent_labels import agent_labels_set, check_labels
 from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
 from fleet.models import Agent
-from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
+from fleet.notify import notify_certificate_issued, notify_credentials_revoked
 from rollouts.models import Configuration, ConfigVersion
 from signing import ca as ca_module
 from signing import config_signing
@@ -137,7 +137,7 @@ def _hint_agent(instance_uid: uuid.UUID) -> None:
     A hint only: an agent that misses it picks up a new or revoked certificate on its
     next message, like any other desired-state change.
     """
-    transaction.on_commit(lambda: notify_desired_state_changed([instance_uid]))
+    transaction.on_commit(lambda: notify_certificate_issued([instance_uid]))
 
 
 # --- config signing keys ----------------------------------------------------------------
