@@ -99,7 +99,9 @@ class AgentSession:
             return error_reply(instance_uid=message.instance_uid, message=str(error))
 
     async def _handle(self, message: opamp_pb2.AgentToServer) -> opamp_pb2.ServerToAgent:
-        instance_uid = _instance_uid(message)
+        if problem := instance_uid_problem(message.instance_uid):
+            raise ProtocolError(problem)
+        instance_uid = uuid.UUID(bytes=message.instance_uid)
         if (retry_after := self._admission_refused(instance_uid)) is not None:
             return self._unavailable(message, retry_after)
         if instance_uid != self.identity_checked:
@@ -109,7 +111,8 @@ class AgentSession:
         reply = opamp_pb2.ServerToAgent(
             instance_uid=message.instance_uid, capabilities=self.fleet.server_capabilities()
         )
-        self._follow(instance_uid)
+        if instance_uid != self.instance_uid:
+            self._follow(instance_uid)
 
         snapshot = self.fleet.snapshots.get(instance_uid)
         if snapshot is None:
@@ -117,7 +120,8 @@ class AgentSession:
         # A known agent whose full report hashes as the row's: nothing of it to parse or write.
         state_hash = reported_state_hash(message, capabilities) if is_full_report(message) else ""
         unchanged = snapshot is not None and bool(state_hash) and snapshot.reported_state_hash == state_hash
-        self._admit(unchanged)
+        if not self.admitted:
+            self._admit(unchanged)
         if unchanged:
             assert snapshot is not None
             report = AgentReport(capabilities=capabilities)
@@ -177,7 +181,8 @@ class AgentSession:
         return filled
 
     def _follow(self, instance_uid: uuid.UUID) -> None:
-        if self.instance_uid is not None and self.instance_uid != instance_uid:
+        """The connection's first message, or another uid on it."""
+        if self.instance_uid is not None:
             # An agent adopting a server-assigned uid mid-connection; follow it.
             self.fleet.live.release(self.instance_uid, self)
         self.instance_uid = instance_uid
@@ -213,12 +218,12 @@ class AgentSession:
         return self.fleet.admission.take(admission.full_admission_cost())
 
     def _admit(self, unchanged: bool) -> None:
-        if not self.admitted:
-            # The full admission price was taken above, before any database work; a cheap
-            # reconnect costs one token and gets the rest back.
-            if unchanged:
-                self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
-            self.admitted = True
+        """Once per connection, after the snapshot is known: the full admission price was
+        taken before any database work; a cheap reconnect costs one token and gets the
+        rest back."""
+        if unchanged:
+            self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
+        self.admitted = True
 
     def _unavailable(self, message: opamp_pb2.AgentToServer, retry_after: float) -> opamp_pb2.ServerToAgent:
         self.refused_until = max(self.refused_until, time.monotonic() + retry_after)
@@ -292,10 +297,3 @@ class AgentSession:
             instance_uid=instance_uid, at=timezone.now(), sequence_num=self.last_sequence_num
         )
 
-
-def _instance_uid(message: opamp_pb2.AgentToServer) -> uuid.UUID:
-    """The message's instance_uid: 16 bytes, not all zero (ProtocolError otherwise)."""
-    problem = instance_uid_problem(message.instance_uid)
-    if problem:
-        raise ProtocolError(problem)
-    return uuid.UUID(bytes=message.instance_uid)
