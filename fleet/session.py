@@ -218,9 +218,9 @@ class AgentSession:
         return self.fleet.admission.take(admission.full_admission_cost())
 
     def _admit(self, unchanged: bool) -> None:
-        """Once per connection, after the snapshot is known: the full admission price was
-        taken before any database work; a cheap reconnect costs one token and gets the
-        rest back."""
+        """Once per connection, after the snapshot is known."""
+        # The full admission price was taken (`_admission_refused`), before any database
+        # work; a cheap reconnect costs one token and gets the rest back.
         if unchanged:
             self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
         self.admitted = True
