@@ -296,4 +296,3 @@ class AgentSession:
         await db(services.agent_mark_disconnected)(
             instance_uid=instance_uid, at=timezone.now(), sequence_num=self.last_sequence_num
         )
-
