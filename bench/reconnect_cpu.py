@@ -62,9 +62,11 @@ def measure(agents: int) -> dict[str, object]:
     django.setup()
     from django.core.management import call_command
 
-    from fleet.session import AgentSession, reset_runtime, runtime
+    from fleet.session import AgentSession
+    from fleet.session_runtime import reset_runtime, runtime
     from opamp.proto import opamp_pb2
     from rollouts import services
+    from rollouts.session_contributor import RemoteConfigContributor
     from tests.fleet.messages import full_report
 
     call_command("migrate", verbosity=0)
@@ -86,7 +88,7 @@ def measure(agents: int) -> dict[str, object]:
             assert not reply.HasField("error_response"), reply
             assert not reply.flags & opamp_pb2.ServerToAgentFlags_ReportFullState
         fleet = runtime()
-        for buffer in (fleet.heartbeats, fleet.statuses, fleet.offers):
+        for buffer in (fleet.heartbeats, fleet.statuses, fleet.contributor(RemoteConfigContributor).offers):
             await buffer.flush()
 
     async def run() -> dict[str, object]:

@@ -2,29 +2,36 @@
 
 Behind the TLS terminator (deploy/), the TCP peer is the proxy; the agent's own address,
 the scheme it used and its client certificate arrive in headers. Those headers are
-believed only when the peer is one of OPAMP_TRUSTED_PROXIES.
+believed only when the peer is one of OPAMP_TRUSTED_PROXIES: sent straight to the app
+they are ignored, so a client cannot claim a certificate it does not hold. What the
+credentials presented are worth is the registered authority's to say (fleet.credentials).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
+from fleet.credentials import ANONYMOUS, AgentCredential, CredentialAuthority, CredentialRefused, PresentedCredentials
 from fleet.db import db
-from signing.agent_credentials import (
-    ANONYMOUS,
-    OPEN,
-    AgentCredential,
-    PresentedCredentials,
-    auth_mode,
-    authenticate_agent,
-    is_trusted_proxy,
-    presented_credentials,
-)
+
+logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
+
+CLIENT_CERT_HEADER = b"x-client-cert"
+CLIENT_VERIFY_HEADER = b"x-client-verify"
+VERIFIED = b"SUCCESS"
+
+AUTHORIZATION_MALFORMED = "the Authorization header must be 'Bearer <enrollment token>'"
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,60 @@ def _endpoint(scope: Scope, trusted: bool) -> str:
     return f"{scheme}://{host}{scope.get('path', '/v1/opamp')}"
 
 
+@lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(proxy.strip(), strict=False) for proxy in proxies if proxy.strip())
+    except ValueError as error:
+        raise ImproperlyConfigured(f"OPAMP_TRUSTED_PROXIES: {error}") from None
+
+
+def is_trusted_proxy(address: str, proxies: Sequence[str]) -> bool:
+    """Whether `address` (the TCP peer) is one of the configured TLS terminators."""
+    networks = _networks(tuple(proxies))
+    if not networks or not address:
+        return False
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # a unix socket peer or garbage: never a configured proxy
+    return any(peer in network for network in networks)
+
+
+def presented_credentials(
+    headers: Iterable[tuple[bytes, bytes]], peer_address: str, *, trusted_proxies: Sequence[str]
+) -> PresentedCredentials:
+    """Read the credential headers of an ASGI scope. Raises CredentialRefused if malformed."""
+    authorization = b""
+    forwarded_cert = b""
+    verify = b""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"authorization":
+            authorization = value.strip()
+        elif lowered == CLIENT_CERT_HEADER:
+            forwarded_cert = value.strip()
+        elif lowered == CLIENT_VERIFY_HEADER:
+            verify = value.strip()
+
+    bearer = ""
+    if authorization:
+        scheme, _, secret = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not secret.strip():
+            raise CredentialRefused(AUTHORIZATION_MALFORMED)
+        bearer = secret.strip().decode("ascii", "replace")
+
+    client_cert_pem = b""
+    if forwarded_cert or verify:
+        if is_trusted_proxy(peer_address, trusted_proxies):
+            if verify == VERIFIED and forwarded_cert:
+                client_cert_pem = unquote_to_bytes(forwarded_cert)
+        else:
+            # Not from our TLS terminator: whoever sent it may not choose who they are.
+            logger.info("ignoring client-certificate headers from %s: not a trusted proxy", peer_address or "?")
+    return PresentedCredentials(bearer=bearer, client_cert_pem=client_cert_pem)
+
+
 def connection_info(scope: Scope) -> ConnectionInfo:
     """Read the scope. Raises `CredentialRefused` for a malformed Authorization header."""
     peer = peer_address(scope)
@@ -83,10 +144,10 @@ def connection_info(scope: Scope) -> ConnectionInfo:
     )
 
 
-async def authenticate(info: ConnectionInfo) -> AgentCredential:
+async def authenticate(info: ConnectionInfo, authority: CredentialAuthority) -> AgentCredential:
     """The connection's credential, or `CredentialRefused`. No database trip when an open
     server sees no credential at all (the common case of the embedded default)."""
     presented = info.credentials
-    if not presented.bearer and not presented.client_cert_pem and auth_mode() == OPEN:
+    if not presented.bearer and not presented.client_cert_pem and authority.admits_anonymous():
         return ANONYMOUS
-    return await db(authenticate_agent)(presented)
+    return await db(authority.authenticate)(presented)

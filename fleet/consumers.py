@@ -12,11 +12,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from fleet.connection import authenticate, connection_info
+from fleet.credentials import CredentialRefused
 from fleet.hints import hint_stream
-from fleet.session import AgentSession, error_reply
+from fleet.protocol_errors import error_reply
+from fleet.session import AgentSession
+from fleet.session_runtime import runtime
 from opamp.codec import FrameError, decode_agent_ws_frame, encode_ws_frame
 from opamp.proto import opamp_pb2
-from signing.agent_credentials import CredentialRefused
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class OpampConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         try:
             info = connection_info(self.scope)
-            credential = await authenticate(info)
+            credential = await authenticate(info, runtime().credentials)
         except CredentialRefused as error:
             # Closing before accept refuses the handshake (daphne answers 403; ASGI servers
             # cannot send 401 on a WebSocket upgrade). The reason goes to the log only.
@@ -133,10 +135,10 @@ class OpampConsumer(AsyncWebsocketConsumer):
                 delay, lambda: asyncio.ensure_future(self.close(code=1000))
             )
 
-    async def desired_state_changed(self, generation: int | None) -> None:
-        """Hint: the agent's desired state may have changed; push if so."""
+    async def hinted(self, kind: str, generation: int | None) -> None:
+        """Hint: something of the agent changed (`kind` says what); push what is due now."""
         async with self._turn:
-            reply = await self.session.push_desired_state(generation=generation)
+            reply = await self.session.push_on_hint(kind, generation)
             if reply is None:
                 return
             try:

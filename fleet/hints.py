@@ -1,10 +1,10 @@
 """The hint stream: one channel-layer subscription per server process, not per socket.
 
-A hint says "something about these agents changed, look again now". It names many agents
-at once (their instance_uids packed as 16-byte strings, at most `MAX_UIDS_PER_HINT` per
-message), travels to one well-known group that every server process joins with one
-channel of its own, and each process hands it to the live WebSocket sessions it holds
-(`FleetRuntime.live`, keyed by instance_uid) and ignores the rest.
+A hint (fleet.hint_messages: its kind and the agents it names) travels to one well-known
+group that every server process joins with one channel of its own, and each process hands
+it to the live WebSocket sessions it holds (`FleetRuntime.live`, keyed by instance_uid)
+and ignores the rest. A session hands a hint of a contributor's kind to that contributor
+(fleet.session_contributor); revocations and takeovers are the fleet's own.
 
 Holding a channel-layer channel per socket cost a Redis subscription to open and another
 round trip to close, a receive task per socket, and a group per agent; with 18,000 agents
@@ -13,7 +13,7 @@ kept the process from ever catching up. Now a process pays one subscription for 
 lifetime, and a change of 2,000 assignments is one message, not 2,000.
 
 Hints stay hints: a lost one costs latency only (the desired-state generation log, see
-fleet.desired_cache, is checked on every agent's next message; a revoked certificate is
+rollouts.desired_cache, is checked on every agent's next message; a revoked certificate is
 refused on every new connection).
 """
 
@@ -23,21 +23,18 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from channels.layers import get_channel_layer
+
+from fleet.hint_messages import HINT_GROUP, HintKind, hint_messages, publish, unpack_uids
+from fleet.session_runtime import runtime
 
 if TYPE_CHECKING:
     from fleet.session import AgentSession
 
 logger = logging.getLogger(__name__)
 
-HINT_GROUP = "fleet.hints"
-HINT_MESSAGE_TYPE = "fleet.hints"
-# 80 KB of uids per message: a rollout stage of 18,000 agents is four messages.
-MAX_UIDS_PER_HINT = 5_000
 # The in-memory layer forgets a group membership after a day (and a channel whose message
 # expired unread); re-joining now and then keeps the process in the group on any layer.
 REJOIN_SECONDS = 60.0
@@ -50,71 +47,12 @@ JOIN_WAIT_SECONDS = 5.0
 JOIN_RETRY_SECONDS = 5.0
 
 
-class HintKind(StrEnum):
-    DESIRED = "desired"  # desired state (config, certificate offer) may have changed
-    REVOKED = "revoked"  # a certificate of the agent was revoked
-    TAKEOVER = "takeover"  # a newer session of the agent opened on another process
-
-
 class HintReceiver(Protocol):
     """What a transport holding a live session does with a hint (fleet.consumers)."""
 
-    async def desired_state_changed(self, generation: int | None) -> None: ...
+    async def hinted(self, kind: str, generation: int | None) -> None: ...
 
     async def credentials_revoked(self) -> None: ...
-
-
-def pack_uids(instance_uids: Iterable[uuid.UUID]) -> bytes:
-    return b"".join(uid.bytes for uid in instance_uids)
-
-
-def unpack_uids(packed: bytes) -> list[uuid.UUID]:
-    if len(packed) % 16:
-        raise ValueError("packed instance_uids are not a multiple of 16 bytes")
-    return [uuid.UUID(bytes=packed[i : i + 16]) for i in range(0, len(packed), 16)]
-
-
-def hint_messages(
-    kind: HintKind,
-    instance_uids: Sequence[uuid.UUID],
-    *,
-    generation: int | None = None,
-    origin: str = "",
-    claimed_at: Sequence[float] = (),
-) -> list[dict[str, Any]]:
-    """The channel-layer messages for one hint: one per `MAX_UIDS_PER_HINT` agents."""
-    messages = []
-    for start in range(0, len(instance_uids), MAX_UIDS_PER_HINT):
-        message: dict[str, Any] = {
-            "type": HINT_MESSAGE_TYPE,
-            "kind": str(kind),
-            "uids": pack_uids(instance_uids[start : start + MAX_UIDS_PER_HINT]),
-        }
-        if generation is not None:
-            message["generation"] = generation
-        if origin:
-            message["origin"] = origin
-        if claimed_at:
-            message["claimed_at"] = list(claimed_at[start : start + MAX_UIDS_PER_HINT])
-        messages.append(message)
-    return messages
-
-
-async def publish(messages: Sequence[dict[str, Any]]) -> int:
-    """Send hint messages to every server process; how many left. Never raises: the
-    channel layer being down must not fail the change that caused the hint."""
-    layer = get_channel_layer()
-    if layer is None:
-        return 0
-    sent = 0
-    for message in messages:
-        try:
-            await layer.group_send(HINT_GROUP, message)
-        except Exception:
-            logger.warning("channel layer unavailable; agents converge on their next message", exc_info=True)
-            break
-        sent += 1
-    return sent
 
 
 class HintStream:
@@ -140,8 +78,6 @@ class HintStream:
         """Subscribe once per process (per event loop: tests run one loop each); later
         calls return at once. Called by every new WebSocket session before it is accepted,
         so a hint sent after a handshake finds the process subscribed."""
-        from fleet.session import runtime
-
         live = runtime().live
         if live.on_claim is None:
             live.on_claim = self.note_claim
@@ -212,26 +148,25 @@ class HintStream:
 
     def deliver(self, message: dict[str, Any]) -> int:
         """Hand a hint to the sessions this process holds; how many it reached."""
-        from fleet.session import runtime
-
-        kind = message.get("kind")
+        fleet = runtime()
+        kind = str(message.get("kind"))
         uids = unpack_uids(message.get("uids", b""))
-        live = runtime().live.by_uid
+        live = fleet.live.by_uid
         if kind == HintKind.TAKEOVER:
             return self._taken_over(message, uids, live)
+        revoked = kind == HintKind.REVOKED
+        if not revoked and kind not in fleet.hint_routes:
+            return 0  # a kind no contributor of this process handles
         generation = message.get("generation")
+        if not isinstance(generation, int):
+            generation = None
         reached = 0
         for uid in uids:
             session = live.get(uid)
             if session is None or session.closed or session.hint_receiver is None:
                 continue
             receiver = session.hint_receiver
-            if kind == HintKind.DESIRED:
-                self._spawn(receiver.desired_state_changed(generation if isinstance(generation, int) else None))
-            elif kind == HintKind.REVOKED:
-                self._spawn(receiver.credentials_revoked())
-            else:
-                continue
+            self._spawn(receiver.credentials_revoked() if revoked else receiver.hinted(kind, generation))
             reached += 1
         return reached
 

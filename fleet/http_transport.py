@@ -22,10 +22,12 @@ from django.conf import settings
 
 from fleet.admission import UNAVAILABLE_MESSAGE, full_admission_cost
 from fleet.connection import authenticate, connection_info
-from fleet.session import AgentSession, error_reply, runtime
+from fleet.credentials import CredentialRefused
+from fleet.protocol_errors import error_reply
+from fleet.session import AgentSession
+from fleet.session_runtime import runtime
 from opamp.codec import FrameError, decode_agent_to_server
 from opamp.proto import opamp_pb2
-from signing.agent_credentials import CredentialRefused
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ async def opamp_http_app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     try:
         info = connection_info(scope)
-        credential = await authenticate(info)
+        credential = await authenticate(info, runtime().credentials)
     except CredentialRefused as error:
         # Before the body is read: an unauthenticated sender costs us no parsing.
         logger.info("refused an OpAMP request from %s: %s", scope.get("client"), error.message)

@@ -1,19 +1,37 @@
-"""Writes to the fleet inventory: one transaction per agent row, or per batch of held status reports."""
+"""Writes to the fleet inventory: one transaction per agent row, or per batch of held status reports.
+
+The feature apps hear about what concerns them through their `FleetExtension`
+(fleet.extensions), inside the same transactions: a new agent, an agent whose labels
+changed, the remote config statuses agents reported.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.db import transaction
+from django.utils import timezone
 
+from fleet import extensions
+from fleet.audit import audit_record
 from fleet.labels import merged_labels
 from fleet.models import Agent, stored_remote_address, uint64_to_db
 from fleet.reports import AgentReport
-from rollouts.desired_state import resolve_agent, resolve_new_agent
-from rollouts.rollout_services.answers import AnswerRecord, record_answer, record_answers
+
+
+@dataclass(frozen=True)
+class RemoteConfigAnswer:
+    """What an agent reported about a config hash (RemoteConfigStatus), and when."""
+
+    agent_id: int
+    config_hash: str
+    state: int
+    error: str
+    at: datetime
 
 
 @dataclass
@@ -136,18 +154,20 @@ def agent_record_report(
     agent.full_clean(validate_unique=False, validate_constraints=False)
     agent.save()
     if report.remote_config_hash is not None and report.remote_config_state is not None:
-        record_answer(
+        answer = RemoteConfigAnswer(
             agent_id=agent.pk,
             config_hash=report.remote_config_hash,
             state=report.remote_config_state,
             error=report.remote_config_error or "",
+            at=timezone.now(),
         )
+        extensions.remote_config_answered([answer])
     # Labels decide which configuration applies: a new or relabelled agent is resolved
     # now, in the same transaction, so the reply to this report can carry the offer.
     if created:
-        resolve_new_agent(agent_id=agent.pk, instance_uid=agent.instance_uid, labels=agent.labels)
+        extensions.agent_inventoried(agent=agent)
     elif agent.labels != labels_before:
-        resolve_agent(agent.pk)
+        extensions.labels_changed(agent=agent)
     return AgentSnapshot.of(agent)
 
 
@@ -156,7 +176,7 @@ class StatusWrite:
     """A status report's writes to one agent row, held for a batch (fleet.session)."""
 
     changes: dict[str, object]
-    answers: dict[str, AnswerRecord]  # by config hash: the newest answer about each
+    answers: dict[str, RemoteConfigAnswer]  # by config hash: the newest answer about each
 
     def merged(self, newer: StatusWrite) -> StatusWrite:
         """This write followed by `newer`: newer values win field by field."""
@@ -207,9 +227,9 @@ def agent_status_write(
         updated_at=seen_at,
         **heartbeat_status_write(sequence_num=sequence_num, seen_at=seen_at).changes,
     )
-    answers: dict[str, AnswerRecord] = {}
+    answers: dict[str, RemoteConfigAnswer] = {}
     if report.remote_config_hash is not None and report.remote_config_state is not None:
-        answers[report.remote_config_hash] = AnswerRecord(
+        answers[report.remote_config_hash] = RemoteConfigAnswer(
             agent_id=snapshot.agent_id,
             config_hash=report.remote_config_hash,
             state=report.remote_config_state,
@@ -226,7 +246,8 @@ def agent_status_write(
 
 def write_statuses(batch: dict[int, StatusWrite]) -> int:
     """Write held status reports (by agent id) in one transaction: one UPDATE per set of
-    changed fields for the agent rows, one for the rollout answers. The number of agents."""
+    changed fields for the agent rows, then the extensions note the remote config answers
+    (rollouts: one UPDATE for the rollout answers). The number of agents."""
     if not batch:
         return 0
     by_fields: dict[tuple[str, ...], list[Agent]] = defaultdict(list)
@@ -235,7 +256,7 @@ def write_statuses(batch: dict[int, StatusWrite]) -> int:
     with transaction.atomic():
         for fields, agents in by_fields.items():
             Agent.objects.bulk_update(agents, fields, batch_size=500)
-        record_answers([answer for write in batch.values() for answer in write.answers.values()])
+        extensions.remote_config_answered([answer for write in batch.values() for answer in write.answers.values()])
     return len(batch)
 
 
@@ -250,6 +271,22 @@ def agent_mark_disconnected(*, instance_uid: uuid.UUID, at: datetime, sequence_n
 def agent_change_instance_uid(*, old: uuid.UUID, new: uuid.UUID) -> bool:
     """Re-key an agent that asked the server for a new instance_uid; history stays with it."""
     return bool(Agent.objects.filter(instance_uid=old).update(instance_uid=new))
+
+
+@transaction.atomic
+def agent_instance_uid_move(*, old: uuid.UUID, new: uuid.UUID, details: Mapping[str, object] | None = None) -> bool:
+    """Re-key the agent row of `old` to `new`, audited as `agent.instance_uid_change` (with
+    `details` added); False when there was no such row."""
+    agent = Agent.objects.filter(instance_uid=old).first()
+    if agent is None or not agent_change_instance_uid(old=old, new=new):
+        return False
+    audit_record(
+        actor=None,
+        action="agent.instance_uid_change",
+        target=agent,
+        details={"old": str(old), "new": str(new), **(details or {})},
+    )
+    return True
 
 
 def agents_mark_stale_disconnected(*, seen_before: datetime, at: datetime) -> int:

@@ -23,6 +23,7 @@ from django.utils import timezone
 from fleet.db import bulk_update_from_unnest
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent
+from fleet.notify import notify_desired_config_changed
 from fleet.selector_queries import selector_q
 from rollouts.models import (
     AgentDesiredConfig,
@@ -475,9 +476,7 @@ def _record_offers_orm(offers: dict[int, Offer]) -> int:
 
 def notify_agents(agent_ids: Sequence[int], *, generation: int | None = None) -> None:
     """Hint the agents' server processes to re-check their desired state now."""
-    from fleet.notify import notify_desired_state_changed
-
     uids = []
     for ids in _chunks(list(agent_ids)):
         uids.extend(Agent.objects.filter(pk__in=ids).values_list("instance_uid", flat=True))
-    notify_desired_state_changed(uids, generation=generation)
+    notify_desired_config_changed(uids, generation=generation)

@@ -1,18 +1,25 @@
 """What rollouts plug into the fleet (registered in `RolloutsConfig.ready`): an agent's
-labels decide its desired configuration, and the agent API filters by drift from it."""
+labels decide its desired configuration, its remote config statuses answer rollouts, the
+agent API filters by drift from it, and the OpAMP session offers it
+(rollouts.session_contributor)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from django.db.models import QuerySet
 
 from fleet.extensions import AgentQueryFilter, FleetExtension
 from fleet.models import Agent
+from fleet.services import RemoteConfigAnswer
+from fleet.session_contributor import SessionContributor
+from fleet.session_runtime import FleetRuntime
 from rollouts import desired_state, selectors
 from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import AgentDesiredConfig
 from rollouts.resolver_cache import resolver_definitions
+from rollouts.rollout_services.answers import AnswerRecord, record_answers
+from rollouts.session_contributor import RemoteConfigContributor
 
 
 def _sign_for_label_move(*, agent: Agent, new_labels: Mapping[str, str]) -> None:
@@ -51,6 +58,15 @@ class RolloutsFleetExtension(FleetExtension):
 
     def labels_changed(self, *, agent: Agent) -> None:
         desired_state.resolve_agent(agent.pk)
+
+    def agent_inventoried(self, *, agent: Agent) -> None:
+        desired_state.resolve_new_agent(agent_id=agent.pk, instance_uid=agent.instance_uid, labels=agent.labels)
+
+    def remote_config_answered(self, answers: Sequence[RemoteConfigAnswer]) -> None:
+        record_answers([AnswerRecord(a.agent_id, a.config_hash, a.state, a.error, a.at) for a in answers])
+
+    def session_contributor(self, runtime: FleetRuntime) -> SessionContributor:
+        return RemoteConfigContributor(runtime)
 
     def agent_filters(self) -> Mapping[str, AgentQueryFilter]:
         return {"drift": _drift}

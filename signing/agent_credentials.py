@@ -1,13 +1,12 @@
-"""Who is speaking on an OpAMP connection: the credential check both transports share.
+"""Agent credentials on OpAMP connections: signing's `CredentialAuthority` (fleet.credentials).
 
 An agent proves itself with one of two credentials:
 
 - a client certificate issued by our CA, verified by the TLS terminator (nginx, see
-  deploy/) and forwarded in `X-Client-Cert` / `X-Client-Verify`. Those headers are believed
-  only from OPAMP_TRUSTED_PROXIES: sent straight to the app they are ignored, so a client
-  cannot claim a certificate it does not hold. The app re-checks the certificate against
-  the database (revoked or expired since the proxy's last CRL reload -> refused) and binds
-  the connection to the certificate's instance_uid;
+  deploy/) and forwarded in `X-Client-Cert` / `X-Client-Verify` (read by fleet.connection,
+  from trusted proxies only). The app re-checks the certificate against the database
+  (revoked or expired since the proxy's last CRL reload -> refused) and binds the
+  connection to the certificate's instance_uid;
 - an enrollment token (`Authorization: Bearer opamp_et_...`), which admits any agent until
   it expires, is revoked or has been used by `max_uses` distinct agents. Which agents a
   token may then speak for, and request certificates for, is `token_identity_check` and
@@ -15,20 +14,17 @@ An agent proves itself with one of two credentials:
 
 With OPAMP_AGENT_AUTH = "open" (the embedded default) an agent without either is admitted
 as anonymous; a credential that is presented is checked all the same.
+
+The CSR flow's parts (submitting a CSR from a connection, the certificate offer) are here
+too; the session reaches them through signing.session_contributor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import logging
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
-from functools import lru_cache
-from urllib.parse import unquote_to_bytes
 
 from cryptography import x509
 from django.conf import settings
@@ -37,8 +33,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from fleet.agent_labels import agent_labels_set
-from fleet.audit import audit_record
-from fleet.services import agent_change_instance_uid
+from fleet.credentials import (
+    ANONYMOUS,
+    AgentCredential,
+    CredentialAuthority,
+    CredentialKind,
+    CredentialRefused,
+    PresentedCredentials,
+)
+from fleet.models import Agent
+from fleet.services import agent_instance_uid_move
 from opamp.proto import opamp_pb2
 from signing import ca as ca_module
 from signing.ca import CsrRejected
@@ -49,15 +53,9 @@ from signing.errors import EnrollmentTokenRefused, SigningError
 from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
 from signing.selectors import agent_current_certificate, certificate_for_fingerprint, valid_certificates
 
-logger = logging.getLogger(__name__)
-
 OPEN = "open"
 REQUIRED = "required"
 AUTH_MODES = (OPEN, REQUIRED)
-
-CLIENT_CERT_HEADER = b"x-client-cert"
-CLIENT_VERIFY_HEADER = b"x-client-verify"
-VERIFIED = b"SUCCESS"
 
 CREDENTIAL_REQUIRED = (
     "this server requires an agent credential: an enrollment token (Authorization: Bearer ...) "
@@ -67,7 +65,6 @@ CERTIFICATE_UNREADABLE = "the forwarded client certificate is not a readable PEM
 CERTIFICATE_NOT_CURRENT = (
     "the client certificate is not a current certificate of this server (revoked, expired or unknown)"
 )
-AUTHORIZATION_MALFORMED = "the Authorization header must be 'Bearer <enrollment token>'"
 CERTIFIED_AGENT = (
     "agent {uid} holds a client certificate: only that certificate, or the enrollment token that requested it, "
     "may speak for it"
@@ -76,55 +73,6 @@ TOKEN_GONE = "the enrollment token no longer exists"
 CSR_AGENT_OF_OTHER_TOKEN = (
     "agent {uid} was enrolled with another enrollment token; only that token may request certificates for it"
 )
-SPEAKS_FOR_OTHER = "the client certificate belongs to agent {bound}; this connection may not speak for {claimed}"
-
-
-class CredentialRefused(Exception):
-    """The connection's credential is missing or not acceptable; `message` says which."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class CredentialKind(Enum):
-    ANONYMOUS = "anonymous"
-    TOKEN = "token"
-    CERTIFICATE = "certificate"
-
-
-@dataclass(frozen=True)
-class PresentedCredentials:
-    """What a connection brought, before anything is looked up."""
-
-    bearer: str = ""
-    client_cert_pem: bytes = b""
-
-
-@dataclass(frozen=True)
-class AgentCredential:
-    """An accepted credential. A certificate binds the connection to one instance_uid."""
-
-    kind: CredentialKind
-    token_id: int | None = None
-    token_auto_approve: bool = False
-    bound_uid: uuid.UUID | None = None
-    fingerprint_sha256: str = ""
-    # From this moment the certificate is due for renewal (a third of its validity left).
-    renew_after: datetime | None = None
-
-    @property
-    def is_certificate(self) -> bool:
-        return self.kind is CredentialKind.CERTIFICATE
-
-    def identity_problem(self, instance_uid: uuid.UUID) -> str | None:
-        """Why this credential may not speak for `instance_uid`, or None when it may."""
-        if self.bound_uid is not None and self.bound_uid != instance_uid:
-            return SPEAKS_FOR_OTHER.format(bound=self.bound_uid, claimed=instance_uid)
-        return None
-
-
-ANONYMOUS = AgentCredential(kind=CredentialKind.ANONYMOUS)
 
 
 def auth_mode() -> str:
@@ -132,60 +80,6 @@ def auth_mode() -> str:
     if mode not in AUTH_MODES:
         raise ImproperlyConfigured(f"OPAMP_AGENT_AUTH must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
     return mode
-
-
-@lru_cache(maxsize=8)
-def _networks(proxies: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(proxy.strip(), strict=False) for proxy in proxies if proxy.strip())
-    except ValueError as error:
-        raise ImproperlyConfigured(f"OPAMP_TRUSTED_PROXIES: {error}") from None
-
-
-def is_trusted_proxy(address: str, proxies: Sequence[str]) -> bool:
-    """Whether `address` (the TCP peer) is one of the configured TLS terminators."""
-    networks = _networks(tuple(proxies))
-    if not networks or not address:
-        return False
-    try:
-        peer = ipaddress.ip_address(address)
-    except ValueError:
-        return False  # a unix socket peer or garbage: never a configured proxy
-    return any(peer in network for network in networks)
-
-
-def presented_credentials(
-    headers: Iterable[tuple[bytes, bytes]], peer_address: str, *, trusted_proxies: Sequence[str]
-) -> PresentedCredentials:
-    """Read the credential headers of an ASGI scope. Raises CredentialRefused if malformed."""
-    authorization = b""
-    forwarded_cert = b""
-    verify = b""
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"authorization":
-            authorization = value.strip()
-        elif lowered == CLIENT_CERT_HEADER:
-            forwarded_cert = value.strip()
-        elif lowered == CLIENT_VERIFY_HEADER:
-            verify = value.strip()
-
-    bearer = ""
-    if authorization:
-        scheme, _, secret = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not secret.strip():
-            raise CredentialRefused(AUTHORIZATION_MALFORMED)
-        bearer = secret.strip().decode("ascii", "replace")
-
-    client_cert_pem = b""
-    if forwarded_cert or verify:
-        if is_trusted_proxy(peer_address, trusted_proxies):
-            if verify == VERIFIED and forwarded_cert:
-                client_cert_pem = unquote_to_bytes(forwarded_cert)
-        else:
-            # Not from our TLS terminator: whoever sent it may not choose who they are.
-            logger.info("ignoring client-certificate headers from %s: not a trusted proxy", peer_address or "?")
-    return PresentedCredentials(bearer=bearer, client_cert_pem=client_cert_pem)
 
 
 def authenticate_agent(presented: PresentedCredentials, *, now: datetime | None = None) -> AgentCredential:
@@ -279,8 +173,6 @@ def agent_instance_uid_reassign(*, credential: AgentCredential, old: uuid.UUID, 
     holds no certificate. Any other requester just gets the new uid
     as a new agent, and the row it named is left alone. Audited; False when nothing moved.
     """
-    from fleet.models import Agent
-
     with transaction.atomic():
         token_id = credential.token_id if credential.kind is CredentialKind.TOKEN else None
         if token_id is not None:
@@ -288,16 +180,8 @@ def agent_instance_uid_reassign(*, credential: AgentCredential, old: uuid.UUID, 
                 return False
         elif credential.kind is not CredentialKind.ANONYMOUS or _has_credentials(old):
             return False
-        agent = Agent.objects.filter(instance_uid=old).first()
-        if agent is None or not agent_change_instance_uid(old=old, new=new):
-            return token_id is not None
-        audit_record(
-            actor=None,
-            action="agent.instance_uid_change",
-            target=agent,
-            details={"old": str(old), "new": str(new), "enrollment_token": token_id},
-        )
-    return True
+        moved = agent_instance_uid_move(old=old, new=new, details={"enrollment_token": token_id})
+    return moved or token_id is not None
 
 
 def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> dict[str, str]:
@@ -313,8 +197,6 @@ def enrollment_record(credential: AgentCredential, instance_uid: uuid.UUID) -> d
     token = EnrollmentToken.objects.filter(pk=credential.token_id).first()
     if token is None:
         raise CredentialRefused(TOKEN_GONE)
-    from fleet.models import Agent
-
     known = Agent.objects.filter(instance_uid=instance_uid).exists()
     try:
         enrollment_token_use(token=token, instance_uid=instance_uid)
@@ -428,3 +310,28 @@ def fill_certificate_offer(
     digest = hashlib.sha256(opamp.SerializeToString(deterministic=True)).digest()
     offers.hash = digest
     return digest
+
+
+class SigningAuthority(CredentialAuthority):
+    """Enrollment tokens and client certificates of this server's CA, for the session."""
+
+    def admits_anonymous(self) -> bool:
+        return auth_mode() == OPEN
+
+    def authenticate(self, presented: PresentedCredentials) -> AgentCredential:
+        return authenticate_agent(presented)
+
+    def identity_check(self, credential: AgentCredential, instance_uid: uuid.UUID) -> None:
+        token_identity_check(credential, instance_uid)
+
+    def enrollment_record(self, credential: AgentCredential, instance_uid: uuid.UUID) -> dict[str, str]:
+        return enrollment_record(credential, instance_uid)
+
+    def enrollment_labels_apply(self, *, instance_uid: uuid.UUID, labels: dict[str, str]) -> None:
+        enrollment_labels_apply(instance_uid=instance_uid, labels=labels)
+
+    def instance_uid_reassign(self, *, credential: AgentCredential, old: uuid.UUID, new: uuid.UUID) -> bool:
+        return agent_instance_uid_reassign(credential=credential, old=old, new=new)
+
+    def still_valid(self, credential: AgentCredential) -> bool:
+        return credential_still_valid(credential)

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from fleet.audit import Actor, actor_user, audit_record
 from fleet.models import Agent
-from fleet.notify import notify_credentials_revoked, notify_desired_state_changed
+from fleet.notify import notify_certificate_issued, notify_credentials_revoked
 from signing import ca as ca_module
 from signing.ca import CheckedCsr, CsrRejected, LoadedCa, check_csr
 from signing.configured_ca import certificate_authority_register, certificate_authority_required
@@ -50,7 +50,7 @@ def _hint_agent(instance_uid: uuid.UUID) -> None:
     A hint only: an agent that misses it picks up a new or revoked certificate on its
     next message, like any other desired-state change.
     """
-    transaction.on_commit(lambda: notify_desired_state_changed([instance_uid]))
+    transaction.on_commit(lambda: notify_certificate_issued([instance_uid]))
 
 
 # --- certificate requests ---------------------------------------------------------------

@@ -28,7 +28,7 @@ def fresh_fleet_runtime(request: pytest.FixtureRequest) -> Iterator[None]:
     if not uses_database(request):
         yield
         return
-    from fleet.session import reset_runtime
+    from fleet.session_runtime import reset_runtime
 
     reset_runtime()
     yield

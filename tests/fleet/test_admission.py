@@ -11,7 +11,7 @@ import pytest
 
 from fleet.admission import MAX_RETRY_AFTER_SECONDS, UNAVAILABLE_MESSAGE, TokenBucket
 from fleet.models import Agent
-from fleet.session import reset_runtime, runtime
+from fleet.session_runtime import reset_runtime, runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from tests.fleet.asgi_clients import WsAgent, http_post

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from fleet.models import Agent
 from fleet.selectors import offline_after
-from fleet.session import reset_runtime
+from fleet.session_runtime import reset_runtime
 from opamp.identifiers import uuid7
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.messages import full_report, heartbeat

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.session import runtime
+from fleet.session_runtime import runtime
 from opamp.codec import (
     FrameError,
     decode_agent_to_server,
@@ -31,6 +31,7 @@ from opamp.codec import (
 )
 from opamp.identifiers import uuid7
 from opamp.proto import anyvalue_pb2, opamp_pb2
+from rollouts.session_contributor import RemoteConfigContributor
 from tests.fleet.asgi_clients import WsAgent, decode_http_reply, http_post
 from tests.fleet.messages import full_report, heartbeat
 
@@ -251,7 +252,7 @@ def assert_well_formed(reply: opamp_pb2.ServerToAgent, sent: opamp_pb2.AgentToSe
 async def flush_buffers() -> None:
     """The batched writes of what was reported: a failure here is a failure of the fuzz run."""
     fleet = runtime()
-    for buffer in (fleet.statuses, fleet.heartbeats, fleet.offers):
+    for buffer in (fleet.statuses, fleet.heartbeats, fleet.contributor(RemoteConfigContributor).offers):
         await buffer.flush()
         assert buffer.pending_count == 0, buffer.name
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from fleet.heartbeats import Heartbeat, HeartbeatBuffer, write_heartbeats
 from fleet.models import Agent
-from fleet.session import runtime
+from fleet.session_runtime import runtime
 from opamp.identifiers import uuid7
 from tests.fleet.asgi_clients import WsAgent
 from tests.fleet.factories import AgentFactory

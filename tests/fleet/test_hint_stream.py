@@ -12,10 +12,11 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-import fleet.session
-from fleet.hints import HINT_GROUP, HintKind, hint_messages, hint_stream, publish, unpack_uids
+import fleet.session_runtime
+from fleet.hint_messages import HINT_GROUP, HintKind, hint_messages, publish, unpack_uids
+from fleet.hints import hint_stream
 from fleet.models import Agent
-from fleet.notify import notify_desired_state_changed
+from fleet.notify import notify_desired_config_changed
 from opamp.identifiers import uuid7
 from rollouts import services
 from rollouts.models import Configuration
@@ -96,14 +97,14 @@ async def test_a_change_for_many_agents_is_one_hint_message_and_reaches_each_liv
         for agent in agents:
             await agent.__aexit__(None)
     assert [reply.remote_config.config_hash.hex() for reply in pushed] == [second_hash] * 4
-    desired_hints = [message for group, message in counting.group_sends if message.get("kind") == HintKind.DESIRED]
+    desired_hints = [message for group, message in counting.group_sends if message.get("kind") == HintKind.CONFIG]
     assert len(desired_hints) == 1
     assert set(unpack_uids(desired_hints[0]["uids"])) == {uuid.UUID(bytes=uid) for uid in uids}
 
 
 def test_a_hint_for_thousands_of_agents_is_a_handful_of_messages():
     uids = [uuid.uuid4() for _ in range(12_000)]
-    messages = hint_messages(HintKind.DESIRED, uids, generation=7)
+    messages = hint_messages(HintKind.CONFIG, uids, generation=7)
     assert len(messages) == 3
     assert [uid for message in messages for uid in unpack_uids(message["uids"])] == uids
     assert all(message["generation"] == 7 for message in messages)
@@ -114,8 +115,8 @@ async def test_a_hint_naming_agents_this_process_does_not_hold_is_ignored():
     async with WsAgent() as agent:
         await agent.exchange(full_report(uid, 1))
         others = [uuid.uuid4() for _ in range(50)]
-        assert hint_stream().deliver(hint_messages(HintKind.DESIRED, others)[0]) == 0
-        assert hint_stream().deliver(hint_messages(HintKind.DESIRED, [*others, uuid.UUID(bytes=uid)])[0]) == 1
+        assert hint_stream().deliver(hint_messages(HintKind.CONFIG, others)[0]) == 0
+        assert hint_stream().deliver(hint_messages(HintKind.CONFIG, [*others, uuid.UUID(bytes=uid)])[0]) == 1
         await hint_stream().drain()
 
 
@@ -136,7 +137,7 @@ async def test_a_newer_session_on_another_process_closes_this_one_and_the_agent_
     await asyncio.sleep(0.2)  # the consumer's disconnect has run
     row = await Agent.objects.aget(instance_uid=uuid.UUID(bytes=uid))
     assert row.connected is True  # the agent is live on the other process
-    assert uuid.UUID(bytes=uid) not in fleet.session.runtime().live.by_uid
+    assert uuid.UUID(bytes=uid) not in fleet.session_runtime.runtime().live.by_uid
 
 
 async def test_an_older_session_on_another_process_leaves_this_one_open():
@@ -173,7 +174,7 @@ def test_a_process_that_serves_no_agent_sends_hints_without_building_a_fleet_run
 
     sent: list[list[dict[str, Any]]] = []
     monkeypatch.setattr(fleet.notify, "_dispatch", sent.append)
-    fleet.session.reset_runtime()
-    notify_desired_state_changed([uuid.uuid4(), uuid.uuid4()], generation=3)
-    assert fleet.session._runtime is None
+    fleet.session_runtime.reset_runtime()
+    notify_desired_config_changed([uuid.uuid4(), uuid.uuid4()], generation=3)
+    assert fleet.session_runtime._runtime is None
     assert len(sent) == 1 and len(sent[0]) == 1 and sent[0][0]["generation"] == 3

@@ -17,7 +17,7 @@ import pytest
 import redis
 import websockets
 
-from fleet.hints import HINT_GROUP
+from fleet.hint_messages import HINT_GROUP
 from opamp.codec import decode_server_ws_frame, encode_ws_frame
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2

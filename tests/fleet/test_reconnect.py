@@ -12,7 +12,8 @@ import pytest
 from django.db.models import QuerySet
 
 from fleet.models import Agent
-from fleet.session import reported_state_hash, reset_runtime, runtime
+from fleet.reported_state import reported_state_hash
+from fleet.session_runtime import reset_runtime, runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from tests.fleet.asgi_clients import WsAgent

@@ -12,7 +12,7 @@ from django.db import connection
 from fleet.agent_labels import agent_labels_set
 from fleet.models import Agent, RemoteConfigState
 from fleet.services import StatusWrite
-from fleet.session import runtime
+from fleet.session_runtime import runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from rollouts import services

@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async as sync_to_async
 
 from fleet.models import Agent
 from fleet.safe_text import REPLACEMENT
-from fleet.session import runtime
+from fleet.session_runtime import runtime
 from opamp.capabilities import AgentCapabilities
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2

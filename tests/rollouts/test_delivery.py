@@ -9,11 +9,12 @@ from channels.db import database_sync_to_async
 
 from fleet import agent_labels
 from fleet.models import Agent
-from fleet.session import runtime
+from fleet.session_runtime import runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from rollouts import services
 from rollouts.models import AgentDesiredConfig, Configuration, RolloutTarget
+from rollouts.session_contributor import RemoteConfigContributor
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.messages import config_status as status
 from tests.fleet.messages import full_report, heartbeat
@@ -151,7 +152,7 @@ async def test_offers_are_recorded_in_one_batch_per_flush():
         async with WsAgent() as agent:
             reply = await agent.exchange(full_report(uid, 1, service="checkout"))
         assert reply.remote_config.config_hash.hex() == config_hash
-    offers = runtime().offers
+    offers = runtime().contributor(RemoteConfigContributor).offers
     assert offers.pending_count == 3
     assert await offers.flush() == 3
     rows = [row async for row in AgentDesiredConfig.objects.values_list("offered_hash", "offered_at")]
@@ -163,11 +164,12 @@ async def test_offers_are_recorded_in_one_batch_per_flush():
 async def test_a_hinted_change_reads_the_desired_configs_of_the_process_in_one_batch(monkeypatch):
     """A publish hints every affected agent; their process catches up with the log once
     and reads their new desired configs together, not one query per agent."""
-    import fleet.session
+    import rollouts.session_contributor
 
     single_reads: list[int] = []
     batch_reads: list[list[int]] = []
-    read_one, read_many = fleet.session.desired_config_for_agent, fleet.session.desired_configs_for_agents
+    read_one = rollouts.session_contributor.desired_config_for_agent
+    read_many = rollouts.session_contributor.desired_configs_for_agents
 
     def counting_one(agent_id: int):
         single_reads.append(agent_id)
@@ -184,8 +186,8 @@ async def test_a_hinted_change_reads_the_desired_configs_of_the_process_in_one_b
         await agent.__aenter__()
         await agent.exchange(full_report(uid, 1, service="checkout"))
         await agent.exchange(status(uid, 2, first_hash, APPLIED))
-    monkeypatch.setattr(fleet.session, "desired_config_for_agent", counting_one)
-    monkeypatch.setattr(fleet.session, "desired_configs_for_agents", counting_many)
+    monkeypatch.setattr(rollouts.session_contributor, "desired_config_for_agent", counting_one)
+    monkeypatch.setattr(rollouts.session_contributor, "desired_configs_for_agents", counting_many)
     try:
         second_hash = await publish(files={"collector.yaml": {"body": "receivers: {}\n", "content_type": "text/yaml"}})
         pushed = [await agent.receive(timeout=5) for agent in agents]

@@ -12,9 +12,9 @@ import pytest
 from django.utils import timezone
 
 from fleet import agent_labels
-from fleet.desired_cache import CachedDesired, DesiredConfigCache
 from fleet.models import Agent
 from rollouts import services
+from rollouts.desired_cache import CachedDesired, DesiredConfigCache
 from rollouts.desired_state import (
     DesiredStateChanges,
     changes_since,

@@ -17,21 +17,22 @@ from channels.db import database_sync_to_async as sync_to_async
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from fleet.connection import AUTHORIZATION_MALFORMED
 from fleet.consumers import CLOSE_CREDENTIAL_REVOKED
+from fleet.credentials import SPEAKS_FOR_OTHER
 from fleet.models import Agent
-from fleet.session import CERTIFICATE_CAPABILITIES, SERVER_CAPABILITIES, reset_runtime
+from fleet.session_runtime import BASE_SERVER_CAPABILITIES, reset_runtime
 from opamp.capabilities import AgentCapabilities
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
+from rollouts.session_contributor import REMOTE_CONFIG_CAPABILITIES
 from signing.agent_credentials import (
-    AUTHORIZATION_MALFORMED,
     CERTIFICATE_CAPABILITY,
     CERTIFICATE_NOT_CURRENT,
     CERTIFIED_AGENT,
     CREDENTIAL_REQUIRED,
     CSR_NOT_ACCEPTED,
     RENEW_MESSAGE_TYPE,
-    SPEAKS_FOR_OTHER,
 )
 from signing.ca import (
     CSR_BAD_SIGNATURE,
@@ -45,6 +46,7 @@ from signing.certificates import certificate_request_approve, certificate_reques
 from signing.enrollment_tokens import enrollment_token_create, enrollment_token_revoke
 from signing.errors import TOKEN_EXHAUSTED, TOKEN_EXPIRED, TOKEN_REVOKED, TOKEN_UNKNOWN
 from signing.models import CertificateRequest, EnrollmentToken, EnrollmentTokenUse, IssuedCertificate
+from signing.session_contributor import CERTIFICATE_CAPABILITIES
 from tests.fleet.asgi_clients import WsAgent, decode_http_reply, http_exchange, http_post
 from tests.fleet.messages import BASE_CAPABILITIES, full_report, heartbeat
 from tests.signing.csrs import UNKNOWN_EXTENSION_OID, make_csr, urn, with_broken_signature
@@ -53,6 +55,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
 PROXY = "10.0.0.5"
 CSR_CAPABLE = BASE_CAPABILITIES | AgentCapabilities.ACCEPTS_OPAMP_CONNECTION_SETTINGS
+SERVER_CAPABILITIES = BASE_SERVER_CAPABILITIES | REMOTE_CONFIG_CAPABILITIES
 
 
 @pytest.fixture(autouse=True)

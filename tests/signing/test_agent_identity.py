@@ -16,7 +16,8 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 
 from fleet.models import Agent, AuditEvent
-from fleet.session import CERTIFIED_SESSION_LIVE, reset_runtime
+from fleet.session_identity import CERTIFIED_SESSION_LIVE
+from fleet.session_runtime import reset_runtime
 from opamp.capabilities import AgentCapabilities, AgentToServerFlags
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2

@@ -217,9 +217,7 @@ def test_issuing_and_revoking_hint_the_agents_live_session_after_commit(
 ):
     settings.OPAMP_CRL_FILE = str(tmp_path / "agents.crl.pem")
     hinted: list[tuple[str, list[uuid.UUID]]] = []
-    monkeypatch.setattr(
-        certificates, "notify_desired_state_changed", lambda uids: hinted.append(("issued", list(uids)))
-    )
+    monkeypatch.setattr(certificates, "notify_certificate_issued", lambda uids: hinted.append(("issued", list(uids))))
     monkeypatch.setattr(certificates, "notify_credentials_revoked", lambda uids: hinted.append(("revoked", list(uids))))
     request = submit(uid)
     with django_capture_on_commit_callbacks(execute=True):
