@@ -23,7 +23,7 @@ from rollouts.errors import (
     ROLLBACK_TO_CURRENT,
     ROLLOUT_IN_PROGRESS,
 )
-from rollouts.models import SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK, Configuration, ConfigVersion
+from rollouts.models import ACTIVE_ROLLOUT_STATES, SIGNED_ON_PUBLISH, SIGNED_ON_ROLLBACK, Configuration, ConfigVersion
 from rollouts.resolver_cache import bump_definitions
 
 
@@ -168,8 +168,6 @@ def _create_version(
 
 def _refuse_while_rolling_out(configuration: Configuration) -> None:
     """A new current version under an active rollout would silently change its stable side."""
-    from rollouts.models import ACTIVE_ROLLOUT_STATES
-
     active = configuration.rollouts.filter(state__in=ACTIVE_ROLLOUT_STATES).first()
     if active is not None:
         raise DomainError(
