@@ -112,7 +112,7 @@ REST_FRAMEWORK = {
     ],
     # Every endpoint checks roles (viewer reads, operator writes), unless it says otherwise.
     "DEFAULT_PERMISSION_CLASSES": ["fleet.api.permissions.RolePermission"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "fleet.api.pagination.BoundedLimitOffsetPagination",
     "PAGE_SIZE": 100,
     "DEFAULT_FILTER_BACKENDS": [
         "django_filters.rest_framework.DjangoFilterBackend",
