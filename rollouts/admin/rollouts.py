@@ -14,7 +14,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.roles import can_write
@@ -123,7 +123,7 @@ class RolloutAddForm(forms.ModelForm):
         return data
 
 
-class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
+class RolloutEventInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
     model = RolloutEvent
     fields = ["at", "kind", "from_state", "to_state", "stage_index", "actor", "message", "counts_display"]
     readonly_fields = fields
@@ -131,15 +131,6 @@ class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
     extra = 0
     can_delete = False
     verbose_name_plural = "timeline"
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[RolloutEvent]:
         return super().get_queryset(request).select_related("actor")
@@ -149,10 +140,6 @@ class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
         if not event.counts:
             return "—"
         return format_html_join(", ", "{}: {}", sorted(event.counts.items()))
-
-
-def _stage_size(percent: float | None, count: int | None) -> str:
-    return f"{percent:g}%" if percent is not None else f"{count} agents"
 
 
 @admin.register(Rollout)
@@ -269,7 +256,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
                 (
                     "▶ " if current else "",
                     stage.index,
-                    _stage_size(stage.percent, stage.count),
+                    stage.size_display,
                     parse_selector(stage.selector).to_string() or "(every agent)",
                     f"{stage.hold_seconds:g} s",
                     approval,
@@ -318,12 +305,14 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
             except DomainError as error:
                 self.message_user(request, f"rollout {rollout.pk}: {error.message}", messages.ERROR)
                 continue
-            if moved:
-                self.message_user(request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=done), messages.SUCCESS)
-            else:
-                self.message_user(
-                    request, ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=done), messages.WARNING
-                )
+            self._report_verb(request, rollout, moved, done, messages.SUCCESS)
+
+    def _report_verb(self, request: HttpRequest, rollout: Rollout, moved: bool, done: str, done_level: int) -> None:
+        """What a verb did to one rollout, or that another request moved it first."""
+        if moved:
+            self.message_user(request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=done), done_level)
+        else:
+            self.message_user(request, ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=done), messages.WARNING)
 
     @admin.action(description="Start the selected draft rollouts", permissions=["operate"])
     def start_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
@@ -360,13 +349,5 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
             if stage is None or rollout.state not in (RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED):
                 self.message_user(request, NOTHING_TO_APPROVE.format(rollout_id=rollout.pk), messages.WARNING)
                 continue
-            if verbs.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user):
-                self.message_user(
-                    request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=f"stage {stage.index} approved")
-                )
-            else:
-                self.message_user(
-                    request,
-                    ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=f"stage {stage.index} approved"),
-                    messages.WARNING,
-                )
+            approved = verbs.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user)
+            self._report_verb(request, rollout, approved, f"stage {stage.index} approved", messages.INFO)
