@@ -5,6 +5,7 @@ per-stage counts, and the verbs as actions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -14,7 +15,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import CreateOnlyRoleAdminMixin, ReadOnlyRoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.roles import can_write
@@ -142,8 +143,18 @@ class RolloutEventInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
         return format_html_join(", ", "{}: {}", sorted(event.counts.items()))
 
 
+def _verb_action(verb: str, done: str, description: str) -> Callable[..., None]:
+    """An admin action that runs `rollout_<verb>` on each selected rollout."""
+
+    @admin.action(description=description, permissions=["operate"])
+    def action(admin_: RolloutAdmin, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
+        admin_._run_verb(request, queryset, verb, done)
+
+    return action
+
+
 @admin.register(Rollout)
-class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmin):
+class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin.ModelAdmin):
     """Rollouts are read here and moved by the verbs of `rollout_services.verbs` (the
     actions); nothing is edited through a form. The add form only creates a draft through
     `rollout_create`."""
@@ -191,12 +202,6 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
         )
 
     # Roles: anyone who may read sees rollouts; operators create drafts and run the verbs.
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return can_write(request.user)
@@ -314,29 +319,16 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
         else:
             self.message_user(request, ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=done), messages.WARNING)
 
-    @admin.action(description="Start the selected draft rollouts", permissions=["operate"])
-    def start_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "start", "started")
-
-    @admin.action(description="Pause the selected rollouts", permissions=["operate"])
-    def pause_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "pause", "paused")
-
-    @admin.action(description="Resume the selected rollouts", permissions=["operate"])
-    def resume_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "resume", "resumed")
-
-    @admin.action(description="Promote the selected rollouts (skip to the last stage)", permissions=["operate"])
-    def promote_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "promote", "promoted to the last stage")
-
-    @admin.action(description="Abort the selected rollouts (roll back)", permissions=["operate"])
-    def abort_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "abort", "aborted")
-
-    @admin.action(description="Retry the selected rollouts from the first stage", permissions=["operate"])
-    def retry_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "retry", "restarted from the first stage")
+    start_rollouts = _verb_action("start", "started", "Start the selected draft rollouts")
+    pause_rollouts = _verb_action("pause", "paused", "Pause the selected rollouts")
+    resume_rollouts = _verb_action("resume", "resumed", "Resume the selected rollouts")
+    promote_rollouts = _verb_action(
+        "promote", "promoted to the last stage", "Promote the selected rollouts (skip to the last stage)"
+    )
+    abort_rollouts = _verb_action("abort", "aborted", "Abort the selected rollouts (roll back)")
+    retry_rollouts = _verb_action(
+        "retry", "restarted from the first stage", "Retry the selected rollouts from the first stage"
+    )
 
     @admin.action(description="Approve the next stage that needs approval", permissions=["operate"])
     def approve_next_stage(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
