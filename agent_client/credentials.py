@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent_client.state import StateError, fsync_directory, write_atomically
+from opamp.certificates import is_ca_certificate
 from opamp.proto import opamp_pb2 as pb
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -291,11 +292,7 @@ def check_offered_certificate(
     if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
         raise CertificateRefused(NOT_CLIENT_AUTH)
 
-    try:
-        basic = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        basic = None
-    if basic is None or not basic.ca:
+    if not is_ca_certificate(ca_cert):
         raise CertificateRefused(CA_NOT_CA)
     if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
         raise CertificateRefused(

@@ -17,12 +17,12 @@ import argparse
 import cProfile
 import os
 import pstats
-import secrets
 import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from _inprocess import scratch_database, set_up_published_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,47 +35,18 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="print the top N functions by CPU")
     options = parser.parse_args()
 
-    import psycopg
-
-    base = urlsplit(os.environ["DATABASE_URL"])
-    admin_url = urlunsplit(base._replace(path="/postgres"))
-    name = f"opamp_first_report_{secrets.token_hex(3)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    os.environ["DATABASE_URL"] = urlunsplit(base._replace(path="/" + name))
-    try:
+    with scratch_database("opamp_first_report"):
         measure(options)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def measure(options: argparse.Namespace) -> None:
-    import django
-
-    django.setup()
-    from django.core.management import call_command
+    set_up_published_fleet()
     from django.utils import timezone
 
     from fleet import services as fleet_services
     from fleet.reports import ReportLimits, report_from_message
-    from rollouts import services
     from rollouts.desired_state import Offer, desired_config_for_agent, record_offers
     from tests.fleet.messages import BASE_CAPABILITIES, full_report
-
-    call_command("migrate", verbosity=0)
-    for index in range(3):
-        configuration = services.configuration_create(
-            name=f"config-{index}", selector=f"service.name=service-{index}", actor=None
-        )
-        services.configuration_publish(
-            configuration=configuration,
-            files={"collector.yaml": {"body": f"x: {index}\n", "content_type": "text/yaml"}},
-            author=None,
-        )
 
     # Offers are written in batches by the server process (fleet.batched_writes).
     offers: dict[int, Offer] = {}

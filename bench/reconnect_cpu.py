@@ -12,7 +12,7 @@ what is left is the application's part of a reconnect (the session, the ORM, psy
 thread pool). Creates a PostgreSQL database of its own and drops it. Prints this process's
 CPU (all its threads) and wall time per reconnect as JSON; PostgreSQL's own CPU is not in it.
 Needs only `AgentSession`, `reset_runtime` and the buffers' `flush`, so a baseline tree
-runs it too (copy it into that tree's bench/).
+runs it too (copy it and bench/_inprocess.py into that tree's bench/).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from _inprocess import scratch_database, set_up_published_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,47 +38,18 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=1000)
     options = parser.parse_args()
 
-    import psycopg
-
-    base = urlsplit(os.environ["DATABASE_URL"])
-    admin_url = urlunsplit(base._replace(path="/postgres"))
-    name = f"opamp_reconnect_{secrets.token_hex(3)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    os.environ["DATABASE_URL"] = urlunsplit(base._replace(path="/" + name))
-    try:
+    with scratch_database("opamp_reconnect"):
         print(json.dumps(measure(options.agents), indent=2))
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def measure(agents: int) -> dict[str, object]:
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
+    set_up_published_fleet()
     from fleet.session import AgentSession
     from fleet.session_runtime import reset_runtime, runtime
     from opamp.proto import opamp_pb2
-    from rollouts import services
     from rollouts.session_contributor import RemoteConfigContributor
     from tests.fleet.messages import full_report
 
-    call_command("migrate", verbosity=0)
-    for index in range(3):
-        configuration = services.configuration_create(
-            name=f"config-{index}", selector=f"service.name=service-{index}", actor=None
-        )
-        services.configuration_publish(
-            configuration=configuration,
-            files={"collector.yaml": {"body": f"x: {index}\n", "content_type": "text/yaml"}},
-            author=None,
-        )
     uids = [uuid.uuid4().bytes for _ in range(agents)]
 
     async def connect_all(sequence_num: int) -> None:

@@ -60,6 +60,16 @@ class ReadOnlyRoleAdminMixin(RoleAdminMixin):
         return False
 
 
+class CreateOnlyRoleAdminMixin(RoleAdminMixin):
+    """Rows operators create here (through a service) and never edit or delete here."""
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 class ServiceErrorsAsMessagesMixin:
     """A refusal the form could not foresee is shown as a message on the same form.
 

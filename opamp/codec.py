@@ -8,12 +8,16 @@ the protobuf alone; since a non-empty serialized AgentToServer never starts with
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from google.protobuf.message import DecodeError
 
 from opamp.proto import opamp_pb2
 
 WS_HEADER = b"\x00"
 _MAX_VARINT_BYTES = 10
+
+_Message = TypeVar("_Message", opamp_pb2.AgentToServer, opamp_pb2.ServerToAgent)
 
 
 class FrameError(ValueError):
@@ -34,14 +38,18 @@ def _read_varint(data: bytes) -> int:
     raise FrameError("truncated WebSocket frame header")
 
 
-def decode_agent_to_server(payload: bytes) -> opamp_pb2.AgentToServer:
-    """Parse protobuf bytes into an AgentToServer or raise FrameError with a clear reason."""
-    message = opamp_pb2.AgentToServer()
+def _parse(message: _Message, payload: bytes) -> _Message:
+    """`payload` parsed into the empty `message`, or FrameError naming the message type."""
     try:
         message.ParseFromString(payload)
     except (DecodeError, RecursionError) as error:
-        raise FrameError(f"undecodable AgentToServer: {error or 'malformed protobuf'}") from None
+        raise FrameError(f"undecodable {message.DESCRIPTOR.name}: {error or 'malformed protobuf'}") from None
     return message
+
+
+def decode_agent_to_server(payload: bytes) -> opamp_pb2.AgentToServer:
+    """Parse protobuf bytes into an AgentToServer or raise FrameError with a clear reason."""
+    return _parse(opamp_pb2.AgentToServer(), payload)
 
 
 def decode_agent_ws_frame(frame: bytes) -> opamp_pb2.AgentToServer:
@@ -63,12 +71,7 @@ def decode_agent_ws_frame(frame: bytes) -> opamp_pb2.AgentToServer:
 
 
 def decode_server_to_agent(payload: bytes) -> opamp_pb2.ServerToAgent:
-    message = opamp_pb2.ServerToAgent()
-    try:
-        message.ParseFromString(payload)
-    except (DecodeError, RecursionError) as error:
-        raise FrameError(f"undecodable ServerToAgent: {error or 'malformed protobuf'}") from None
-    return message
+    return _parse(opamp_pb2.ServerToAgent(), payload)
 
 
 def decode_server_ws_frame(frame: bytes) -> opamp_pb2.ServerToAgent:

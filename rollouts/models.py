@@ -287,6 +287,11 @@ class RolloutStage(models.Model):
         size = f"{self.percent}%" if self.percent is not None else f"{self.count} agents"
         return f"stage {self.index} ({size})"
 
+    @property
+    def size_display(self) -> str:
+        """The stage's share as the admin and the dashboard show it: "25%" or "40 agents"."""
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.count} agents"
+
 
 class RolloutTarget(models.Model):
     """An agent given the candidate by a rollout: its cohort, the offer and its answer."""

@@ -20,7 +20,7 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, preformatted
+from fleet.admin_base import CreateOnlyRoleAdminMixin, ReadOnlyRoleAdminMixin, preformatted
 from fleet.roles import can_write
 from signing import selectors
 from signing.certificates import (
@@ -209,7 +209,7 @@ class EnrollmentTokenUseInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
 
 
 @admin.register(EnrollmentToken)
-class EnrollmentTokenAdmin(RoleAdminMixin, admin.ModelAdmin):
+class EnrollmentTokenAdmin(CreateOnlyRoleAdminMixin, admin.ModelAdmin):
     list_display = ["name", "prefix", "use_count", "max_uses", "expires_at", "auto_approve", "revoked_at"]
     list_filter = ["auto_approve", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix"]
@@ -246,12 +246,6 @@ class EnrollmentTokenAdmin(RoleAdminMixin, admin.ModelAdmin):
 
     def get_inlines(self, request: HttpRequest, obj: Any = None) -> Any:
         return self.inlines if obj is not None else []
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_decide_permission(self, request: HttpRequest) -> bool:
         return can_write(request.user)

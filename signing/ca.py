@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from opamp.certificates import is_ca_certificate
 from opamp.config_signature import SigningKeyError
 from signing.config_signing import private_key_pem_pkcs8, write_new_private_file
 
@@ -426,11 +427,7 @@ def validate_ca(*, key: Any, cert: x509.Certificate, now: datetime | None = None
     """The pair as a LoadedCa if it can issue agent certificates, else `CaInvalid`."""
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CaInvalid(CA_KEY_TYPE_NOT_ALLOWED)
-    try:
-        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        basic = None
-    if basic is None or not basic.ca:
+    if not is_ca_certificate(cert):
         raise CaInvalid(CA_NOT_A_CA)
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value

@@ -18,6 +18,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
+from opamp.certificates import is_ca_certificate
+
 PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 # Characters nginx would read as syntax (or as a variable, `$`) inside an unquoted value.
 UNSAFE_IN_VALUE = re.compile(r"[\s;{}'\"\\$#]")
@@ -206,13 +208,8 @@ def file_problems(site: Site, *, now: datetime | None = None) -> list[str]:
     elif not site.tls_key.is_file():
         problems.append(f"--tls-key {site.tls_key}: not a regular file")
     ca_cert = _load_certificate("--ca-cert", site.ca_cert, problems)
-    if ca_cert is not None:
-        try:
-            is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            problems.append(f"--ca-cert {site.ca_cert}: not a CA certificate (basicConstraints CA:true is missing)")
+    if ca_cert is not None and not is_ca_certificate(ca_cert):
+        problems.append(f"--ca-cert {site.ca_cert}: not a CA certificate (basicConstraints CA:true is missing)")
     crl_data = _read("--crl", site.crl, problems)
     if crl_data is not None:
         try:

@@ -17,7 +17,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import ReadOnlyRoleAdminMixin, RoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.label_selectors.selector import SelectorError
@@ -63,7 +63,7 @@ class ConfigurationForm(forms.ModelForm):
             raise ValidationError(str(error)) from None
 
 
-class ConfigVersionInline(RoleAdminMixin, admin.TabularInline):
+class ConfigVersionInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
     model = ConfigVersion
     fk_name = "configuration"
     fields = ["number", "config_hash", "author", "created_at", "note", "rolled_back_from", "size_bytes"]
@@ -74,17 +74,12 @@ class ConfigVersionInline(RoleAdminMixin, admin.TabularInline):
     show_change_link = True
     verbose_name_plural = "versions (immutable; publish a new one to change the files)"
 
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def get_queryset(self, request: HttpRequest) -> QuerySet[ConfigVersion]:
         return super().get_queryset(request).select_related("author", "rolled_back_from", "configuration")
+
+
+# Shown, never edited: the "Delivery" section of a configuration's page.
+DELIVERY_FIELDS = ["current_version_display", "agent_count", "publish_link", "created_by", "created_at", "updated_at"]
 
 
 @admin.register(Configuration)
@@ -92,29 +87,10 @@ class ConfigurationAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.Mod
     form = ConfigurationForm
     list_display = ["name", "priority", "selector_string", "current_version_display", "agent_count"]
     search_fields = ["name", "description"]
-    readonly_fields = [
-        "current_version_display",
-        "agent_count",
-        "publish_link",
-        "created_by",
-        "created_at",
-        "updated_at",
-    ]
+    readonly_fields = DELIVERY_FIELDS
     fieldsets = [
         (None, {"fields": ["name", "description", "selector", "priority"]}),
-        (
-            "Delivery",
-            {
-                "fields": [
-                    "current_version_display",
-                    "agent_count",
-                    "publish_link",
-                    "created_by",
-                    "created_at",
-                    "updated_at",
-                ]
-            },
-        ),
+        ("Delivery", {"fields": DELIVERY_FIELDS}),
     ]
     inlines = [ConfigVersionInline]
     actions = ["roll_back_to_previous_version"]

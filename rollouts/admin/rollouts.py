@@ -5,6 +5,7 @@ per-stage counts, and the verbs as actions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django import forms
@@ -14,7 +15,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import CreateOnlyRoleAdminMixin, ReadOnlyRoleAdminMixin, ServiceErrorsAsMessagesMixin
 from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.roles import can_write
@@ -123,7 +124,7 @@ class RolloutAddForm(forms.ModelForm):
         return data
 
 
-class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
+class RolloutEventInline(ReadOnlyRoleAdminMixin, admin.TabularInline):
     model = RolloutEvent
     fields = ["at", "kind", "from_state", "to_state", "stage_index", "actor", "message", "counts_display"]
     readonly_fields = fields
@@ -131,15 +132,6 @@ class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
     extra = 0
     can_delete = False
     verbose_name_plural = "timeline"
-
-    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[RolloutEvent]:
         return super().get_queryset(request).select_related("actor")
@@ -151,12 +143,18 @@ class RolloutEventInline(RoleAdminMixin, admin.TabularInline):
         return format_html_join(", ", "{}: {}", sorted(event.counts.items()))
 
 
-def _stage_size(percent: float | None, count: int | None) -> str:
-    return f"{percent:g}%" if percent is not None else f"{count} agents"
+def _verb_action(verb: str, done: str, description: str) -> Callable[..., None]:
+    """An admin action that runs `rollout_<verb>` on each selected rollout."""
+
+    @admin.action(description=description, permissions=["operate"])
+    def action(admin_: RolloutAdmin, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
+        admin_._run_verb(request, queryset, verb, done)
+
+    return action
 
 
 @admin.register(Rollout)
-class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmin):
+class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin.ModelAdmin):
     """Rollouts are read here and moved by the verbs of `rollout_services.verbs` (the
     actions); nothing is edited through a form. The add form only creates a draft through
     `rollout_create`."""
@@ -204,12 +202,6 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
         )
 
     # Roles: anyone who may read sees rollouts; operators create drafts and run the verbs.
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return can_write(request.user)
@@ -269,7 +261,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
                 (
                     "▶ " if current else "",
                     stage.index,
-                    _stage_size(stage.percent, stage.count),
+                    stage.size_display,
                     parse_selector(stage.selector).to_string() or "(every agent)",
                     f"{stage.hold_seconds:g} s",
                     approval,
@@ -318,36 +310,25 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
             except DomainError as error:
                 self.message_user(request, f"rollout {rollout.pk}: {error.message}", messages.ERROR)
                 continue
-            if moved:
-                self.message_user(request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=done), messages.SUCCESS)
-            else:
-                self.message_user(
-                    request, ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=done), messages.WARNING
-                )
+            self._report_verb(request, rollout, moved, done, messages.SUCCESS)
 
-    @admin.action(description="Start the selected draft rollouts", permissions=["operate"])
-    def start_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "start", "started")
+    def _report_verb(self, request: HttpRequest, rollout: Rollout, moved: bool, done: str, done_level: int) -> None:
+        """What a verb did to one rollout, or that another request moved it first."""
+        if moved:
+            self.message_user(request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=done), done_level)
+        else:
+            self.message_user(request, ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=done), messages.WARNING)
 
-    @admin.action(description="Pause the selected rollouts", permissions=["operate"])
-    def pause_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "pause", "paused")
-
-    @admin.action(description="Resume the selected rollouts", permissions=["operate"])
-    def resume_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "resume", "resumed")
-
-    @admin.action(description="Promote the selected rollouts (skip to the last stage)", permissions=["operate"])
-    def promote_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "promote", "promoted to the last stage")
-
-    @admin.action(description="Abort the selected rollouts (roll back)", permissions=["operate"])
-    def abort_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "abort", "aborted")
-
-    @admin.action(description="Retry the selected rollouts from the first stage", permissions=["operate"])
-    def retry_rollouts(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
-        self._run_verb(request, queryset, "retry", "restarted from the first stage")
+    start_rollouts = _verb_action("start", "started", "Start the selected draft rollouts")
+    pause_rollouts = _verb_action("pause", "paused", "Pause the selected rollouts")
+    resume_rollouts = _verb_action("resume", "resumed", "Resume the selected rollouts")
+    promote_rollouts = _verb_action(
+        "promote", "promoted to the last stage", "Promote the selected rollouts (skip to the last stage)"
+    )
+    abort_rollouts = _verb_action("abort", "aborted", "Abort the selected rollouts (roll back)")
+    retry_rollouts = _verb_action(
+        "retry", "restarted from the first stage", "Retry the selected rollouts from the first stage"
+    )
 
     @admin.action(description="Approve the next stage that needs approval", permissions=["operate"])
     def approve_next_stage(self, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
@@ -360,13 +341,5 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmi
             if stage is None or rollout.state not in (RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED):
                 self.message_user(request, NOTHING_TO_APPROVE.format(rollout_id=rollout.pk), messages.WARNING)
                 continue
-            if verbs.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user):
-                self.message_user(
-                    request, ROLLOUT_VERB_DONE.format(rollout_id=rollout.pk, done=f"stage {stage.index} approved")
-                )
-            else:
-                self.message_user(
-                    request,
-                    ROLLOUT_VERB_RACED.format(rollout_id=rollout.pk, done=f"stage {stage.index} approved"),
-                    messages.WARNING,
-                )
+            approved = verbs.rollout_approve_stage(rollout=rollout, stage_index=stage.index, actor=request.user)
+            self._report_verb(request, rollout, approved, f"stage {stage.index} approved", messages.INFO)

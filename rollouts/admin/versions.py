@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html_join
 
-from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import CreateOnlyRoleAdminMixin, ServiceErrorsAsMessagesMixin
 from rollouts import selectors
 from rollouts.admin.saved_rows import become
 from rollouts.config_files import ConfigValidationError, parse_config_files
@@ -51,7 +51,7 @@ class PublishForm(forms.ModelForm):
 
 
 @admin.register(ConfigVersion)
-class ConfigVersionAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.ModelAdmin):
+class ConfigVersionAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin.ModelAdmin):
     """Versions are immutable: the add form publishes, the change page only shows."""
 
     list_display = ["__str__", "short_hash", "author", "created_at", "note", "size_bytes"]
@@ -71,12 +71,6 @@ class ConfigVersionAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin.Mod
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ConfigVersion]:
         return super().get_queryset(request).select_related("configuration", "author", "rolled_back_from")
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_form(
         self, request: HttpRequest, obj: ConfigVersion | None = None, change: bool = False, **kwargs: Any

@@ -108,10 +108,6 @@ class RolloutProgress:
         return sorted(points, key=lambda point: point["at"])
 
 
-def _size(stage: Any) -> str:
-    return f"{stage.percent:g}%" if stage.percent is not None else f"{stage.count} agents"
-
-
 def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: int = EVENTS_SHOWN) -> RolloutProgress:
     """Everything the progress views show, in a fixed handful of queries (raises DoesNotExist)."""
     now = now or timezone.now()
@@ -127,7 +123,7 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
     stages = [
         StageProgress(
             index=stage.index,
-            size=_size(stage),
+            size=stage.size_display,
             hold_seconds=stage.hold_seconds,
             requires_approval=stage.requires_approval,
             approved=stage.approved_at is not None,

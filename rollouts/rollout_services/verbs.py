@@ -141,22 +141,36 @@ def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
     )
     if other is not None:
         raise DomainError(ROLLOUT_ACTIVE.format(name=rollout.configuration.name, rollout_id=other.pk), status=409)
+    return _run_from_first_stage(rollout, actor=actor, retry=False)
+
+
+def _run_from_first_stage(rollout: Rollout, *, actor: Actor, retry: bool) -> bool:
+    """-> running at stage 0 with cohort thresholds fixed from the population now: a draft's
+    start, or a retry of a rolled-back or aborted rollout (its targets dropped first). All of
+    it is undone when another request moved the rollout first."""
     with transaction.atomic():
         _lock_configuration(rollout)
+        if retry:
+            RolloutTarget.objects.filter(rollout=rollout).delete()
+        # A draft aborted before it started never had its thresholds fixed, so a retry fixes them too.
         _fix_thresholds(rollout)
         now = timezone.now()
-        started = transition(
+        moved = transition(
             rollout,
-            from_states=[RolloutState.DRAFT],
+            from_states=[RolloutState.ROLLED_BACK, RolloutState.ABORTED] if retry else [RolloutState.DRAFT],
             to_state=RolloutState.RUNNING,
-            kind=Kind.STARTED,
+            kind=Kind.RETRIED if retry else Kind.STARTED,
             actor=actor,
-            changes={"stage_index": 0, "stage_started_at": now, "started_at": now},
-            audit="rollout.start",
+            changes={
+                "stage_index": 0,
+                "stage_started_at": now,
+                **({"finished_at": None} if retry else {"started_at": now}),
+            },
+            audit="rollout.retry" if retry else "rollout.start",
         )
-        if not started:
+        if not moved:
             transaction.set_rollback(True)
-    return started
+    return moved
 
 
 def rollout_pause(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
@@ -263,24 +277,7 @@ def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
         raise DomainError(
             f"configuration {configuration.name!r} moved on since this rollout; create a new one", status=409
         )
-    with transaction.atomic():
-        _lock_configuration(rollout)
-        RolloutTarget.objects.filter(rollout=rollout).delete()
-        # A draft aborted before it started never had its thresholds fixed.
-        _fix_thresholds(rollout)
-        now = timezone.now()
-        done = transition(
-            rollout,
-            from_states=[RolloutState.ROLLED_BACK, RolloutState.ABORTED],
-            to_state=RolloutState.RUNNING,
-            kind=Kind.RETRIED,
-            actor=actor,
-            changes={"stage_index": 0, "stage_started_at": now, "finished_at": None},
-            audit="rollout.retry",
-        )
-        if not done:
-            transaction.set_rollback(True)
-    return done
+    return _run_from_first_stage(rollout, actor=actor, retry=True)
 
 
 def rollout_approve_stage(*, rollout: Rollout, stage_index: int, actor: Actor) -> bool:
