@@ -9,8 +9,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from fleet import selectors
-from fleet.commands import restart_request
 from fleet.admin_base import ReadOnlyRoleAdminMixin, pretty_json
+from fleet.commands import restart_request
 from fleet.models import Agent, AuditEvent, RemoteConfigState
 from fleet.roles import can_write
 from opamp.capabilities import AgentCapabilities, agent_capability_names

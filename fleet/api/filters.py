@@ -17,7 +17,8 @@ class AgentFilter(django_filters.FilterSet):
         method="filter_capability", help_text="a capability name, e.g. accepts_remote_config"
     )
     custom_capability = django_filters.CharFilter(
-        method="filter_custom_capability", help_text="a custom capability the agent declared, e.g. io.opamp.certificate/v1"
+        method="filter_custom_capability",
+        help_text="a custom capability the agent declared, e.g. io.opamp.certificate/v1",
     )
     attribute = django_filters.CharFilter(
         method="filter_attribute",
@@ -32,7 +33,16 @@ class AgentFilter(django_filters.FilterSet):
 
     class Meta:
         model = Agent
-        fields = ["status", "capability", "custom_capability", "attribute", "transport", "connected", "seen_after", "drift"]
+        fields = [
+            "status",
+            "capability",
+            "custom_capability",
+            "attribute",
+            "transport",
+            "connected",
+            "seen_after",
+            "drift",
+        ]
 
     def filter_status(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
         return queryset.filter(selectors.status_q(value))

@@ -32,14 +32,20 @@ def one(agent: Agent):
 @pytest.mark.django_db
 def test_a_restart_is_recorded_and_audited_with_who_asked():
     user = UserFactory(username="alice")
-    agent = AgentFactory(capabilities=RESTARTABLE, health={"healthy": True, "start_time_unix_nano": 1_700_000_000 * 10**9})
+    agent = AgentFactory(
+        capabilities=RESTARTABLE, health={"healthy": True, "start_time_unix_nano": 1_700_000_000 * 10**9}
+    )
     outcome = restart_request(agents=one(agent), actor=user)
     [command] = outcome.requested
     assert (command.requested_by, command.delivered_at) == (user, None)
     assert command.connected_at_before == agent.connected_at
     assert command.started_at_before is not None and command.started_at_before.year == 2023
     audit = AuditEvent.objects.get(action=RESTART_ACTION)
-    assert (audit.actor, audit.target_id, audit.details["instance_uid"]) == (user, str(agent.pk), str(agent.instance_uid))
+    assert (audit.actor, audit.target_id, audit.details["instance_uid"]) == (
+        user,
+        str(agent.pk),
+        str(agent.instance_uid),
+    )
 
 
 @pytest.mark.django_db

@@ -72,7 +72,9 @@ def test_custom_messages_go_only_to_agents_that_declared_the_capability(api_clie
     able = AgentFactory(custom_capabilities=["io.example.ping/v1"], labels={"env": "prod"})
     AgentFactory(custom_capabilities=[], labels={"env": "prod"})
     body = {"selector": {"matchLabels": {"env": "prod"}}, "capability": "io.example.ping/v1", "type": "ping"}
-    answer = api_client.post("/api/v1/custom-messages/", {**body, "data": base64.b64encode(b"\x00hi").decode()}, format="json")
+    answer = api_client.post(
+        "/api/v1/custom-messages/", {**body, "data": base64.b64encode(b"\x00hi").decode()}, format="json"
+    )
     assert answer.status_code == 202, answer.content
     assert (answer.data["queued"], answer.data["not_capable"]) == (1, 1)
     queued = QueuedCustomMessage.objects.get()
@@ -81,7 +83,9 @@ def test_custom_messages_go_only_to_agents_that_declared_the_capability(api_clie
         f"/api/v1/agents/{able.instance_uid}/custom-messages/", {"capability": "io.other/v1"}, format="json"
     )
     assert one.status_code == 200 and one.data["not_capable"] == 1
-    assert api_client.post("/api/v1/custom-messages/", {**body, "data": "not base64!"}, format="json").status_code == 400
+    assert (
+        api_client.post("/api/v1/custom-messages/", {**body, "data": "not base64!"}, format="json").status_code == 400
+    )
 
 
 @override_settings(OPAMP_CUSTOM_MESSAGE_QUEUE=2)
@@ -96,7 +100,12 @@ def test_an_agents_custom_messages_are_listed_newest_first(viewer_client):
     agent = AgentFactory()
     for number in range(3):
         AgentCustomMessage.objects.create(
-            agent=agent, capability="io.example.ping/v1", type=f"t{number}", data=b"\xff", size=1, received_at=agent.last_seen
+            agent=agent,
+            capability="io.example.ping/v1",
+            type=f"t{number}",
+            data=b"\xff",
+            size=1,
+            received_at=agent.last_seen,
         )
     listed = viewer_client.get(f"/api/v1/agents/{agent.instance_uid}/custom-messages/").json()
     assert [row["type"] for row in listed["results"]] == ["t2", "t1", "t0"]

@@ -45,7 +45,11 @@ def test_an_agents_history_keeps_the_newest_messages_and_caps_their_data(setting
 async def test_a_custom_message_an_agent_sends_is_kept():
     uid = uuid7().bytes
     message = declaring(full_report(uid, 1), PING)
-    message.custom_message.capability, message.custom_message.type, message.custom_message.data = PING, "pong", b"\x00\x01"
+    message.custom_message.capability, message.custom_message.type, message.custom_message.data = (
+        PING,
+        "pong",
+        b"\x00\x01",
+    )
     await http_exchange(message)
     kept = await AgentCustomMessage.objects.aget()
     assert (kept.capability, kept.type, bytes(kept.data)) == (PING, "pong", b"\x00\x01")
