@@ -59,7 +59,8 @@ class PendingAgents:
 
     async def _refresh(self) -> None:
         started = time.monotonic()
-        self._hinted_meanwhile = hinted = set()
+        hinted: set[int] = set()
+        self._hinted_meanwhile = hinted
         try:
             fresh = await db(self._read)()
         finally:
