@@ -26,6 +26,7 @@ from django.utils import timezone
 from fleet.audit import Actor, actor_user
 from fleet.models import Agent, AgentCommand, AuditEvent, CommandKind
 from fleet.notify import notify_command_waiting
+from fleet.pending_deliveries import claim_first
 from opamp.capabilities import AgentCapabilities, has_capability
 
 RESTART_ACTION = "agent.restart"
@@ -114,12 +115,8 @@ def agents_with_pending_commands() -> set[int]:
 def command_claim(*, agent_id: int, now: datetime) -> AgentCommand | None:
     """The agent's oldest waiting command, now marked delivered; None when there is none
     or another session claimed it first."""
-    waiting = AgentCommand.objects.filter(agent_id=agent_id, delivered_at__isnull=True).order_by("requested_at", "id")
-    for command in waiting[:5]:
-        if AgentCommand.objects.filter(pk=command.pk, delivered_at__isnull=True).update(delivered_at=now):
-            command.delivered_at = now
-            return command
-    return None
+    waiting = AgentCommand.objects.filter(agent_id=agent_id, delivered_at__isnull=True)
+    return claim_first(waiting.order_by("requested_at", "id"), now=now)
 
 
 def command_list() -> QuerySet[AgentCommand]:

@@ -20,12 +20,13 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from fleet.audit import Actor, actor_user
 from fleet.models import Agent, AgentCustomMessage, AuditEvent, QueuedCustomMessage
 from fleet.notify import notify_custom_message_waiting
+from fleet.pending_deliveries import claim_first
 from fleet.safe_text import safe_text
 
 SEND_ACTION = "agent.custom_message.send"
@@ -143,13 +144,9 @@ def custom_message_claim(*, agent_id: int, capabilities: list[str], now: datetim
     """The agent's oldest waiting message for a capability it still declares, now marked
     delivered; None when there is none (or another session claimed it first)."""
     waiting = QueuedCustomMessage.objects.filter(
-        Q(agent_id=agent_id, delivered_at__isnull=True) & Q(capability__in=capabilities)
+        agent_id=agent_id, delivered_at__isnull=True, capability__in=capabilities
     ).order_by("id")
-    for message in waiting[:5]:
-        if QueuedCustomMessage.objects.filter(pk=message.pk, delivered_at__isnull=True).update(delivered_at=now):
-            message.delivered_at = now
-            return message
-    return None
+    return claim_first(waiting, now=now)
 
 
 def queued_custom_messages() -> QuerySet[QueuedCustomMessage]:

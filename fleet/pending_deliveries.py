@@ -13,8 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from django.db.models import Model, QuerySet
 
 from fleet.db import db
+
+M = TypeVar("M", bound=Model)
 
 CHECK_SECONDS = 1.0
 
@@ -67,3 +73,14 @@ class PendingAgents:
             self._hinted_meanwhile = None
         self.agent_ids = fresh | hinted
         self.checked_at = started
+
+
+def claim_first(waiting: QuerySet[M], *, now: datetime, look_at: int = 5) -> M | None:
+    """The first of `waiting` (rows with a `delivered_at`, in delivery order) this caller
+    marks delivered: a conditional UPDATE, so of two sessions claiming at once one gets it."""
+    model: Any = waiting.model
+    for row in waiting[:look_at]:
+        if model.objects.filter(pk=row.pk, delivered_at__isnull=True).update(delivered_at=now):
+            row.delivered_at = now
+            return row
+    return None
