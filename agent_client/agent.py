@@ -13,6 +13,12 @@ renewed (`agent_client.enrollment`); installing a certificate ends the session w
 `agent_disconnect` and reconnects at once so the new certificate is presented. A server that
 refuses the credential (401/403) is retried no sooner than `refused_credential_delay`.
 
+An agent that accepts restarts (`AgentSettings.accept_restart`, declared as
+AcceptsRestartCommand) manages no child process: on a Restart command it ignores the rest of
+that message (as the protocol says), ends the session with `agent_disconnect` and comes back
+as a new process would (`_start_as_new_process`: a new connection, sequence numbers from 0,
+a new start time in its health, a full report), after `restart_delay` seconds.
+
 The agent is put together from topic modules: `agent_settings` (AgentSettings),
 `agent_base` (its state, what it is, what it sends), `agent_certificates` (certificate
 enrollment within sessions) and `agent_remote_config` (remote config offers and applying
@@ -39,6 +45,10 @@ from opamp.capabilities import ServerToAgentFlags
 from opamp.proto import opamp_pb2 as pb
 
 
+class Restart(Exception):
+    """The server asked the agent to restart: end the session, come back as a new process."""
+
+
 class AgentObserver:
     """Hooks for measuring agents (the fleet simulator's statistics). All are optional."""
 
@@ -51,6 +61,9 @@ class AgentObserver:
         `round_trip` pairs replies with sends in order, which is exact for a server that
         answers every message once; a server push shifts the pairing.
         """
+
+    def on_restart(self, agent: Agent) -> None:
+        """The agent carries out a Restart command (it reconnects as a new process)."""
 
     def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
         """A session ended with `error`; the next attempt starts in `retry_in` seconds."""
@@ -96,6 +109,16 @@ class Agent(CertificateHandling, RemoteConfigHandling):
                 await self._disconnect()
                 self._backoff.reset()
                 self._log.info("reconnecting to present the new client certificate")
+                continue
+            except Restart:
+                await self._disconnect()  # closes the connection
+                self._start_as_new_process()
+                self._log.info("restarting as the server asked (restart %d)", self.restarts)
+                self._observer.on_restart(self)
+                if self.settings.restart_delay:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.restart_delay):
+                            await self._stopping.wait()
                 continue
             except CredentialRefused as error:
                 failure: Exception = error
@@ -213,6 +236,12 @@ class Agent(CertificateHandling, RemoteConfigHandling):
             self._on_error_response(error)
             return
         self._backoff.reset()
+        if reply.HasField("command"):
+            # The command travels alone: the rest of the message is ignored.
+            if reply.command.type == pb.CommandType_Restart and self.settings.accept_restart:
+                raise Restart
+            self._log.warning("ignored a command the agent does not support (%s)", reply.command.type)
+            return
         if reply.HasField("agent_identification"):
             self._adopt_instance_uid(reply.agent_identification.new_instance_uid)
         if enrollment is not None and reply.capabilities:

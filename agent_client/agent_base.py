@@ -112,6 +112,8 @@ class AgentBase:
         self._heartbeat_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self.connected = False
+        # Restarts the server asked for and this agent carried out.
+        self.restarts = 0
 
     # -- what the agent currently is -------------------------------------------------
 
@@ -237,6 +239,17 @@ class AgentBase:
                     await self._heartbeat_changed.wait()
 
     # -- what the server assigns -------------------------------------------------------
+
+    def _start_as_new_process(self) -> None:
+        """After a Restart command: what a new process of the agent would have. Sequence
+        numbers from 0, a new start time, no heartbeat interval from the server, and a full
+        report first (the identity and the remote config it runs are kept, as on disk)."""
+        self.restarts += 1
+        self._sequence_num = 0
+        self._start_time_unix_nano = time.time_ns()
+        self._server_heartbeat_seconds = None
+        self._full_report_due = True
+        self._backoff.reset()
 
     def _adopt_instance_uid(self, new_uid: bytes) -> None:
         if problem := instance_uid_problem(new_uid):

@@ -36,6 +36,11 @@ class AgentSettings:
     # Drill: seconds an apply takes (the agent reports APPLYING meanwhile), as a real
     # collector restart would.
     apply_delay: float = 0.0
+    # Declares AcceptsRestartCommand: a Restart command ends the session and the agent comes
+    # back as a new process would (agent_client.agent).
+    accept_restart: bool = True
+    # Drill: seconds a restart keeps the agent away, as a real process's start-up would.
+    restart_delay: float = 0.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     shutdown_timeout: float = 5.0
@@ -55,6 +60,8 @@ class AgentSettings:
             raise ValueError("refused_credential_delay must not be negative")
         if self.apply_delay < 0:
             raise ValueError("apply_delay must not be negative")
+        if self.restart_delay < 0:
+            raise ValueError("restart_delay must not be negative")
         for key_id, key in (self.trusted_keys or {}).items():
             if key_id != key_id_for(key):
                 raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")
@@ -73,4 +80,6 @@ class AgentSettings:
         bits = _ALWAYS_DECLARED
         if self.accept_remote_config:
             bits |= AgentCapabilities.ACCEPTS_REMOTE_CONFIG
+        if self.accept_restart:
+            bits |= AgentCapabilities.ACCEPTS_RESTART_COMMAND
         return int(bits)

@@ -285,6 +285,13 @@ def _add_simulate_parser(commands: Any) -> None:
     simulate.add_argument(
         "--apply-delay", type=non_negative_seconds, default=0.0, metavar="S", help="seconds each apply takes"
     )
+    simulate.add_argument(
+        "--restart-delay",
+        type=non_negative_seconds,
+        default=0.0,
+        metavar="S",
+        help="seconds an agent stays away when the server restarts it",
+    )
     simulate.add_argument("--heartbeat", type=positive_seconds, default=DEFAULT_HEARTBEAT_INTERVAL, metavar="SECONDS")
     simulate.add_argument(
         "--state-root",

@@ -246,6 +246,7 @@ def simulate_fleet(options: argparse.Namespace) -> Fleet:
         non_identifying_attributes=dict(options.label),
         heartbeat_interval=options.heartbeat,
         apply_delay=options.apply_delay,
+        restart_delay=options.restart_delay,
     )
     failing = replace(healthy, fail_if_contains=marker.encode("utf-8")) if marker else healthy
     chosen = spread_evenly(options.agents, options.fail_fraction) if marker else set()

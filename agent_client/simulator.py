@@ -35,6 +35,8 @@ class FleetStats(AgentObserver):
         self.replies = 0
         self.connections = 0
         self.disconnects = 0
+        # Restart commands carried out (each agent reconnects as a new process).
+        self.restarts = 0
         self.errors: Counter[str] = Counter()
         self.all_answered = asyncio.Event()
         self._awaiting_first: set[Agent] = set()
@@ -56,6 +58,10 @@ class FleetStats(AgentObserver):
                 self.all_answered.set()
         elif round_trip is not None:
             self.round_trips.append((now, round_trip))
+
+    def on_restart(self, agent: Agent) -> None:
+        self.restarts += 1
+        self.online.discard(agent)
 
     def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
         self.disconnects += 1
@@ -92,6 +98,8 @@ def progress_line(fleet: Fleet) -> str:
     if not by_config:
         parts.append("no config offered yet")
     parts.append(f"{stats.disconnects} disconnects")
+    if stats.restarts:
+        parts.append(f"{stats.restarts} restarts")
     return " | ".join(parts)
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from fleet import selectors
 from fleet.admin_base import ReadOnlyRoleAdminMixin, pretty_json
+from fleet.commands import restart_request
 from fleet.models import Agent, AuditEvent, RemoteConfigState
+from fleet.roles import can_write
 from opamp.capabilities import AgentCapabilities, agent_capability_names
 
 
@@ -76,6 +78,7 @@ class AgentAdmin(admin.ModelAdmin):
     ]
     search_fields = ["instance_uid", "remote_address"]
     ordering = ["-last_seen"]
+    actions = ["restart_agents"]
     fieldsets = [
         (
             "Identity",
@@ -113,6 +116,25 @@ class AgentAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Agent | None = None) -> bool:
         return False
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return can_write(request.user)
+
+    @admin.action(description="Restart the selected agents", permissions=["operate"])
+    def restart_agents(self, request: HttpRequest, queryset: QuerySet[Agent]) -> None:
+        """fleet.commands: only agents that accept restarts, not again within the minimum interval."""
+        outcome = restart_request(agents=queryset, actor=request.user)
+        self.message_user(request, f"{len(outcome.requested)} restart(s) requested.", messages.SUCCESS)
+        if outcome.not_capable:
+            self.message_user(
+                request, f"{len(outcome.not_capable)} agent(s) do not accept restart commands.", messages.WARNING
+            )
+        if outcome.rate_limited:
+            self.message_user(
+                request,
+                f"{len(outcome.rate_limited)} agent(s) skipped: a restart is pending or was requested recently.",
+                messages.WARNING,
+            )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Agent | None = None) -> list[str]:
         return [field for _, options in self.fieldsets for field in options["fields"]]

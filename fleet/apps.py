@@ -11,9 +11,13 @@ class FleetConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
+        from fleet import extensions
+        from fleet.fleet_extension import CommandsExtension, CustomMessagesExtension
         from fleet.periodic import PeriodicTaskSpec, declare
         from opamp.runtime import require_upb
 
         if settings.OPAMP_REQUIRE_UPB:
             require_upb()
+        extensions.register(CommandsExtension())
+        extensions.register(CustomMessagesExtension())
         declare(PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30))

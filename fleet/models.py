@@ -138,3 +138,82 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target_type}:{self.target_id}"
+
+
+class CommandKind(models.TextChoices):
+    """ServerToAgentCommand types (the protocol defines only Restart)."""
+
+    RESTART = "restart", "restart"
+
+
+class AgentCommand(models.Model):
+    """A command an operator asked for one agent (fleet.commands): delivered once, in a
+    ServerToAgent of its own, then kept as the record of what was asked and when."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="commands")
+    kind = models.CharField(max_length=16, choices=CommandKind.choices, default=CommandKind.RESTART)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_at = models.DateTimeField()
+    # When a session handed it to the agent's connection; never set twice.
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # The agent as it was when asked: a later connection or start time shows it restarted.
+    connected_at_before = models.DateTimeField(null=True, blank=True)
+    started_at_before = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+        indexes = [
+            models.Index(fields=["agent", "requested_at"], name="fleet_command_agent_idx"),
+            models.Index(
+                fields=["agent"], condition=models.Q(delivered_at__isnull=True), name="fleet_command_pending_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.agent_id} at {self.requested_at:%Y-%m-%d %H:%M:%S}"
+
+
+class AgentCustomMessage(models.Model):
+    """A custom message an agent sent (fleet.custom_messages): a bounded history per agent."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="custom_messages")
+    capability = models.CharField(max_length=256)
+    type = models.CharField(max_length=256, blank=True)
+    # At most OPAMP_CUSTOM_MESSAGE_MAX_BYTES of the data; `size` is what the agent sent.
+    data = models.BinaryField(default=b"", blank=True)
+    size = models.IntegerField(default=0)
+    received_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["agent", "id"], name="fleet_custom_message_agent_idx")]
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > len(self.data)
+
+
+class QueuedCustomMessage(models.Model):
+    """A custom message an operator sends an agent: queued, delivered once, then kept."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="queued_custom_messages")
+    capability = models.CharField(max_length=256)
+    type = models.CharField(max_length=256, blank=True)
+    data = models.BinaryField(default=b"", blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_at = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(
+                fields=["agent", "id"],
+                condition=models.Q(delivered_at__isnull=True),
+                name="fleet_custom_queue_pending_idx",
+            ),
+        ]

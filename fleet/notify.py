@@ -49,6 +49,16 @@ def notify_certificate_issued(instance_uids: Iterable[uuid.UUID]) -> None:
     _notify(HintKind.CERTIFICATE, instance_uids)
 
 
+def notify_command_waiting(instance_uids: Iterable[uuid.UUID]) -> None:
+    """A command (fleet.commands) waits for these agents: their live sessions push it."""
+    _notify(HintKind.COMMAND, instance_uids)
+
+
+def notify_custom_message_waiting(instance_uids: Iterable[uuid.UUID]) -> None:
+    """An operator's custom message (fleet.custom_messages) waits for these agents."""
+    _notify(HintKind.CUSTOM, instance_uids)
+
+
 def notify_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> None:
     """After a revocation commits: live sessions of these agents re-check their certificate
     and close when it no longer holds (any server process holding one; lost hints are

@@ -3,7 +3,9 @@
 The session (fleet.session) handles what every agent has (identity, inventory, heartbeats,
 the protocol's flags); what a feature app holds for agents is asked of its contributor,
 never imported: rollouts offers remote configs (rollouts.session_contributor), signing
-takes CSRs and offers certificates (signing.session_contributor). A feature app gives its
+takes CSRs and offers certificates (signing.session_contributor); the fleet's own commands
+and custom messages plug in the same way (fleet.command_contributor,
+fleet.custom_message_contributor). A feature app gives its
 contributor through `FleetExtension.session_contributor` (fleet.extensions); each server
 process's `FleetRuntime` makes one of each, which keeps that process's state of the app
 (caches, batched writes) for as long as the runtime lives. A new capability is a new
@@ -16,8 +18,9 @@ What a contributor may add, and when the session asks for it:
   the message's report was written (or batched), in registration order.
 - `reply_fillers()`: per part of the ServerToAgent, what to put in it. One place composes
   every reply (`AgentSession.compose`), in the fixed order of `ReplyPart`: remote config,
-  then connection settings (certificates), then custom messages (packages and commands
-  come next). On a push (a hint) `now` is None: parts that are only given in answer to a
+  then connection settings (certificates), then custom messages (the server's own, then
+  operators' queued ones), and last a command, which only goes out in a reply nothing
+  else filled (packages come before it). On a push (a hint) `now` is None: parts that are only given in answer to a
   message (a renewal request) are left out.
 - `hint_kinds` + `on_hint()`: a hint of one of these kinds reached one of the agent's
   live sessions here; the contributor looks again before the reply is composed.
@@ -54,7 +57,14 @@ class ReplyPart(IntEnum):
     REMOTE_CONFIG = 10
     CONNECTION_SETTINGS = 20
     CUSTOM_MESSAGE = 30
-    # Next: PACKAGES_AVAILABLE, COMMAND.
+    # Custom messages operators queued (fleet.custom_message_contributor): only when the
+    # server's own (a renewal request) left the reply's one custom message free.
+    QUEUED_CUSTOM_MESSAGE = 35
+    # Next: PACKAGES_AVAILABLE (40).
+    # A command must travel alone (only instance_uid and capabilities beside it), so it is
+    # last: it goes out only in a reply every other part left empty
+    # (fleet.command_contributor), and otherwise waits for the next one.
+    COMMAND = 90
 
 
 # (session, message, snapshot): run when the message carries the step's field.

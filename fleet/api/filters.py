@@ -5,6 +5,7 @@ from django.db.models import QuerySet
 from rest_framework.exceptions import ValidationError
 
 from fleet import extensions, selectors
+from fleet.custom_messages import with_custom_capability
 from fleet.models import Agent, Transport
 
 
@@ -14,6 +15,10 @@ class AgentFilter(django_filters.FilterSet):
     )
     capability = django_filters.CharFilter(
         method="filter_capability", help_text="a capability name, e.g. accepts_remote_config"
+    )
+    custom_capability = django_filters.CharFilter(
+        method="filter_custom_capability",
+        help_text="a custom capability the agent declared, e.g. io.opamp.certificate/v1",
     )
     attribute = django_filters.CharFilter(
         method="filter_attribute",
@@ -28,7 +33,16 @@ class AgentFilter(django_filters.FilterSet):
 
     class Meta:
         model = Agent
-        fields = ["status", "capability", "attribute", "transport", "connected", "seen_after", "drift"]
+        fields = [
+            "status",
+            "capability",
+            "custom_capability",
+            "attribute",
+            "transport",
+            "connected",
+            "seen_after",
+            "drift",
+        ]
 
     def filter_status(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
         return queryset.filter(selectors.status_q(value))
@@ -38,6 +52,9 @@ class AgentFilter(django_filters.FilterSet):
             return selectors.with_capability(queryset, value)
         except ValueError as error:
             raise ValidationError({"capability": [str(error)]}) from None
+
+    def filter_custom_capability(self, queryset: QuerySet[Agent], name: str, value: str) -> QuerySet[Agent]:
+        return with_custom_capability(queryset, value)
 
     def filter_drift(self, queryset: QuerySet[Agent], name: str, value: bool) -> QuerySet[Agent]:
         # The desired state belongs to a feature app (rollouts), which answers this filter.

@@ -190,6 +190,13 @@ OPAMP_ADMISSION_FULL_COST = env_float("OPAMP_ADMISSION_FULL_COST", 4.0)
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
 # How often Celery beat checks the gates of running rollouts.
 OPAMP_ROLLOUT_TICK_SECONDS = env_int("OPAMP_ROLLOUT_TICK_SECONDS", 5)
+# A restart is not asked again while one is pending or was asked within this many seconds.
+OPAMP_RESTART_MIN_INTERVAL_SECONDS = env_int("OPAMP_RESTART_MIN_INTERVAL_SECONDS", 300)
+# Custom messages: the bytes kept of each one (agents' and operators'), how many an agent's
+# history keeps, how many may wait for one agent.
+OPAMP_CUSTOM_MESSAGE_MAX_BYTES = env_int("OPAMP_CUSTOM_MESSAGE_MAX_BYTES", 64 * 1024)
+OPAMP_CUSTOM_MESSAGE_HISTORY = env_int("OPAMP_CUSTOM_MESSAGE_HISTORY", 50)
+OPAMP_CUSTOM_MESSAGE_QUEUE = env_int("OPAMP_CUSTOM_MESSAGE_QUEUE", 50)
 # How long the log of changed assignments is kept; a server process that has not caught up
 # with it for longer re-reads every agent's desired config once (rollouts.desired_state).
 OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS = env_int("OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS", 3600)

@@ -33,6 +33,7 @@ EXPECTED_CAPABILITIES = (
     | AgentCapabilities.REPORTS_HEALTH
     | AgentCapabilities.REPORTS_REMOTE_CONFIG
     | AgentCapabilities.REPORTS_HEARTBEAT
+    | AgentCapabilities.ACCEPTS_RESTART_COMMAND
 )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
+from fleet.models import Agent, AgentCommand, AuditEvent
 from tests.fleet.factories import AgentFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -44,3 +45,17 @@ def test_the_agent_detail_shows_health_and_config_escaped_and_read_only(admin_cl
     assert b"receivers: {}" in page.content
     assert b"<script>alert(1)</script>" not in page.content
     assert b'name="_save"' not in page.content
+
+
+def test_the_restart_action_asks_agents_that_accept_restarts_and_is_audited(admin_client_logged_in):
+    able = AgentFactory(capabilities=0x401)
+    AgentFactory(capabilities=0x1)
+    page = admin_client_logged_in.post(
+        "/admin/fleet/agent/",
+        {"action": "restart_agents", "_selected_action": [str(agent.pk) for agent in Agent.objects.all()]},
+        follow=True,
+    )
+    assert page.status_code == 200
+    assert b"1 restart(s) requested" in page.content and b"do not accept restart commands" in page.content
+    assert list(AgentCommand.objects.values_list("agent_id", flat=True)) == [able.pk]
+    assert AuditEvent.objects.get(action="agent.restart").actor.username == "root"

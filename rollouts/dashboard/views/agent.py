@@ -1,5 +1,5 @@
 """One agent's page: its health tree, desired against effective config, certificates, audit,
-and the operator's actions (labels, re-send, revoke a certificate).
+and the operator's actions (labels, re-send, restart, revoke a certificate).
 """
 
 from __future__ import annotations
@@ -13,12 +13,17 @@ from django.shortcuts import get_object_or_404, redirect, render
 
 from fleet import agent_labels
 from fleet import selectors as fleet_selectors
+from fleet.commands import command_list, restart_request
 from fleet.errors import DomainError
 from fleet.models import Agent
+from opamp.capabilities import AgentCapabilities, has_capability
 from rollouts import resend, selectors
 from rollouts.dashboard.views.shared import files_of, number_or, page, page_context, side_by_side
 from signing import certificates as signing_certificates
 from signing.models import IssuedCertificate
+
+NOT_RESTARTABLE = "this agent does not accept restart commands"
+RESTART_TOO_SOON = "a restart of this agent is pending or was requested within OPAMP_RESTART_MIN_INTERVAL_SECONDS"
 
 
 def _health_tree(health: Any, name: str = "agent") -> dict[str, Any]:
@@ -53,6 +58,12 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
                 agent_labels.agent_labels_set(instance_uid=agent.instance_uid, labels=labels, actor=request.user)
             elif action == "resend":
                 resend.agent_config_resend(agent=agent, actor=request.user)
+            elif action == "restart":
+                outcome = restart_request(agents=Agent.objects.filter(pk=agent.pk), actor=request.user)
+                if outcome.not_capable:
+                    errors.append(NOT_RESTARTABLE)
+                elif outcome.rate_limited:
+                    errors.append(RESTART_TOO_SOON)
             elif action == "revoke":
                 certificate = get_object_or_404(
                     IssuedCertificate, pk=number_or(request.POST.get("certificate"), 0), instance_uid=agent.instance_uid
@@ -80,6 +91,8 @@ def agent_detail(request: HttpRequest, instance_uid: uuid.UUID) -> HttpResponse:
             diff=side_by_side(effective_files, desired_files),
             operator_labels="\n".join(f"{k}={v}" for k, v in sorted(agent.operator_labels.items())),
             certificates=certificates,
+            restartable=has_capability(agent.capabilities, AgentCapabilities.ACCEPTS_RESTART_COMMAND),
+            commands=command_list().filter(agent=agent)[:5],
             # Changes made to the agent, and to its certificates (those name its uid).
             audit=fleet_selectors.audit_list().filter(
                 Q(target_type=Agent.__name__, target_id=str(agent.pk))

@@ -1,0 +1,173 @@
+"""Commands (restart) and custom messages: operators ask, viewers read what became of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, mixins, status, viewsets
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from fleet import selectors
+from fleet.api import command_serializers as s
+from fleet.api.permissions import RolePermission
+from fleet.api.validation import validated
+from fleet.commands import RestartOutcome, command_list, restart_request
+from fleet.custom_messages import (
+    SendOutcome,
+    custom_message_send,
+    custom_messages_of,
+    queued_custom_messages,
+)
+from fleet.label_selectors.parsing import parse_selector
+from fleet.models import Agent, AgentCommand, QueuedCustomMessage
+from fleet.selector_queries import agents_matching
+
+
+def _agent(instance_uid: Any) -> Agent:
+    return get_object_or_404(selectors.agent_list(), instance_uid=instance_uid)
+
+
+def _selected(selector: Any) -> tuple[QuerySet[Agent], str]:
+    parsed = parse_selector(selector)
+    return agents_matching(parsed), parsed.to_string()
+
+
+def _restart_answer(outcome: RestartOutcome) -> Response:
+    parts = [f"{len(outcome.requested)} restart(s) requested"]
+    if outcome.not_capable:
+        parts.append(f"{len(outcome.not_capable)} agent(s) skipped: they do not accept restart commands")
+    if outcome.rate_limited:
+        parts.append(
+            f"{len(outcome.rate_limited)} agent(s) skipped: a restart is pending or was requested within "
+            "OPAMP_RESTART_MIN_INTERVAL_SECONDS"
+        )
+    body = {
+        "requested": len(outcome.requested),
+        "not_capable": len(outcome.not_capable),
+        "rate_limited": len(outcome.rate_limited),
+        "detail": "; ".join(parts),
+        "commands": outcome.requested,
+    }
+    code = status.HTTP_202_ACCEPTED if outcome.requested else status.HTTP_200_OK
+    return Response(s.RestartOutcomeSerializer(body).data, status=code)
+
+
+def _send_answer(outcome: SendOutcome) -> Response:
+    parts = [f"{len(outcome.queued)} message(s) queued"]
+    if outcome.not_capable:
+        parts.append(f"{len(outcome.not_capable)} agent(s) skipped: they did not declare the capability")
+    if outcome.queue_full:
+        parts.append(f"{len(outcome.queue_full)} agent(s) skipped: their queue is full")
+    body = {
+        "queued": len(outcome.queued),
+        "not_capable": len(outcome.not_capable),
+        "queue_full": len(outcome.queue_full),
+        "detail": "; ".join(parts),
+        "messages": outcome.queued,
+    }
+    code = status.HTTP_202_ACCEPTED if outcome.queued else status.HTTP_200_OK
+    return Response(s.SendOutcomeSerializer(body).data, status=code)
+
+
+class AgentRestartView(generics.GenericAPIView):
+    """Ask one agent to restart (operators)."""
+
+    permission_classes = [RolePermission]
+    serializer_class = s.RestartInputSerializer
+
+    @extend_schema(request=s.RestartInputSerializer, responses=s.RestartOutcomeSerializer)
+    def post(self, request: Request, instance_uid: Any) -> Response:
+        validated(s.RestartInputSerializer, request.data)
+        agent = _agent(instance_uid)
+        return _restart_answer(restart_request(agents=Agent.objects.filter(pk=agent.pk), actor=request.user))
+
+
+class SelectorRestartView(generics.GenericAPIView):
+    """Ask every agent a label selector picks to restart (operators)."""
+
+    permission_classes = [RolePermission]
+    serializer_class = s.SelectorRestartInputSerializer
+
+    @extend_schema(request=s.SelectorRestartInputSerializer, responses=s.RestartOutcomeSerializer)
+    def post(self, request: Request) -> Response:
+        data = validated(s.SelectorRestartInputSerializer, request.data)
+        agents, selector = _selected(data["selector"])
+        return _restart_answer(restart_request(agents=agents, actor=request.user, selector=selector))
+
+
+class CommandFilter(django_filters.FilterSet):
+    agent = django_filters.UUIDFilter(field_name="agent__instance_uid", help_text="the agent's instance_uid")
+    pending = django_filters.BooleanFilter(
+        field_name="delivered_at", lookup_expr="isnull", help_text="true: not delivered yet"
+    )
+
+    class Meta:
+        model = AgentCommand
+        fields = ["agent", "pending", "kind"]
+
+
+class CommandViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Commands asked of agents, newest first, with their delivery and whether the agent came back."""
+
+    permission_classes = [RolePermission]
+    serializer_class = s.CommandSerializer
+    filterset_class = CommandFilter
+    ordering_fields = ["requested_at"]
+    ordering = ["-requested_at", "-id"]
+
+    def get_queryset(self) -> QuerySet[AgentCommand]:
+        return command_list()
+
+
+class AgentCustomMessagesView(generics.ListAPIView):
+    """GET: the custom messages the agent sent, newest first (the newest
+    OPAMP_CUSTOM_MESSAGE_HISTORY are kept). POST: send it one (operators)."""
+
+    permission_classes = [RolePermission]
+    serializer_class = s.AgentCustomMessageSerializer
+    ordering_fields = ["id"]
+    ordering = ["-id"]
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return custom_messages_of(_agent(self.kwargs["instance_uid"]))
+
+    @extend_schema(request=s.CustomMessageInputSerializer, responses=s.SendOutcomeSerializer)
+    def post(self, request: Request, instance_uid: Any) -> Response:
+        data = validated(s.CustomMessageInputSerializer, request.data)
+        agent = _agent(instance_uid)
+        outcome = custom_message_send(agents=Agent.objects.filter(pk=agent.pk), actor=request.user, **data)
+        return _send_answer(outcome)
+
+
+class QueuedCustomMessageFilter(django_filters.FilterSet):
+    agent = django_filters.UUIDFilter(field_name="agent__instance_uid", help_text="the agent's instance_uid")
+    pending = django_filters.BooleanFilter(field_name="delivered_at", lookup_expr="isnull")
+
+    class Meta:
+        model = QueuedCustomMessage
+        fields = ["agent", "pending", "capability"]
+
+
+class CustomMessagesView(generics.ListAPIView):
+    """GET: custom messages sent to agents, newest first, with their delivery. POST: send one
+    to every agent a label selector picks that declared its capability (operators)."""
+
+    permission_classes = [RolePermission]
+    serializer_class = s.QueuedCustomMessageSerializer
+    filterset_class = QueuedCustomMessageFilter
+    ordering_fields = ["id"]
+    ordering = ["-id"]
+
+    def get_queryset(self) -> QuerySet[QueuedCustomMessage]:
+        return queued_custom_messages()
+
+    @extend_schema(request=s.SelectorCustomMessageInputSerializer, responses=s.SendOutcomeSerializer)
+    def post(self, request: Request) -> Response:
+        data = validated(s.SelectorCustomMessageInputSerializer, request.data)
+        agents, selector = _selected(data.pop("selector"))
+        return _send_answer(custom_message_send(agents=agents, actor=request.user, selector=selector, **data))
