@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -24,4 +24,20 @@ def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str
         target_type=type(target).__name__,
         target_id=str(getattr(target, "pk", target)),
         details=dict(details or {}),
+    )
+
+
+def audit_records(*, actor: Actor, action: str, targets: Iterable[tuple[Any, Mapping[str, Any]]]) -> list[AuditEvent]:
+    """One audit row per (target, details), written in one statement: an action on many
+    agents at once (a selector) leaves a row on each."""
+    user = actor_user(actor)
+    return AuditEvent.objects.bulk_create(
+        AuditEvent(
+            actor=user,
+            action=action,
+            target_type=type(target).__name__,
+            target_id=str(getattr(target, "pk", target)),
+            details=dict(details),
+        )
+        for target, details in targets
     )

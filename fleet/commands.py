@@ -23,8 +23,8 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from fleet.audit import Actor, actor_user
-from fleet.models import Agent, AgentCommand, AuditEvent, CommandKind
+from fleet.audit import Actor, actor_user, audit_records
+from fleet.models import Agent, AgentCommand, CommandKind
 from fleet.notify import notify_command_waiting
 from fleet.pending_deliveries import claim_first
 from opamp.capabilities import AgentCapabilities, has_capability
@@ -94,16 +94,13 @@ def restart_request(
 
 def _audit(commands: Iterable[AgentCommand], *, actor: Actor, selector: str) -> None:
     """One audit row per agent asked (the agent page lists its own)."""
-    user = actor_user(actor)
-    AuditEvent.objects.bulk_create(
-        AuditEvent(
-            actor=user,
-            action=RESTART_ACTION,
-            target_type=Agent.__name__,
-            target_id=str(command.agent.pk),
-            details={"instance_uid": str(command.agent.instance_uid), "selector": selector},
-        )
-        for command in commands
+    audit_records(
+        actor=actor,
+        action=RESTART_ACTION,
+        targets=(
+            (command.agent, {"instance_uid": str(command.agent.instance_uid), "selector": selector})
+            for command in commands
+        ),
     )
 
 

@@ -23,8 +23,8 @@ from django.db import connections, transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from fleet.audit import Actor, actor_user
-from fleet.models import Agent, AgentCustomMessage, AuditEvent, QueuedCustomMessage
+from fleet.audit import Actor, actor_user, audit_records
+from fleet.models import Agent, AgentCustomMessage, QueuedCustomMessage
 from fleet.notify import notify_custom_message_waiting
 from fleet.pending_deliveries import claim_first
 from fleet.safe_text import safe_text
@@ -111,22 +111,22 @@ def custom_message_send(
                     )
                 )
         QueuedCustomMessage.objects.bulk_create(outcome.queued)
-        user = actor_user(actor)
-        AuditEvent.objects.bulk_create(
-            AuditEvent(
-                actor=user,
-                action=SEND_ACTION,
-                target_type=Agent.__name__,
-                target_id=str(message.agent.pk),
-                details={
-                    "instance_uid": str(message.agent.instance_uid),
-                    "capability": capability,
-                    "type": type,
-                    "size": len(data),
-                    "selector": selector,
-                },
-            )
-            for message in outcome.queued
+        audit_records(
+            actor=actor,
+            action=SEND_ACTION,
+            targets=(
+                (
+                    message.agent,
+                    {
+                        "instance_uid": str(message.agent.instance_uid),
+                        "capability": capability,
+                        "type": type,
+                        "size": len(data),
+                        "selector": selector,
+                    },
+                )
+                for message in outcome.queued
+            ),
         )
         uids = [message.agent.instance_uid for message in outcome.queued]
         if uids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import django_filters
@@ -11,6 +12,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import generics, mixins, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import Serializer
 
 from fleet import selectors
 from fleet.api import command_serializers as s
@@ -37,41 +39,54 @@ def _selected(selector: Any) -> tuple[QuerySet[Agent], str]:
     return agents_matching(parsed), parsed.to_string()
 
 
+def _outcome_answer(
+    *,
+    done: tuple[str, str, list[Any]],
+    skipped: Sequence[tuple[str, str, list[Any]]],
+    items_key: str,
+    serializer_class: type[Serializer],
+) -> Response:
+    """An action on one agent or a selector: how many were done and why the others were
+    skipped, counts and one readable line; 202 when anything was done, else 200.
+    `done` and each `skipped` entry: (count key, the line's wording, the agents)."""
+    key, wording, items = done
+    body: dict[str, Any] = {key: len(items), items_key: items}
+    parts = [f"{len(items)} {wording}"]
+    for skip_key, reason, agents in skipped:
+        body[skip_key] = len(agents)
+        if agents:
+            parts.append(f"{len(agents)} agent(s) skipped: {reason}")
+    body["detail"] = "; ".join(parts)
+    code = status.HTTP_202_ACCEPTED if items else status.HTTP_200_OK
+    return Response(serializer_class(body).data, status=code)
+
+
 def _restart_answer(outcome: RestartOutcome) -> Response:
-    parts = [f"{len(outcome.requested)} restart(s) requested"]
-    if outcome.not_capable:
-        parts.append(f"{len(outcome.not_capable)} agent(s) skipped: they do not accept restart commands")
-    if outcome.rate_limited:
-        parts.append(
-            f"{len(outcome.rate_limited)} agent(s) skipped: a restart is pending or was requested within "
-            "OPAMP_RESTART_MIN_INTERVAL_SECONDS"
-        )
-    body = {
-        "requested": len(outcome.requested),
-        "not_capable": len(outcome.not_capable),
-        "rate_limited": len(outcome.rate_limited),
-        "detail": "; ".join(parts),
-        "commands": outcome.requested,
-    }
-    code = status.HTTP_202_ACCEPTED if outcome.requested else status.HTTP_200_OK
-    return Response(s.RestartOutcomeSerializer(body).data, status=code)
+    return _outcome_answer(
+        done=("requested", "restart(s) requested", outcome.requested),
+        skipped=[
+            ("not_capable", "they do not accept restart commands", outcome.not_capable),
+            (
+                "rate_limited",
+                "a restart is pending or was requested within OPAMP_RESTART_MIN_INTERVAL_SECONDS",
+                outcome.rate_limited,
+            ),
+        ],
+        items_key="commands",
+        serializer_class=s.RestartOutcomeSerializer,
+    )
 
 
 def _send_answer(outcome: SendOutcome) -> Response:
-    parts = [f"{len(outcome.queued)} message(s) queued"]
-    if outcome.not_capable:
-        parts.append(f"{len(outcome.not_capable)} agent(s) skipped: they did not declare the capability")
-    if outcome.queue_full:
-        parts.append(f"{len(outcome.queue_full)} agent(s) skipped: their queue is full")
-    body = {
-        "queued": len(outcome.queued),
-        "not_capable": len(outcome.not_capable),
-        "queue_full": len(outcome.queue_full),
-        "detail": "; ".join(parts),
-        "messages": outcome.queued,
-    }
-    code = status.HTTP_202_ACCEPTED if outcome.queued else status.HTTP_200_OK
-    return Response(s.SendOutcomeSerializer(body).data, status=code)
+    return _outcome_answer(
+        done=("queued", "message(s) queued", outcome.queued),
+        skipped=[
+            ("not_capable", "they did not declare the capability", outcome.not_capable),
+            ("queue_full", "their queue is full", outcome.queue_full),
+        ],
+        items_key="messages",
+        serializer_class=s.SendOutcomeSerializer,
+    )
 
 
 class AgentRestartView(generics.GenericAPIView):
