@@ -4,7 +4,8 @@
         --agents 2000 --heartbeat 5 --duration 30
 
 With `--server-pid` (a server process on this machine), the summary adds that process's CPU
-time spent while the agents connected and its resident memory growth per connected agent.
+time spent while the agents connected, its resident memory growth per connected agent, and
+its CPU per heartbeat reply over the measurement window.
 
 Prints one JSON object: how long until every agent was connected and had its first reply
 (`connect_seconds`), then, over a `--duration` window, heartbeat replies per second and
@@ -148,8 +149,10 @@ async def run_bench(
         first_replies = [at - stats.started_at for at in stats.first_reply_at.values()]
         await asyncio.sleep(warmup)
         window_start = time.monotonic()
+        window_cpu_start = process.cpu_seconds() if process else None
         await asyncio.sleep(duration)
         window_end = time.monotonic()
+        window_cpu = process.cpu_seconds() - window_cpu_start if process and window_cpu_start is not None else None
     finally:
         await fleet.stop(timeout=SHUTDOWN_TIMEOUT)
         gc.unfreeze()
@@ -175,6 +178,10 @@ async def run_bench(
         "reconnects": stats.disconnects,
         "top_errors": dict(stats.errors.most_common(5)),
         "server_process": server_costs(before, connected, len(stats.first_reply_at)),
+        # The server's CPU over the heartbeat window, per reply it sent in that window.
+        "server_cpu_us_per_heartbeat": (
+            round(window_cpu / len(round_trips) * 1e6, 1) if window_cpu is not None and round_trips else None
+        ),
     }
 
 
