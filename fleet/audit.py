@@ -17,9 +17,9 @@ def actor_user(actor: Actor) -> Any:
     return actor if actor is not None and getattr(actor, "is_authenticated", False) else None
 
 
-def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str, Any] | None = None) -> AuditEvent:
-    return AuditEvent.objects.create(
-        actor=actor_user(actor),
+def _audit_event(user: Any, action: str, target: Any, details: Mapping[str, Any] | None) -> AuditEvent:
+    return AuditEvent(
+        actor=user,
         action=action,
         target_type=type(target).__name__,
         target_id=str(getattr(target, "pk", target)),
@@ -27,17 +27,14 @@ def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str
     )
 
 
+def audit_record(*, actor: Actor, action: str, target: Any, details: Mapping[str, Any] | None = None) -> AuditEvent:
+    event = _audit_event(actor_user(actor), action, target, details)
+    event.save(force_insert=True)
+    return event
+
+
 def audit_records(*, actor: Actor, action: str, targets: Iterable[tuple[Any, Mapping[str, Any]]]) -> list[AuditEvent]:
     """One audit row per (target, details), written in one statement: an action on many
     agents at once (a selector) leaves a row on each."""
     user = actor_user(actor)
-    return AuditEvent.objects.bulk_create(
-        AuditEvent(
-            actor=user,
-            action=action,
-            target_type=type(target).__name__,
-            target_id=str(getattr(target, "pk", target)),
-            details=dict(details),
-        )
-        for target, details in targets
-    )
+    return AuditEvent.objects.bulk_create(_audit_event(user, action, target, details) for target, details in targets)

@@ -18,7 +18,7 @@ from rollouts import desired_state, selectors
 from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import AgentDesiredConfig
 from rollouts.resolver_cache import resolver_definitions
-from rollouts.rollout_services.answers import AnswerRecord, record_answers
+from rollouts.rollout_services.answers import record_answers
 from rollouts.session_contributor import RemoteConfigContributor
 
 
@@ -63,7 +63,7 @@ class RolloutsFleetExtension(FleetExtension):
         desired_state.resolve_new_agent(agent_id=agent.pk, instance_uid=agent.instance_uid, labels=agent.labels)
 
     def remote_config_answered(self, answers: Sequence[RemoteConfigAnswer]) -> None:
-        record_answers([AnswerRecord(a.agent_id, a.config_hash, a.state, a.error, a.at) for a in answers])
+        record_answers(answers)
 
     def session_contributor(self, runtime: FleetRuntime) -> SessionContributor:
         return RemoteConfigContributor(runtime)

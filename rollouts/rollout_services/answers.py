@@ -15,6 +15,7 @@ from django.utils import timezone
 from fleet.db import bulk_update_from_unnest
 from fleet.models import RemoteConfigState
 from fleet.selectors import presence_q
+from fleet.services import RemoteConfigAnswer
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Rollout, RolloutTarget
 
 ANSWERS = {
@@ -26,18 +27,7 @@ ANSWERS = {
 
 def record_answer(*, agent_id: int, config_hash: str, state: int, error: str) -> None:
     """Note an agent's answer on its target row of an active rollout (one UPDATE)."""
-    record_answers([AnswerRecord(agent_id, config_hash, state, error, timezone.now())])
-
-
-@dataclass(frozen=True)
-class AnswerRecord:
-    """What an agent reported about a config hash (RemoteConfigStatus), and when."""
-
-    agent_id: int
-    config_hash: str
-    state: int
-    error: str
-    at: datetime
+    record_answers([RemoteConfigAnswer(agent_id, config_hash, state, error, timezone.now())])
 
 
 _ANSWERS_SQL = """
@@ -50,7 +40,7 @@ _ANSWERS_SQL = """
 """
 
 
-def record_answers(answers: Sequence[AnswerRecord]) -> int:
+def record_answers(answers: Sequence[RemoteConfigAnswer]) -> int:
     """Note answers on the agents' target rows of active rollouts: one statement on
     PostgreSQL for any number of answers. Answers that are not about a rollout's offer
     (another hash, no active rollout) or that repeat the recorded one change nothing."""
@@ -75,7 +65,7 @@ def record_answers(answers: Sequence[AnswerRecord]) -> int:
     return bulk_update_from_unnest([sql], columns, fallback=lambda: _record_answers_orm(rows))
 
 
-def _record_answers_orm(rows: Sequence[tuple[AnswerRecord, str]]) -> int:
+def _record_answers_orm(rows: Sequence[tuple[RemoteConfigAnswer, str]]) -> int:
     noted = 0
     for record, answer in rows:
         noted += (
