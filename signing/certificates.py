@@ -45,10 +45,10 @@ AUTO_APPROVAL_WITHHELD = "auto-approval withheld: this agent has a revoked certi
 
 
 def _hint_agent(instance_uid: uuid.UUID) -> None:
-    """After commit, ask the agent's live session to compare its desired state again.
+    """After commit, tell the agent's live session a certificate was issued for it (a
+    `certificate` hint: signing's contributor looks for an offer).
 
-    A hint only: an agent that misses it picks up a new or revoked certificate on its
-    next message, like any other desired-state change.
+    A hint only: an agent that misses it is offered the certificate on its next message.
     """
     transaction.on_commit(lambda: notify_certificate_issued([instance_uid]))
 
