@@ -48,7 +48,8 @@ def _hint_agent(instance_uid: uuid.UUID) -> None:
     """After commit, tell the agent's live session a certificate was issued for it (a
     `certificate` hint: signing's contributor looks for an offer).
 
-    A hint only: an agent that misses it is offered the certificate on its next message.
+    A hint only: an agent that misses it is offered the certificate on its next connection
+    (over HTTP, its next poll).
     """
     transaction.on_commit(lambda: notify_certificate_issued([instance_uid]))
 
