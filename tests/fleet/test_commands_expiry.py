@@ -8,19 +8,25 @@ later restart of itself, nor collect a queue that fills up for good.
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
+from channels.db import database_sync_to_async
 from django.test import Client
 from django.utils import timezone
 
+from fleet.command_contributor import CommandContributor
 from fleet.commands import agents_with_pending_commands, command_claim, restart_request
 from fleet.custom_messages import agents_with_queued_custom_messages, custom_message_claim, custom_message_send
 from fleet.models import Agent, AgentCommand, QueuedCustomMessage
 from fleet.pending_deliveries import claim_first
 from fleet.roles import OPERATOR, grant_role
+from fleet.session_runtime import runtime
+from opamp.identifiers import uuid7
+from tests.fleet.asgi_clients import http_exchange
 from tests.fleet.factories import AgentFactory, UserFactory
-from tests.fleet.messages import BASE_CAPABILITIES
+from tests.fleet.messages import BASE_CAPABILITIES, full_report, heartbeat
 
 pytestmark = pytest.mark.django_db
 
@@ -160,3 +166,20 @@ def test_the_agent_page_shows_an_expired_restart_as_expired():
     page = client.get(f"/fleet/{agent.instance_uid}/").content.decode()
     row = page.split('id="commands"')[1].split("</table>")[0]
     assert "expired" in row and "waiting" not in row
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_session_neither_gives_an_expired_restart_nor_keeps_asking_for_it():
+    uid = uuid7().bytes
+    await http_exchange(full_report(uid, 1, capabilities=RESTARTABLE))
+    row = await Agent.objects.aget(instance_uid=uuid.UUID(bytes=uid))
+    await database_sync_to_async(restart_asked_ago)(row, TTL + 1)
+    contributor = runtime().contributor(CommandContributor)
+    contributor.pending.add(row.pk)  # as a hint would: the claim decides
+    reply = await http_exchange(heartbeat(uid, 2, capabilities=RESTARTABLE))
+    assert not reply.HasField("command")
+    assert row.pk not in contributor.pending
+    contributor.pending.expire()
+    await contributor.pending.refresh_if_due()
+    assert row.pk not in contributor.pending
