@@ -10,8 +10,10 @@ from django.http import HttpRequest
 
 from fleet import selectors
 from fleet.admin_base import ReadOnlyRoleAdminMixin, pretty_json
-from fleet.commands import restart_request
-from fleet.models import Agent, AuditEvent, RemoteConfigState
+from fleet.commands import command_delivery, command_list, restart_request
+from fleet.custom_messages import custom_message_delivery, queued_custom_messages
+from fleet.models import Agent, AgentCommand, AuditEvent, QueuedCustomMessage, RemoteConfigState
+from fleet.pending_deliveries import DELIVERY_STATE_CHOICES, Delivery, DeliveryState
 from fleet.roles import can_write
 from opamp.capabilities import AgentCapabilities, agent_capability_names
 
@@ -192,3 +194,61 @@ class AuditEventAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
     @admin.display(description="details")
     def details_display(self, event: AuditEvent) -> str:
         return pretty_json(event.details)
+
+
+def delivery_state_filter(delivery: Any) -> type[admin.SimpleListFilter]:
+    """Pending, delivered or expired: conditions on the request time (`delivery()` gives the
+    rule of the rows' kind), since expiry is derived, not stored."""
+
+    class DeliveryStateFilter(admin.SimpleListFilter):
+        title = "state"
+        parameter_name = "state"
+
+        def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+            return list(DELIVERY_STATE_CHOICES)
+
+        def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+            if self.value() in {value for value, _ in DELIVERY_STATE_CHOICES}:
+                rule: Delivery = delivery()
+                return queryset.filter(rule.state_q(DeliveryState(self.value())))
+            return queryset
+
+    return DeliveryStateFilter
+
+
+@admin.register(AgentCommand)
+class AgentCommandAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
+    """Restarts asked (fleet.commands): who asked, and whether it was delivered or expired."""
+
+    list_display = ["requested_at", "agent", "kind", "requested_by", "state", "delivered_at"]
+    list_filter = [delivery_state_filter(command_delivery), "kind"]
+    search_fields = ["agent__instance_uid", "requested_by__username"]
+    list_select_related = ["agent", "requested_by"]
+    fields = ["agent", "kind", "requested_by", "requested_at", "state", "delivered_at", "connected_at_before"]
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AgentCommand]:
+        return command_list()
+
+    @admin.display(description="state")
+    def state(self, command: AgentCommand) -> str:
+        return str(getattr(command, "delivery_state", ""))
+
+
+@admin.register(QueuedCustomMessage)
+class QueuedCustomMessageAdmin(ReadOnlyRoleAdminMixin, admin.ModelAdmin):
+    """Operators' custom messages (fleet.custom_messages): delivered once, or expired."""
+
+    list_display = ["requested_at", "agent", "capability", "type", "requested_by", "state", "delivered_at"]
+    list_filter = [delivery_state_filter(custom_message_delivery), "capability"]
+    search_fields = ["agent__instance_uid", "capability", "type"]
+    list_select_related = ["agent", "requested_by"]
+    fields = ["agent", "capability", "type", "requested_by", "requested_at", "state", "delivered_at"]
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[QueuedCustomMessage]:
+        return queued_custom_messages()
+
+    @admin.display(description="state")
+    def state(self, message: QueuedCustomMessage) -> str:
+        return str(getattr(message, "delivery_state", ""))

@@ -3,7 +3,10 @@
 An operator asks a restart of one agent or of the agents a label selector picks
 (`restart_request`). Only agents that declare AcceptsRestartCommand get one; the others are
 counted as not capable. An agent with a restart still waiting, or asked within
-OPAMP_RESTART_MIN_INTERVAL_SECONDS, is not asked again (counted as rate limited). Each
+OPAMP_RESTART_MIN_INTERVAL_SECONDS, is not asked again (counted as rate limited). A restart
+not delivered within OPAMP_COMMAND_TTL_SECONDS expires: it is never delivered and no longer
+counts as waiting (fleet.pending_deliveries), so an agent that never came back can be asked
+again once the minimum interval has passed. Each
 request is an `AgentCommand` row and an audit row naming who asked; after commit a
 `command` hint makes a live WebSocket session push it at once, and a polling agent gets it
 with the reply to its next message (fleet.command_contributor). `command_claim` marks a
@@ -26,10 +29,14 @@ from django.utils import timezone
 from fleet.audit import Actor, actor_user, audit_records
 from fleet.models import Agent, AgentCommand, CommandKind
 from fleet.notify import notify_command_waiting
-from fleet.pending_deliveries import claim_first
+from fleet.pending_deliveries import Delivery, claim_first
 from opamp.capabilities import AgentCapabilities, has_capability
 
 RESTART_ACTION = "agent.restart"
+
+
+def command_delivery() -> Delivery:
+    return Delivery(settings.OPAMP_COMMAND_TTL_SECONDS)
 
 
 @dataclass
@@ -65,7 +72,7 @@ def restart_request(
         locked = list(Agent.objects.filter(pk__in=agents.order_by().values("pk")).select_for_update().order_by("id"))
         recent = set(
             AgentCommand.objects.filter(agent_id__in=[agent.pk for agent in locked], kind=CommandKind.RESTART)
-            .filter(Q(delivered_at__isnull=True) | Q(requested_at__gte=since))
+            .filter(command_delivery().waiting_q(now) | Q(requested_at__gte=since))
             .values_list("agent_id", flat=True)
         )
         for agent in locked:
@@ -105,16 +112,20 @@ def _audit(commands: Iterable[AgentCommand], *, actor: Actor, selector: str) -> 
 
 
 def agents_with_pending_commands() -> set[int]:
-    """The ids of agents a command waits for (a partial index answers it)."""
-    return set(AgentCommand.objects.filter(delivered_at__isnull=True).values_list("agent_id", flat=True))
+    """The ids of agents a command waits for, expired ones left out (a partial index answers it)."""
+    waiting = AgentCommand.objects.filter(command_delivery().waiting_q())
+    return set(waiting.values_list("agent_id", flat=True))
 
 
 def command_claim(*, agent_id: int, now: datetime) -> AgentCommand | None:
-    """The agent's oldest waiting command, now marked delivered; None when there is none
-    or another session claimed it first."""
-    waiting = AgentCommand.objects.filter(agent_id=agent_id, delivered_at__isnull=True)
-    return claim_first(waiting.order_by("requested_at", "id"), now=now)
+    """The agent's oldest waiting command, now marked delivered; None when there is none,
+    it expired, or another session claimed it first."""
+    delivery = command_delivery()
+    waiting = AgentCommand.objects.filter(delivery.waiting_q(now), agent_id=agent_id)
+    return claim_first(waiting.order_by("requested_at", "id"), now=now, fresh_after=delivery.fresh_after(now))
 
 
 def command_list() -> QuerySet[AgentCommand]:
-    return AgentCommand.objects.select_related("agent", "requested_by").order_by("-requested_at", "-id")
+    """Commands newest first, each with its `delivery_state` (pending, delivered, expired)."""
+    commands = AgentCommand.objects.select_related("agent", "requested_by").order_by("-requested_at", "-id")
+    return command_delivery().with_state(commands)

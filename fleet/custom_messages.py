@@ -9,7 +9,9 @@ OPAMP_CUSTOM_MESSAGE_QUEUE wait per agent (more are counted as refused). Queued 
 out one per reply, oldest first, after any custom message the server itself sends on the
 same reply (signing's renewal request): a ServerToAgent holds one custom message
 (fleet.custom_message_contributor). `custom_message_claim` marks one delivered with a
-conditional UPDATE, so it goes out once.
+conditional UPDATE, so it goes out once. A message not delivered within
+OPAMP_CUSTOM_MESSAGE_TTL_SECONDS expires: never delivered, and no longer taking a place in
+the agent's queue (fleet.pending_deliveries).
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from django.utils import timezone
 from fleet.audit import Actor, actor_user, audit_records
 from fleet.models import Agent, AgentCustomMessage, QueuedCustomMessage
 from fleet.notify import notify_custom_message_waiting
-from fleet.pending_deliveries import claim_first
+from fleet.pending_deliveries import Delivery, claim_first
 from fleet.safe_text import safe_text
 
 SEND_ACTION = "agent.custom_message.send"
 NAME_MAX_CHARS = 256
+
+
+def custom_message_delivery() -> Delivery:
+    return Delivery(settings.OPAMP_CUSTOM_MESSAGE_TTL_SECONDS)
 
 
 def with_custom_capability(queryset: QuerySet[Agent], name: str) -> QuerySet[Agent]:
@@ -89,7 +95,9 @@ def custom_message_send(
     with transaction.atomic():
         locked = list(Agent.objects.filter(pk__in=agents.order_by().values("pk")).select_for_update().order_by("id"))
         waiting = dict(
-            QueuedCustomMessage.objects.filter(agent_id__in=[agent.pk for agent in locked], delivered_at__isnull=True)
+            QueuedCustomMessage.objects.filter(
+                custom_message_delivery().waiting_q(now), agent_id__in=[agent.pk for agent in locked]
+            )
             .values("agent_id")
             .annotate(count=Count("id"))
             .values_list("agent_id", "count")
@@ -135,19 +143,23 @@ def custom_message_send(
 
 
 def agents_with_queued_custom_messages() -> set[int]:
-    return set(
-        QueuedCustomMessage.objects.filter(delivered_at__isnull=True).values_list("agent_id", flat=True).distinct()
-    )
+    """The ids of agents a message waits for, expired ones left out."""
+    waiting = QueuedCustomMessage.objects.filter(custom_message_delivery().waiting_q())
+    return set(waiting.values_list("agent_id", flat=True).distinct())
 
 
 def custom_message_claim(*, agent_id: int, capabilities: list[str], now: datetime) -> QueuedCustomMessage | None:
     """The agent's oldest waiting message for a capability it still declares, now marked
-    delivered; None when there is none (or another session claimed it first)."""
+    delivered; None when there is none (expired ones are not), or another session claimed
+    it first."""
+    delivery = custom_message_delivery()
     waiting = QueuedCustomMessage.objects.filter(
-        agent_id=agent_id, delivered_at__isnull=True, capability__in=capabilities
+        delivery.waiting_q(now), agent_id=agent_id, capability__in=capabilities
     ).order_by("id")
-    return claim_first(waiting, now=now)
+    return claim_first(waiting, now=now, fresh_after=delivery.fresh_after(now))
 
 
 def queued_custom_messages() -> QuerySet[QueuedCustomMessage]:
-    return QueuedCustomMessage.objects.select_related("agent", "requested_by").order_by("-id")
+    """Operators' messages newest first, each with its `delivery_state`."""
+    queued = QueuedCustomMessage.objects.select_related("agent", "requested_by").order_by("-id")
+    return custom_message_delivery().with_state(queued)

@@ -6,6 +6,13 @@ query per heartbeat. Instead each process reads the set of agent ids with someth
 waiting (a small set, from a partial index) at most once per `check_seconds`, one read at a
 time, and a hint naming the agent adds it at once. A session asks the database only for an
 agent in the set, and the claim there (a conditional UPDATE) decides who delivers it.
+
+Something not delivered within its time to live expires (`Delivery`): an agent that never
+comes back must not keep a restart pending forever, which would refuse every later one, nor
+a queue of messages that stays full. Expiry is derived from the request time, not stored:
+a row is waiting while `delivered_at` is NULL and `requested_at` is after now minus the time
+to live. The claim's UPDATE repeats that test, so a row read as waiting that expires before
+the UPDATE is not delivered.
 """
 
 from __future__ import annotations
@@ -13,16 +20,72 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, TypeVar
 
-from django.db.models import Model, QuerySet
+from django.db.models import Case, CharField, Model, Q, QuerySet, Value, When
+from django.utils import timezone
 
 from fleet.db import db
 
 M = TypeVar("M", bound=Model)
 
 CHECK_SECONDS = 1.0
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    EXPIRED = "expired"
+
+
+# For filters and the API schema (named DeliveryStateEnum there).
+DELIVERY_STATE_CHOICES = [(state.value, state.value) for state in DeliveryState]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The delivery rule of rows with `requested_at` and `delivered_at`, for one time to live
+    (read from the settings when used, so a changed setting holds at once)."""
+
+    ttl_seconds: float
+
+    def fresh_after(self, now: datetime | None = None) -> datetime:
+        """Rows requested at or before this have expired unless delivered."""
+        return (now or timezone.now()) - timedelta(seconds=self.ttl_seconds)
+
+    def expires_at(self, requested_at: datetime) -> datetime:
+        return requested_at + timedelta(seconds=self.ttl_seconds)
+
+    def waiting_q(self, now: datetime | None = None) -> Q:
+        return Q(delivered_at__isnull=True, requested_at__gt=self.fresh_after(now))
+
+    def state_q(self, state: DeliveryState, now: datetime | None = None) -> Q:
+        if state == DeliveryState.DELIVERED:
+            return Q(delivered_at__isnull=False)
+        if state == DeliveryState.PENDING:
+            return self.waiting_q(now)
+        return Q(delivered_at__isnull=True, requested_at__lte=self.fresh_after(now))
+
+    def state(
+        self, *, requested_at: datetime, delivered_at: datetime | None, now: datetime | None = None
+    ) -> DeliveryState:
+        if delivered_at is not None:
+            return DeliveryState.DELIVERED
+        if requested_at <= self.fresh_after(now):
+            return DeliveryState.EXPIRED
+        return DeliveryState.PENDING
+
+    def with_state(self, queryset: QuerySet[M], now: datetime | None = None) -> QuerySet[M]:
+        """`queryset` with each row's state as `delivery_state` (for pages and admin lists)."""
+        return queryset.annotate(
+            delivery_state=Case(
+                *(When(self.state_q(state, now), then=Value(state.value)) for state in DeliveryState),
+                output_field=CharField(),
+            )
+        )
 
 
 class PendingAgents:
@@ -75,12 +138,14 @@ class PendingAgents:
         self.checked_at = started
 
 
-def claim_first(waiting: QuerySet[M], *, now: datetime, look_at: int = 5) -> M | None:
+def claim_first(waiting: QuerySet[M], *, now: datetime, fresh_after: datetime, look_at: int = 5) -> M | None:
     """The first of `waiting` (rows with a `delivered_at`, in delivery order) this caller
-    marks delivered: a conditional UPDATE, so of two sessions claiming at once one gets it."""
+    marks delivered: a conditional UPDATE, so of two sessions claiming at once one gets it,
+    and a row requested at or before `fresh_after` (expired) is never delivered."""
     model: Any = waiting.model
     for row in waiting[:look_at]:
-        if model.objects.filter(pk=row.pk, delivered_at__isnull=True).update(delivered_at=now):
+        claimed = model.objects.filter(pk=row.pk, delivered_at__isnull=True, requested_at__gt=fresh_after)
+        if claimed.update(delivered_at=now):
             row.delivered_at = now
             return row
     return None

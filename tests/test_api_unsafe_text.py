@@ -11,7 +11,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from fleet.api.strict_input import UNSAFE_TEXT_DETAIL
-from fleet.models import Agent, AuditEvent
+from fleet.models import Agent, AgentCommand, AuditEvent, QueuedCustomMessage
 from fleet.safe_text import NUL_PROBLEM, SURROGATE_PROBLEM
 from opamp.identifiers import uuid7
 from rollouts import services
@@ -24,13 +24,22 @@ pytestmark = pytest.mark.django_db
 API = "/api/v1"
 NUL = "a\x00b"
 FILES = {"app.yaml": {"body": "x: 1\n", "content_type": "text/yaml"}}
+PING = "io.example.ping/v1"
+MESSAGE = {"selector": "env=prod", "capability": PING, "type": "ping"}
 
 
 @pytest.fixture
 def agent(db: Any) -> Agent:
     from django.utils import timezone
 
-    return Agent.objects.create(instance_uid=uuid7(), last_seen=timezone.now(), labels={"env": "prod"})
+    # It accepts restarts and custom messages of PING: a request not refused would store one.
+    return Agent.objects.create(
+        instance_uid=uuid7(),
+        last_seen=timezone.now(),
+        labels={"env": "prod"},
+        capabilities=0x401,
+        custom_capabilities=[PING],
+    )
 
 
 @pytest.fixture
@@ -67,6 +76,15 @@ BODY_CASES: list[tuple[str, str, dict[str, Any], str]] = [
         {"configuration": "edge", "candidate_version": 1, "stages": [{"selector": NUL}]},
         "stages[0].selector",
     ),
+    ("post", "commands/restart/", {"selector": f"env={NUL}"}, "selector"),
+    ("post", "commands/restart/", {"selector": {"matchLabels": {"env": NUL}}}, "selector.matchLabels.env"),
+    ("post", "custom-messages/", {**MESSAGE, "capability": NUL}, "capability"),
+    ("post", "custom-messages/", {**MESSAGE, "type": NUL}, "type"),
+    ("post", "custom-messages/", {**MESSAGE, "data": NUL}, "data"),
+    ("post", "custom-messages/", {**MESSAGE, "selector": f"env={NUL}"}, "selector"),
+    ("post", "agents/{uid}/custom-messages/", {"capability": NUL}, "capability"),
+    ("post", "agents/{uid}/custom-messages/", {"capability": PING, "type": NUL}, "type"),
+    ("post", "agents/{uid}/custom-messages/", {"capability": PING, NUL: "x"}, "a\ufffdb key"),
 ]
 
 
@@ -76,6 +94,8 @@ def stored_state() -> tuple[Any, ...]:
         list(Configuration.objects.values_list("name", "description", "selector")),
         EnrollmentToken.objects.count(),
         AuditEvent.objects.count(),
+        AgentCommand.objects.count(),
+        QueuedCustomMessage.objects.count(),
     )
 
 
@@ -108,6 +128,38 @@ def test_a_lone_surrogate_in_a_json_body_is_refused(api: APIClient, agent: Agent
     body = '{"labels": {"env": "x\\ud800"}}'
     response = api.put(f"{API}/agents/{agent.instance_uid}/labels/", body, content_type="application/json")
     assert_refused(response, "labels.env", SURROGATE_PROBLEM)
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("custom-messages/", {**MESSAGE, "capability": "x\udfff"}, "capability"),
+        ("custom-messages/", {**MESSAGE, "type": "\ud800"}, "type"),
+        ("custom-messages/", {**MESSAGE, "data": "\ud800"}, "data"),
+        ("agents/{uid}/custom-messages/", {"capability": PING, "type": "a\udc00b"}, "type"),
+        ("commands/restart/", {"selector": "env=\ud800"}, "selector"),
+    ],
+)
+def test_a_lone_surrogate_in_a_restart_or_custom_message_is_refused_and_nothing_is_queued(
+    api: APIClient,  # noqa: F811
+    agent: Agent,
+    url: str,
+    body: dict[str, Any],
+    field: str,
+) -> None:
+    before = stored_state()
+    # json.dumps escapes a lone surrogate as "\udXXX": valid JSON text, as a client would send.
+    text = json.dumps(body)
+    response = api.post(f"{API}/{url.format(uid=agent.instance_uid)}", text, content_type="application/json")
+    assert_refused(response, field, SURROGATE_PROBLEM)
+    assert stored_state() == before
+
+
+def test_a_custom_message_whose_bytes_hold_a_nul_is_binary_data_not_text(api: APIClient, agent: Agent) -> None:  # noqa: F811
+    # The rule is for text: `data` is base64 of the message's bytes, and those may be anything.
+    response = api.post(f"{API}/custom-messages/", {**MESSAGE, "data": "AGE="}, format="json")
+    assert response.status_code == 202, response.content
+    assert bytes(QueuedCustomMessage.objects.get().data) == b"\x00a"
 
 
 @pytest.mark.parametrize(

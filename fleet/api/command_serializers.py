@@ -11,8 +11,12 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fleet.api.validation import StrictSerializer
-from fleet.custom_messages import NAME_MAX_CHARS
+from fleet.commands import command_delivery
+from fleet.custom_messages import NAME_MAX_CHARS, custom_message_delivery
 from fleet.models import AgentCommand, AgentCustomMessage, QueuedCustomMessage
+from fleet.pending_deliveries import DELIVERY_STATE_CHOICES, Delivery
+
+STATE_HELP = "pending (waiting for the agent), delivered, or expired (not delivered within its time to live)"
 
 SELECTOR_HELP = 'a label selector: the short string form ("env=prod,tier in (web)") or the dict form'
 
@@ -52,6 +56,24 @@ class Base64Field(serializers.CharField):
         return base64.b64encode(bytes(value)).decode("ascii")
 
 
+class DeliveryStateMixin(serializers.Serializer):
+    """A queued row's state and when it expires, by its kind's delivery rule."""
+
+    state = serializers.SerializerMethodField(help_text=STATE_HELP)
+    expires_at = serializers.SerializerMethodField(help_text="when it expires unless delivered before")
+
+    def delivery(self) -> Delivery:
+        raise NotImplementedError
+
+    @extend_schema_field(serializers.ChoiceField(choices=DELIVERY_STATE_CHOICES))
+    def get_state(self, row: Any) -> str:
+        return self.delivery().state(requested_at=row.requested_at, delivered_at=row.delivered_at).value
+
+    @extend_schema_field(serializers.DateTimeField())
+    def get_expires_at(self, row: Any) -> str:
+        return serializers.DateTimeField().to_representation(self.delivery().expires_at(row.requested_at))
+
+
 class RestartInputSerializer(StrictSerializer):
     """Nothing to give: the agent is in the URL."""
 
@@ -74,8 +96,9 @@ class SelectorCustomMessageInputSerializer(CustomMessageInputSerializer):
     selector = SelectorInputField()
 
 
-class CommandSerializer(serializers.ModelSerializer):
-    """A command with what became of it: delivered when, and whether the agent came back since."""
+class CommandSerializer(DeliveryStateMixin, serializers.ModelSerializer):
+    """A command with what became of it: delivered when (or expired), and whether the agent
+    came back since."""
 
     instance_uid = serializers.UUIDField(source="agent.instance_uid", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True, allow_null=True)
@@ -93,12 +116,17 @@ class CommandSerializer(serializers.ModelSerializer):
             "requested_by",
             "requested_at",
             "delivered_at",
+            "state",
+            "expires_at",
             "connected_at_before",
             "started_at_before",
             "reconnected_since",
             "reported_since",
         ]
         read_only_fields = fields
+
+    def delivery(self) -> Delivery:
+        return command_delivery()
 
     def get_reconnected_since(self, command: AgentCommand) -> bool:
         connected_at = command.agent.connected_at
@@ -118,15 +146,29 @@ class AgentCustomMessageSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class QueuedCustomMessageSerializer(serializers.ModelSerializer):
+class QueuedCustomMessageSerializer(DeliveryStateMixin, serializers.ModelSerializer):
     instance_uid = serializers.UUIDField(source="agent.instance_uid", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True, allow_null=True)
     data = Base64Field(read_only=True)
 
     class Meta:
         model = QueuedCustomMessage
-        fields = ["id", "instance_uid", "capability", "type", "data", "requested_by", "requested_at", "delivered_at"]
+        fields = [
+            "id",
+            "instance_uid",
+            "capability",
+            "type",
+            "data",
+            "requested_by",
+            "requested_at",
+            "delivered_at",
+            "state",
+            "expires_at",
+        ]
         read_only_fields = fields
+
+    def delivery(self) -> Delivery:
+        return custom_message_delivery()
 
 
 class RestartOutcomeSerializer(serializers.Serializer):

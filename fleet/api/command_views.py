@@ -18,15 +18,17 @@ from fleet import selectors
 from fleet.api import command_serializers as s
 from fleet.api.permissions import RolePermission
 from fleet.api.validation import validated
-from fleet.commands import RestartOutcome, command_list, restart_request
+from fleet.commands import RestartOutcome, command_delivery, command_list, restart_request
 from fleet.custom_messages import (
     SendOutcome,
+    custom_message_delivery,
     custom_message_send,
     custom_messages_of,
     queued_custom_messages,
 )
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent, AgentCommand, AgentCustomMessage, QueuedCustomMessage
+from fleet.pending_deliveries import DELIVERY_STATE_CHOICES, Delivery, DeliveryState
 from fleet.selector_queries import agents_matching
 
 
@@ -115,15 +117,35 @@ class SelectorRestartView(generics.GenericAPIView):
         return _restart_answer(restart_request(agents=agents, actor=request.user, selector=selector))
 
 
-class CommandFilter(django_filters.FilterSet):
-    agent = django_filters.UUIDFilter(field_name="agent__instance_uid", help_text="the agent's instance_uid")
+class DeliveryFilters(django_filters.FilterSet):
+    """`pending` and `state` by the delivery rule of the rows' kind (expiry is derived from
+    the request time, so these are conditions, not a column)."""
+
     pending = django_filters.BooleanFilter(
-        field_name="delivered_at", lookup_expr="isnull", help_text="true: not delivered yet"
+        method="filter_pending", help_text="true: waiting for the agent (not delivered, not expired)"
     )
+    state = django_filters.ChoiceFilter(method="filter_state", choices=DELIVERY_STATE_CHOICES, help_text=s.STATE_HELP)
+
+    def delivery(self) -> Delivery:
+        raise NotImplementedError
+
+    def filter_pending(self, queryset: QuerySet[Any], name: str, value: bool) -> QuerySet[Any]:
+        waiting = self.delivery().waiting_q()
+        return queryset.filter(waiting) if value else queryset.exclude(waiting)
+
+    def filter_state(self, queryset: QuerySet[Any], name: str, value: str) -> QuerySet[Any]:
+        return queryset.filter(self.delivery().state_q(DeliveryState(value)))
+
+
+class CommandFilter(DeliveryFilters):
+    agent = django_filters.UUIDFilter(field_name="agent__instance_uid", help_text="the agent's instance_uid")
+
+    def delivery(self) -> Delivery:
+        return command_delivery()
 
     class Meta:
         model = AgentCommand
-        fields = ["agent", "pending", "kind"]
+        fields = ["agent", "pending", "state", "kind"]
 
 
 class CommandViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -161,13 +183,15 @@ class AgentCustomMessagesView(generics.ListAPIView):
         return _send_answer(outcome)
 
 
-class QueuedCustomMessageFilter(django_filters.FilterSet):
+class QueuedCustomMessageFilter(DeliveryFilters):
     agent = django_filters.UUIDFilter(field_name="agent__instance_uid", help_text="the agent's instance_uid")
-    pending = django_filters.BooleanFilter(field_name="delivered_at", lookup_expr="isnull")
+
+    def delivery(self) -> Delivery:
+        return custom_message_delivery()
 
     class Meta:
         model = QueuedCustomMessage
-        fields = ["agent", "pending", "capability"]
+        fields = ["agent", "pending", "state", "capability"]
 
 
 class CustomMessagesView(generics.ListAPIView):

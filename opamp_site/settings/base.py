@@ -137,6 +137,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "CertificateRequestStateEnum": "signing.models.CertificateRequest.State",
         "RevocationReasonEnum": "signing.models.IssuedCertificate.RevocationReason",
+        "DeliveryStateEnum": "fleet.pending_deliveries.DELIVERY_STATE_CHOICES",
     },
 }
 
@@ -192,11 +193,17 @@ OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SEC
 OPAMP_ROLLOUT_TICK_SECONDS = env_int("OPAMP_ROLLOUT_TICK_SECONDS", 5)
 # A restart is not asked again while one is pending or was asked within this many seconds.
 OPAMP_RESTART_MIN_INTERVAL_SECONDS = env_int("OPAMP_RESTART_MIN_INTERVAL_SECONDS", 300)
+# A restart not delivered within this many seconds of its request expires: never delivered,
+# and no longer holding back a new one (an agent that never came back).
+OPAMP_COMMAND_TTL_SECONDS = env_int("OPAMP_COMMAND_TTL_SECONDS", 3600)
 # Custom messages: the bytes kept of each one (agents' and operators'), how many an agent's
 # history keeps, how many may wait for one agent.
 OPAMP_CUSTOM_MESSAGE_MAX_BYTES = env_int("OPAMP_CUSTOM_MESSAGE_MAX_BYTES", 64 * 1024)
 OPAMP_CUSTOM_MESSAGE_HISTORY = env_int("OPAMP_CUSTOM_MESSAGE_HISTORY", 50)
 OPAMP_CUSTOM_MESSAGE_QUEUE = env_int("OPAMP_CUSTOM_MESSAGE_QUEUE", 50)
+# An operator's custom message not delivered within this many seconds expires (never
+# delivered, no longer taking a place in the agent's queue).
+OPAMP_CUSTOM_MESSAGE_TTL_SECONDS = env_int("OPAMP_CUSTOM_MESSAGE_TTL_SECONDS", 3600)
 # How long the log of changed assignments is kept; a server process that has not caught up
 # with it for longer re-reads every agent's desired config once (rollouts.desired_state).
 OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS = env_int("OPAMP_DESIRED_STATE_LOG_RETENTION_SECONDS", 3600)

@@ -59,10 +59,12 @@ def test_agents_that_do_not_accept_restarts_are_skipped_and_counted():
 @pytest.mark.django_db
 def test_a_restart_is_not_asked_again_while_pending_or_within_the_minimum_interval(settings):
     settings.OPAMP_RESTART_MIN_INTERVAL_SECONDS = 300
+    settings.OPAMP_COMMAND_TTL_SECONDS = 2 * 3600
     agent = AgentFactory(capabilities=RESTARTABLE)
     now = timezone.now()
     assert len(restart_request(agents=one(agent), actor=None, now=now).requested) == 1
-    # Pending (never delivered): not asked again, however late.
+    # Pending (never delivered): not asked again, however late within its time to live
+    # (test_commands_expiry: after it, an expired restart no longer holds a new one).
     later = restart_request(agents=one(agent), actor=None, now=now + timedelta(hours=1))
     assert later.rate_limited == [agent.instance_uid] and later.requested == []
     assert command_claim(agent_id=agent.pk, now=now + timedelta(seconds=10)) is not None

@@ -108,3 +108,20 @@ async def test_the_servers_own_custom_message_goes_first_and_the_queued_one_wait
     assert not await contributor.give_queued_message(session, taken, snapshot, timezone.now())
     assert taken.custom_message.type == "renew"
     assert (await session.handle(heartbeat(uid, 2))).custom_message.type == "queued"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_an_agents_custom_message_with_a_nul_in_its_names_is_kept_with_it_replaced():
+    # An agent's text is replaced, not refused (fleet.safe_text): PostgreSQL refuses U+0000.
+    uid = uuid7().bytes
+    message = declaring(full_report(uid, 1), PING)
+    message.custom_message.capability, message.custom_message.type, message.custom_message.data = (
+        PING + "\x00",
+        "po\x00ng",
+        b"\x00",
+    )
+    reply = await http_exchange(message)
+    assert not reply.HasField("error_response")
+    kept = await AgentCustomMessage.objects.aget()
+    assert (kept.capability, kept.type, bytes(kept.data)) == (PING + "\ufffd", "po\ufffdng", b"\x00")
