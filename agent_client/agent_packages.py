@@ -205,10 +205,14 @@ class PackageHandling(AgentBase):
                 record = await self._install_in_thread(store, name, package, downloaded.path, settings)
         except (DownloadFailed, InstallRefused, OSError) as error:
             reason = str(error) or type(error).__name__
-            if partial is not None and not isinstance(error, DownloadFailed):
-                # Refused bytes are never resumed; a failed download is, by the next offer.
-                await asyncio.to_thread(_remove_partial, partial)
             record = self._packages_record.with_failed(name, FailedPackage(version, package_hash, reason))
+            resumable = isinstance(error, DownloadFailed)
+        else:
+            resumable = False
+        if partial is not None and not resumable:
+            # Installed bytes were moved; refused bytes are never resumed. A failed download
+            # is, by the next offer.
+            await asyncio.to_thread(_remove_partial, partial)
         await self._commit(record)
         failure = record.failed.get(name)
         if failure is not None and failure.version == version and failure.hash == package_hash:

@@ -1,0 +1,366 @@
+"""Package offers end to end on the agent's side: a fake OpAMP server offers, a local file server serves."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent_client import Agent, AgentSettings, Fleet
+from agent_client.packages import PackageSettings
+from agent_client.signed_config import trusted_keys_by_id
+from agent_client.simulator import package_counts, with_packages
+from agent_client.testing import FakeWebSocketServer
+from opamp.capabilities import AgentCapabilities
+from opamp.config_signature import key_id_for
+from opamp.package_signature import PackageEnvelope, sign_package_file
+from opamp.proto import opamp_pb2 as pb
+from tests.agent_client.file_server import FileServer
+from tests.agent_client.helpers import FAST, QUIET, full_state_request, is_full_report, make_agent, running
+
+INSTALLED = pb.PackageStatusEnum_Installed
+PENDING = pb.PackageStatusEnum_InstallPending
+INSTALLING = pb.PackageStatusEnum_Installing
+FAILED = pb.PackageStatusEnum_InstallFailed
+DOWNLOADING = pb.PackageStatusEnum_Downloading
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest_asyncio.fixture
+async def files() -> AsyncIterator[FileServer]:
+    async with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(key: Ed25519PrivateKey, tmp_path: Path) -> AgentSettings:
+    packages = PackageSettings(directory=tmp_path / "packages", progress_interval=0.001, retry_delay=0.0)
+    return replace(QUIET, trusted_keys=trusted_keys_by_id([key.public_key()]), packages=packages)
+
+
+@dataclass
+class Offered:
+    name: str
+    version: str
+    body: bytes
+    signer: Ed25519PrivateKey | None = None
+    signed_body: bytes | None = None  # the bytes the signature vouches for, if not `body`
+    content_hash: bytes | None = None  # the hash the offer announces, if not the body's
+
+
+def offer(files: FileServer, key: Ed25519PrivateKey, *packages: Offered) -> pb.PackagesAvailable:
+    """What the server sends: each file served by `files`, hashed and signed as the server does."""
+    message = pb.PackagesAvailable()
+    for package in packages:
+        path = f"/packages/{package.name}/{package.version}"
+        files.files[path] = package.body
+        signer = package.signer or key
+        signed_digest = hashlib.sha256(package.body if package.signed_body is None else package.signed_body)
+        envelope = PackageEnvelope(
+            package=package.name,
+            version=package.version,
+            sha256=signed_digest.hexdigest(),
+            key_id=key_id_for(signer.public_key()),
+        )
+        content_hash = package.content_hash or hashlib.sha256(package.body).digest()
+        entry = message.packages[package.name]
+        entry.type = pb.PackageType_TopLevel
+        entry.version = package.version
+        entry.hash = hashlib.sha256(package.name.encode() + b"\0" + package.version.encode() + content_hash).digest()
+        entry.file.download_url = files.url(path)
+        entry.file.content_hash = content_hash
+        entry.file.signature = sign_package_file(envelope, signer.sign).to_json_bytes()
+        entry.file.headers.headers.add(key="Authorization", value="Bearer download-token")
+    message.all_packages_hash = hashlib.sha256(b"".join(p.hash for _, p in sorted(message.packages.items()))).digest()
+    return message
+
+
+def has_statuses(message: pb.AgentToServer) -> bool:
+    return message.HasField("package_statuses")
+
+
+async def until_processed(server: FakeWebSocketServer, available: pb.PackagesAvailable) -> list[pb.PackageStatuses]:
+    """Every package_statuses the agent sends until it reports the offer processed."""
+    reports: list[pb.PackageStatuses] = []
+    while True:
+        message = await server.next_matching(has_statuses, timeout=5)
+        reports.append(message.package_statuses)
+        if message.package_statuses.server_provided_all_packages_hash == available.all_packages_hash:
+            return reports
+
+
+def steps(reports: list[pb.PackageStatuses], name: str) -> list[int]:
+    """The statuses `name` went through, repeats folded."""
+    seen: list[int] = []
+    for report in reports:
+        if name in report.packages and (not seen or seen[-1] != report.packages[name].status):
+            seen.append(report.packages[name].status)
+    return seen
+
+
+async def deliver(server: FakeWebSocketServer, available: pb.PackagesAvailable) -> list[pb.PackageStatuses]:
+    await server.push(pb.ServerToAgent(packages_available=available))
+    return await until_processed(server, available)
+
+
+async def connected(server: FakeWebSocketServer) -> pb.AgentToServer:
+    return await server.next_matching(is_full_report)
+
+
+async def test_an_offer_is_downloaded_verified_installed_and_reported_step_by_step(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    body = os.urandom(50_000)
+    available = offer(files, key, Offered("otelcol", "2.0.0", body))
+    agent = make_agent(ws_server.url, state_dir, settings)
+    async with running(agent):
+        first = await connected(ws_server)
+        reports = await deliver(ws_server, available)
+
+    assert first.capabilities & AgentCapabilities.ACCEPTS_PACKAGES
+    assert first.capabilities & AgentCapabilities.REPORTS_PACKAGE_STATUSES
+    assert first.package_statuses == pb.PackageStatuses()
+    assert steps(reports, "otelcol") == [PENDING, DOWNLOADING, INSTALLING, INSTALLED]
+    downloading = [r.packages["otelcol"] for r in reports if r.packages["otelcol"].status == DOWNLOADING]
+    assert downloading[-1].download_details.download_percent == 100.0
+    assert downloading[-1].download_details.download_bytes_per_second > 0
+    # Until processed the agent reports the hash it had; then the offer's.
+    assert {r.server_provided_all_packages_hash for r in reports[:-1]} == {b""}
+    final = reports[-1].packages["otelcol"]
+    package = available.packages["otelcol"]
+    assert (final.agent_has_version, final.agent_has_hash) == ("2.0.0", package.hash)
+    assert (final.server_offered_version, final.server_offered_hash) == ("2.0.0", package.hash)
+    assert final.error_message == ""
+    pending = reports[0].packages["otelcol"]
+    assert (pending.agent_has_version, pending.agent_has_hash) == ("", b"")
+    assert (pending.server_offered_version, pending.server_offered_hash) == ("2.0.0", package.hash)
+    packages_dir = settings.packages.directory
+    assert (packages_dir / "otelcol" / "current" / "otelcol").read_bytes() == body
+    assert list((packages_dir / ".downloads").iterdir()) == []
+    assert files.requests_for("/packages/otelcol/2.0.0")[0]["authorization"] == "Bearer download-token"
+
+
+async def test_a_download_cut_half_way_resumes_and_installs_the_exact_bytes(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    body = os.urandom(200_000)
+    available = offer(files, key, Offered("otelcol", "2.0.0", body))
+    files.cut_next(100_000)
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        reports = await deliver(ws_server, available)
+
+    assert reports[-1].packages["otelcol"].status == INSTALLED
+    requests = files.requests_for("/packages/otelcol/2.0.0")
+    assert [request.get("range") for request in requests] == [None, "bytes=100000-"]
+    assert (settings.packages.directory / "otelcol" / "2.0.0" / "otelcol").read_bytes() == body
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (
+            lambda p, other: replace(p, content_hash=hashlib.sha256(b"other").digest()),
+            "not to the offered content hash",
+        ),
+        (lambda p, other: replace(p, signed_body=b"other bytes"), "does not match its signature"),
+        (lambda p, other: replace(p, signer=other), "which this agent does not trust"),
+    ],
+    ids=["wrong hash", "bad signature", "untrusted key"],
+)
+async def test_a_refused_file_is_reported_failed_and_nothing_is_installed(
+    ws_server: FakeWebSocketServer,
+    files: FileServer,
+    settings: AgentSettings,
+    key,
+    state_dir: Path,
+    tamper: Callable[[Offered, Ed25519PrivateKey], Offered],
+    reason: str,
+) -> None:
+    package = tamper(Offered("otelcol", "2.0.0", os.urandom(10_000)), Ed25519PrivateKey.generate())
+    available = offer(files, key, package)
+    agent = make_agent(ws_server.url, state_dir, settings)
+    async with running(agent):
+        await connected(ws_server)
+        reports = await deliver(ws_server, available)
+
+    status = reports[-1].packages["otelcol"]
+    assert steps(reports, "otelcol") == [PENDING, DOWNLOADING, FAILED]
+    assert reason in status.error_message
+    assert (status.agent_has_version, status.agent_has_hash) == ("", b"")
+    assert (status.server_offered_version, status.server_offered_hash) == ("2.0.0", available.packages["otelcol"].hash)
+    packages_dir = settings.packages.directory
+    assert not (packages_dir / "otelcol").exists()
+    assert list((packages_dir / ".downloads").iterdir()) == []  # refused bytes are not kept to resume
+    assert agent.packages.installed == {}
+
+
+async def test_without_trusted_keys_nothing_is_installed(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    available = offer(files, key, Offered("otelcol", "2.0.0", b"binary"))
+    async with running(make_agent(ws_server.url, state_dir, replace(settings, trusted_keys=None))):
+        await connected(ws_server)
+        reports = await deliver(ws_server, available)
+    assert reports[-1].packages["otelcol"].error_message == "no trusted keys: the package signature cannot be checked"
+    assert not (settings.packages.directory / "otelcol").exists()
+
+
+async def test_a_failed_start_check_keeps_the_previous_version_and_reports_failed(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    settings = replace(
+        settings,
+        packages=replace(
+            settings.packages, start_check=lambda name, version, path: "crashed" if version == "2" else None
+        ),
+    )
+    v1 = offer(files, key, Offered("otelcol", "1", b"one"))
+    v2 = offer(files, key, Offered("otelcol", "2", b"two"))
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        await deliver(ws_server, v1)
+        reports = await deliver(ws_server, v2)
+
+    status = reports[-1].packages["otelcol"]
+    assert status.status == FAILED
+    assert status.error_message == "start check failed: crashed; reverted to 1"
+    assert (status.agent_has_version, status.server_offered_version) == ("1", "2")
+    assert (settings.packages.directory / "otelcol" / "current" / "otelcol").read_bytes() == b"one"
+
+
+async def test_a_restarted_agent_reports_its_packages_and_downloads_nothing_again(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    available = offer(files, key, Offered("otelcol", "2.0.0", b"binary"))
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        await deliver(ws_server, available)
+    downloads = len(files.requests)
+
+    restarted = make_agent(ws_server.url, state_dir, settings)
+    async with running(restarted):
+        report = (await connected(ws_server)).package_statuses
+        await ws_server.push(pb.ServerToAgent(packages_available=available))  # the same offer again
+        await ws_server.push(full_state_request())
+        again = await connected(ws_server)
+
+    assert report.server_provided_all_packages_hash == available.all_packages_hash
+    assert report.packages["otelcol"].status == INSTALLED
+    assert report.packages["otelcol"].agent_has_version == "2.0.0"
+    assert again.package_statuses == report
+    assert len(files.requests) == downloads
+
+
+async def test_packages_no_longer_offered_are_removed(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    both = offer(files, key, Offered("otelcol", "1", b"one"), Offered("addon", "1", b"add"))
+    only_one = offer(files, key, Offered("otelcol", "1", b"one"))
+    async with running(make_agent(ws_server.url, state_dir, settings)) as _:
+        await connected(ws_server)
+        first = await deliver(ws_server, both)
+        requests = len(files.requests)
+        reports = await deliver(ws_server, only_one)
+
+    assert set(first[-1].packages) == {"otelcol", "addon"}
+    assert set(reports[-1].packages) == {"otelcol"}
+    assert not (settings.packages.directory / "addon").exists()
+    assert (settings.packages.directory / "otelcol" / "current").exists()
+    assert len(files.requests) == requests  # the package kept is not downloaded again
+
+
+async def test_a_new_offer_mid_download_supersedes_it_and_heartbeats_go_on(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    settings = replace(settings, heartbeat_interval=FAST.heartbeat_interval)
+    v2 = offer(files, key, Offered("otelcol", "2", os.urandom(100_000)))
+    v3 = offer(files, key, Offered("otelcol", "3", b"three"))
+    agent = make_agent(ws_server.url, state_dir, settings)
+    async with running(agent):
+        await connected(ws_server)
+        files.hold_next()
+        await ws_server.push(pb.ServerToAgent(packages_available=v2))
+        await files.holding.wait()
+        heartbeats = len(ws_server.messages)
+        await ws_server.next_matching(lambda m: not has_statuses(m) and not is_full_report(m))
+        assert len(ws_server.messages) > heartbeats  # the download does not hold up heartbeats
+        reports = await deliver(ws_server, v3)
+        files.release()
+
+    assert reports[-1].packages["otelcol"].status == INSTALLED
+    assert reports[-1].packages["otelcol"].agent_has_version == "3"
+    assert agent.packages.installed["otelcol"].version == "3"
+    assert (settings.packages.directory / "otelcol" / "current" / "otelcol").read_bytes() == b"three"
+    assert not (settings.packages.directory / "otelcol" / "2").exists()
+
+
+async def test_an_agent_without_package_settings_ignores_offers(
+    ws_server: FakeWebSocketServer, files: FileServer, key, state_dir: Path
+) -> None:
+    agent = make_agent(ws_server.url, state_dir, QUIET)
+    async with running(agent):
+        first = await connected(ws_server)
+        await ws_server.push(pb.ServerToAgent(packages_available=offer(files, key, Offered("otelcol", "1", b"x"))))
+        await ws_server.push(full_state_request())
+        again = await connected(ws_server)
+    assert not first.capabilities & AgentCapabilities.ACCEPTS_PACKAGES
+    assert not again.HasField("package_statuses")
+    assert files.requests == []
+
+
+async def test_a_simulated_fleet_downloads_for_real_and_a_share_fails_the_install(
+    ws_server: FakeWebSocketServer, files: FileServer, key
+) -> None:
+    available = offer(files, key, Offered("otelcol", "2", os.urandom(20_000)))
+    ws_server.responder = lambda message: pb.ServerToAgent(
+        instance_uid=message.instance_uid, packages_available=available
+    )
+    packages = PackageSettings(progress_interval=0.001)
+    fleet = Fleet(
+        server=ws_server.url,
+        count=4,
+        settings_for=with_packages(lambda index: QUIET, count=4, packages=packages, fail_fraction=0.5),
+    )
+    async with fleet:
+        assert await fleet.wait_connected(timeout=3)
+        for agent in fleet.agents:
+            await until_agent(agent, lambda a: a.packages.all_packages_hash == available.all_packages_hash)
+        counts = package_counts(fleet)
+
+    assert counts == {"installed": 2, "failed": 2}
+    failed = [a for a in fleet.agents if a.package_statuses["otelcol"].status == FAILED]
+    assert {a.package_statuses["otelcol"].error_message for a in failed} == {"drill: install failure"}
+    assert len(files.requests_for("/packages/otelcol/2")) == 4  # every agent downloaded the file
+
+
+async def test_simulated_agents_can_skip_the_download(ws_server: FakeWebSocketServer, files: FileServer, key) -> None:
+    available = offer(files, key, Offered("otelcol", "2", b"binary"))
+    ws_server.responder = lambda message: pb.ServerToAgent(
+        instance_uid=message.instance_uid, packages_available=available
+    )
+    packages = PackageSettings(download=False)
+    async with Fleet(
+        server=ws_server.url, count=2, settings_for=with_packages(lambda i: QUIET, count=2, packages=packages)
+    ) as fleet:
+        for agent in fleet.agents:
+            await until_agent(agent, lambda a: a.packages.all_packages_hash == available.all_packages_hash)
+    assert all(agent.packages.installed["otelcol"].version == "2" for agent in fleet.agents)
+    assert files.requests == []
+
+
+async def until_agent(agent: Agent, condition: Callable[[Agent], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition(agent):
+            await asyncio.sleep(0.01)
