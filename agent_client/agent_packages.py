@@ -64,6 +64,7 @@ class PackageHandling(AgentBase):
         self._package_statuses: dict[str, pb.PackageStatus] = statuses_from_record(self._packages_record)
         self._packages_task: asyncio.Task[None] | None = None
         self._packages_offer_hash = b""  # the offer the task is processing
+        self._packages_error = ""  # why the last offer could not be processed at all
 
     @property
     def packages(self) -> PackagesRecord:
@@ -78,7 +79,10 @@ class PackageHandling(AgentBase):
     def _package_statuses_report(self) -> pb.PackageStatuses | None:
         if self.settings.packages is None:
             return None
-        message = pb.PackageStatuses(server_provided_all_packages_hash=self._packages_record.all_packages_hash)
+        message = pb.PackageStatuses(
+            server_provided_all_packages_hash=self._packages_record.all_packages_hash,
+            error_message=self._packages_error,
+        )
         for name, status in sorted(self._package_statuses.items()):
             message.packages[name].CopyFrom(status)
         return message
@@ -99,7 +103,7 @@ class PackageHandling(AgentBase):
         elif offered == self._packages_record.all_packages_hash:
             return
         self._packages_offer_hash = offered
-        self._packages_task = asyncio.create_task(self._process_offer(offer), name=f"packages {offered.hex()[:8]}")
+        self._packages_task = asyncio.create_task(self._offer_task(offer), name=f"packages {offered.hex()[:8]}")
 
     async def _stop_package_work(self) -> None:
         """Cancel the offer under way (an install in progress finishes first)."""
@@ -110,6 +114,17 @@ class PackageHandling(AgentBase):
         await asyncio.gather(task, return_exceptions=True)
         # What is reported falls back to what the record says.
         self._package_statuses = statuses_from_record(self._packages_record)
+
+    async def _offer_task(self, offer: pb.PackagesAvailable) -> None:
+        self._packages_error = ""
+        try:
+            await self._process_offer(offer)
+        except Exception as error:
+            # Not recorded as processed: the server offers it again on the next session.
+            self._log.exception("processing the packages offer failed")
+            self._packages_error = f"processing the offer failed: {type(error).__name__}: {error}"
+            self._package_statuses = statuses_from_record(self._packages_record)
+            await self._report_packages()
 
     async def _process_offer(self, offer: pb.PackagesAvailable) -> None:
         settings = self.settings.packages

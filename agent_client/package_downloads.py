@@ -235,6 +235,12 @@ async def download_file(
     The partial file stays after a failure or a cancellation, to be resumed; the caller
     removes it once the file is installed or refused.
     """
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise DownloadFailed(f"not an http(s) URL: {url[:100]!r}")
     download = _Download(
         client,
         url=url,

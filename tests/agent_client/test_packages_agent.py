@@ -17,7 +17,7 @@ from agent_client import Agent, AgentSettings, Fleet
 from agent_client.packages import PackageSettings
 from agent_client.signed_config import trusted_keys_by_id
 from agent_client.simulator import package_counts, with_packages
-from agent_client.testing import FakeWebSocketServer
+from agent_client.testing import FakeHttpServer, FakeWebSocketServer
 from opamp.capabilities import AgentCapabilities
 from opamp.config_signature import key_id_for
 from opamp.package_signature import PackageEnvelope, sign_package_file
@@ -90,7 +90,9 @@ def has_statuses(message: pb.AgentToServer) -> bool:
     return message.HasField("package_statuses")
 
 
-async def until_processed(server: FakeWebSocketServer, available: pb.PackagesAvailable) -> list[pb.PackageStatuses]:
+async def until_processed(
+    server: FakeWebSocketServer | FakeHttpServer, available: pb.PackagesAvailable
+) -> list[pb.PackageStatuses]:
     """Every package_statuses the agent sends until it reports the offer processed."""
     reports: list[pb.PackageStatuses] = []
     while True:
@@ -364,3 +366,21 @@ async def until_agent(agent: Agent, condition: Callable[[Agent], bool], timeout:
     async with asyncio.timeout(timeout):
         while not condition(agent):
             await asyncio.sleep(0.01)
+
+
+async def test_an_offer_that_cannot_be_processed_at_all_is_reported_with_the_reason(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    available = offer(files, key, Offered("otelcol", "2", b"binary"))
+    agent = make_agent(ws_server.url, state_dir, settings)
+    downloads = settings.packages.directory / ".downloads"
+    downloads.rmdir()
+    downloads.write_bytes(b"not a directory")
+    async with running(agent):
+        await connected(ws_server)
+        await ws_server.push(pb.ServerToAgent(packages_available=available))
+        report = await ws_server.next_matching(lambda m: has_statuses(m) and m.package_statuses.error_message != "")
+
+    assert report.package_statuses.error_message.startswith("processing the offer failed: NotADirectoryError")
+    assert report.package_statuses.server_provided_all_packages_hash == b""  # not processed: offered again
+    assert agent.packages.installed == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -136,3 +137,20 @@ async def test_a_download_cut_on_every_attempt_fails_after_the_attempts(files: F
     with pytest.raises(DownloadFailed, match="after 3 attempts"):
         await download(files, tmp_path / "otelcol.part")
     assert len(files.requests_for(PATH)) == 3
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "not a url"])
+async def test_only_http_urls_are_fetched(url: str) -> None:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        with pytest.raises(DownloadFailed, match="not an http"):
+            await download_file(
+                client,
+                url=url,
+                headers={},
+                partial=None,
+                max_bytes=100,
+                attempts=1,
+                retry_delay=0,
+                on_progress=lambda _: asyncio.sleep(0),
+                progress_interval=1,
+            )
