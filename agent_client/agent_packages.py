@@ -193,6 +193,8 @@ class PackageHandling(AgentBase):
         try:
             if problem := package_problem(name, version):
                 raise InstallRefused(problem)
+            if not package.file.content_hash:
+                raise InstallRefused(NO_CONTENT_HASH)
             if settings.download:
                 downloaded = await download_file(
                     client,
@@ -221,12 +223,12 @@ class PackageHandling(AgentBase):
         except (DownloadFailed, InstallRefused, OSError) as error:
             reason = str(error) or type(error).__name__
             record = self._packages_record.with_failed(name, FailedPackage(version, package_hash, reason))
-            resumable = isinstance(error, DownloadFailed)
+            resumable = isinstance(error, DownloadFailed) and error.resumable
         else:
             resumable = False
         if partial is not None and not resumable:
-            # Installed bytes were moved; refused bytes are never resumed. A failed download
-            # is, by the next offer.
+            # Installed bytes were moved; refused bytes are never resumed. A download the
+            # network cut is, by the next offer.
             await asyncio.to_thread(_remove_partial, partial)
         await self._commit(record)
         failure = record.failed.get(name)
@@ -243,8 +245,6 @@ class PackageHandling(AgentBase):
     def _check_file(self, name: str, package: pb.PackageAvailable, downloaded: Downloaded) -> None:
         """Raise InstallRefused unless the bytes are the offered ones and signed by a trusted key."""
         expected = package.file.content_hash
-        if not expected:
-            raise InstallRefused(NO_CONTENT_HASH)
         if downloaded.sha256 != expected:
             raise InstallRefused(HASH_MISMATCH.format(actual=downloaded.sha256.hex(), offered=expected.hex()))
         trusted_keys = self.settings.trusted_keys

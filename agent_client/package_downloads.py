@@ -38,7 +38,15 @@ _VALIDATOR_SUFFIX = ".validator"
 
 
 class DownloadFailed(Exception):
-    """The file could not be downloaded; the message is reported to the server."""
+    """The file could not be downloaded; the message is reported to the server.
+
+    `resumable`: what was received is worth resuming (the connection failed), as opposed
+    to a refusal or a file over the bound.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 class _Retry(Exception):
@@ -258,7 +266,7 @@ async def download_file(
                 await download.attempt()
             except _Retry as error:
                 if attempt == attempts:
-                    raise DownloadFailed(f"{error} (after {attempts} attempts)") from None
+                    raise DownloadFailed(f"{error} (after {attempts} attempts)", resumable=True) from None
                 await asyncio.sleep(retry_delay * 2 ** (attempt - 1))
                 continue
             break

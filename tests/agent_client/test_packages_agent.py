@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,19 +17,31 @@ from agent_client import Agent, AgentSettings, Fleet
 from agent_client.packages import PackageSettings
 from agent_client.signed_config import trusted_keys_by_id
 from agent_client.simulator import package_counts, with_packages
-from agent_client.testing import FakeHttpServer, FakeWebSocketServer
+from agent_client.testing import FakeWebSocketServer
 from opamp.capabilities import AgentCapabilities
-from opamp.config_signature import key_id_for
-from opamp.package_signature import PackageEnvelope, sign_package_file
 from opamp.proto import opamp_pb2 as pb
 from tests.agent_client.file_server import FileServer
-from tests.agent_client.helpers import FAST, QUIET, full_state_request, is_full_report, make_agent, running
-
-INSTALLED = pb.PackageStatusEnum_Installed
-PENDING = pb.PackageStatusEnum_InstallPending
-INSTALLING = pb.PackageStatusEnum_Installing
-FAILED = pb.PackageStatusEnum_InstallFailed
-DOWNLOADING = pb.PackageStatusEnum_Downloading
+from tests.agent_client.helpers import (
+    FAST,
+    HEARTBEAT_FIELDS,
+    QUIET,
+    field_names,
+    full_state_request,
+    is_full_report,
+    make_agent,
+    running,
+)
+from tests.agent_client.package_offers import (
+    DOWNLOADING,
+    FAILED,
+    INSTALLED,
+    INSTALLING,
+    PENDING,
+    Offered,
+    has_statuses,
+    offer,
+    until_processed,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,59 +59,6 @@ async def files() -> AsyncIterator[FileServer]:
 def settings(key: Ed25519PrivateKey, tmp_path: Path) -> AgentSettings:
     packages = PackageSettings(directory=tmp_path / "packages", progress_interval=0.001, retry_delay=0.0)
     return replace(QUIET, trusted_keys=trusted_keys_by_id([key.public_key()]), packages=packages)
-
-
-@dataclass
-class Offered:
-    name: str
-    version: str
-    body: bytes
-    signer: Ed25519PrivateKey | None = None
-    signed_body: bytes | None = None  # the bytes the signature vouches for, if not `body`
-    content_hash: bytes | None = None  # the hash the offer announces, if not the body's
-
-
-def offer(files: FileServer, key: Ed25519PrivateKey, *packages: Offered) -> pb.PackagesAvailable:
-    """What the server sends: each file served by `files`, hashed and signed as the server does."""
-    message = pb.PackagesAvailable()
-    for package in packages:
-        path = f"/packages/{package.name}/{package.version}"
-        files.files[path] = package.body
-        signer = package.signer or key
-        signed_digest = hashlib.sha256(package.body if package.signed_body is None else package.signed_body)
-        envelope = PackageEnvelope(
-            package=package.name,
-            version=package.version,
-            sha256=signed_digest.hexdigest(),
-            key_id=key_id_for(signer.public_key()),
-        )
-        content_hash = package.content_hash or hashlib.sha256(package.body).digest()
-        entry = message.packages[package.name]
-        entry.type = pb.PackageType_TopLevel
-        entry.version = package.version
-        entry.hash = hashlib.sha256(package.name.encode() + b"\0" + package.version.encode() + content_hash).digest()
-        entry.file.download_url = files.url(path)
-        entry.file.content_hash = content_hash
-        entry.file.signature = sign_package_file(envelope, signer.sign).to_json_bytes()
-        entry.file.headers.headers.add(key="Authorization", value="Bearer download-token")
-    message.all_packages_hash = hashlib.sha256(b"".join(p.hash for _, p in sorted(message.packages.items()))).digest()
-    return message
-
-
-def has_statuses(message: pb.AgentToServer) -> bool:
-    return message.HasField("package_statuses")
-
-
-async def until_processed(
-    server: FakeWebSocketServer | FakeHttpServer, available: pb.PackagesAvailable
-) -> list[pb.PackageStatuses]:
-    """Every package_statuses the agent sends until it reports the offer processed."""
-    reports: list[pb.PackageStatuses] = []
-    while True:
-        message = await server.next_matching(has_statuses, timeout=5)
-        reports.append(message.package_statuses)
-        if message.package_statuses.server_provided_all_packages_hash == available.all_packages_hash:
-            return reports
 
 
 def steps(reports: list[pb.PackageStatuses], name: str) -> list[int]:
@@ -295,9 +254,12 @@ async def test_a_new_offer_mid_download_supersedes_it_and_heartbeats_go_on(
         files.hold_next()
         await ws_server.push(pb.ServerToAgent(packages_available=v2))
         await files.holding.wait()
-        heartbeats = len(ws_server.messages)
-        await ws_server.next_matching(lambda m: not has_statuses(m) and not is_full_report(m))
-        assert len(ws_server.messages) > heartbeats  # the download does not hold up heartbeats
+        # The download is held: heartbeats still go out meanwhile.
+        since = len(ws_server.messages)
+        async with asyncio.timeout(2):
+            while not any(field_names(m) == HEARTBEAT_FIELDS for m in ws_server.messages[since:]):
+                await asyncio.sleep(0.01)
+        assert files.holding.is_set() and agent.package_statuses["otelcol"].status == DOWNLOADING
         reports = await deliver(ws_server, v3)
         files.release()
 
@@ -384,3 +346,38 @@ async def test_an_offer_that_cannot_be_processed_at_all_is_reported_with_the_rea
     assert report.package_statuses.error_message.startswith("processing the offer failed: NotADirectoryError")
     assert report.package_statuses.server_provided_all_packages_hash == b""  # not processed: offered again
     assert agent.packages.installed == {}
+
+
+async def test_a_download_the_network_keeps_cutting_fails_and_the_next_offer_resumes_it(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    body = os.urandom(90_000)
+    first = offer(files, key, Offered("otelcol", "2", body))
+    later = offer(files, key, Offered("otelcol", "2", body), Offered("addon", "1", b"add"))
+    for cut in (10_000, 20_000, 30_000):  # each attempt gets a little further
+        files.cut_next(cut)
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        failed = (await deliver(ws_server, first))[-1].packages["otelcol"]
+        kept = sorted(path.name for path in (settings.packages.directory / ".downloads").iterdir())
+        installed = (await deliver(ws_server, later))[-1].packages["otelcol"]
+
+    assert failed.status == FAILED
+    assert "after 3 attempts" in failed.error_message
+    assert len(kept) == 2  # the partial file and its validator
+    ranges = [request.get("range") for request in files.requests_for("/packages/otelcol/2")]
+    assert ranges == [None, "bytes=10000-", "bytes=30000-", "bytes=60000-"]
+    assert installed.status == INSTALLED
+    assert (settings.packages.directory / "otelcol" / "current" / "otelcol").read_bytes() == body
+
+
+async def test_an_offer_without_a_content_hash_is_refused_without_downloading(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    available = offer(files, key, Offered("otelcol", "2", b"binary"))
+    available.packages["otelcol"].file.content_hash = b""
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        reports = await deliver(ws_server, available)
+    assert reports[-1].packages["otelcol"].error_message == "the offer carries no content hash for the file"
+    assert files.requests == []

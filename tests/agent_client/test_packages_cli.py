@@ -17,7 +17,7 @@ from opamp.capabilities import AgentCapabilities
 from opamp.proto import opamp_pb2 as pb
 from tests.agent_client.file_server import FileServer
 from tests.agent_client.helpers import FAST, make_agent, running
-from tests.agent_client.test_packages_agent import INSTALLED, Offered, offer, until_processed
+from tests.agent_client.package_offers import INSTALLED, Offered, offer, until_processed
 
 
 def test_run_accepts_packages_only_with_a_packages_directory(tmp_path: Path) -> None:
