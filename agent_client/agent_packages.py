@@ -65,6 +65,8 @@ class PackageHandling(AgentBase):
         self._packages_task: asyncio.Task[None] | None = None
         self._packages_offer_hash = b""  # the offer the task is processing
         self._packages_error = ""  # why the last offer could not be processed at all
+        # Package bytes fetched over the network by this agent (a simulated fleet's throughput).
+        self.package_bytes_downloaded = 0
 
     @property
     def packages(self) -> PackagesRecord:
@@ -207,6 +209,7 @@ class PackageHandling(AgentBase):
                     on_progress=progress,
                     progress_interval=settings.progress_interval,
                 )
+                self.package_bytes_downloaded += downloaded.fetched
                 self._check_file(name, package, downloaded)
             else:
                 await progress(DownloadProgress(received=0, total=None, bytes_per_second=0.0))

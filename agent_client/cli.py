@@ -319,7 +319,11 @@ def _add_simulate_parser(commands: Any) -> None:
         help="share of the agents (0-1) that fail every package install (default: 0)",
     )
     simulate.add_argument(
-        "--package-skip-download", action="store_true", help="do not download package files (nothing is checked)"
+        "--package-skip-download-fraction",
+        type=fraction,
+        default=0.0,
+        metavar="F",
+        help="share of the agents (0-1) that never download package files (default: 0, all download)",
     )
     simulate.add_argument("--heartbeat", type=positive_seconds, default=DEFAULT_HEARTBEAT_INTERVAL, metavar="SECONDS")
     simulate.add_argument(

@@ -270,8 +270,9 @@ def simulate_fleet(options: argparse.Namespace) -> Fleet:
         settings_for = with_packages(
             settings_for,
             count=options.agents,
-            packages=PackageSettings(download=not options.package_skip_download),
+            packages=PackageSettings(),
             fail_fraction=options.package_fail_fraction,
+            skip_download_fraction=options.package_skip_download_fraction,
         )
     return Fleet(
         server=options.server,

@@ -74,6 +74,8 @@ class Downloaded:
     path: Path | None
     # Requests that resumed a partial download with a 206 answer.
     resumed: int
+    # Bytes this download fetched over the network (a resumed partial's bytes not counted).
+    fetched: int = 0
 
 
 ProgressCallback = Callable[[DownloadProgress], Awaitable[None]]
@@ -218,7 +220,13 @@ class _Download:
             self.out.flush()
             # The bytes reach the disk before the file is installed.
             os.fsync(self.out.fileno())
-        return Downloaded(sha256=self.hasher.digest(), size=self.received, path=self.partial, resumed=self.resumed)
+        return Downloaded(
+            sha256=self.hasher.digest(),
+            size=self.received,
+            path=self.partial,
+            resumed=self.resumed,
+            fetched=self._fetched,
+        )
 
     def close(self) -> None:
         if self.out is not None:

@@ -87,12 +87,21 @@ def with_packages(
     count: int,
     packages: PackageSettings,
     fail_fraction: float = 0.0,
+    skip_download_fraction: float = 0.0,
 ) -> Callable[[int], AgentSettings]:
-    """`settings_for` with package handling for each of `count` agents; `fail_fraction` of
-    them (spread evenly) download but fail every install, reported InstallFailed."""
+    """`settings_for` with package handling for each of `count` agents. `fail_fraction` of
+    them (spread evenly) fail every install, reported InstallFailed; `skip_download_fraction`
+    of them (spread evenly too) never download the file, the others download it for real."""
     failing = spread_evenly(count, fail_fraction)
-    failing_packages = replace(packages, fail_install=True)
-    return lambda index: replace(settings_for(index), packages=failing_packages if index in failing else packages)
+    skipping = spread_evenly(count, skip_download_fraction)
+    variants = {
+        (fail, skip): replace(
+            packages, fail_install=fail or packages.fail_install, download=packages.download and not skip
+        )
+        for fail in (False, True)
+        for skip in (False, True)
+    }
+    return lambda index: replace(settings_for(index), packages=variants[(index in failing, index in skipping)])
 
 
 _PACKAGE_STATUS_NAMES = {
@@ -135,6 +144,8 @@ def progress_line(fleet: Fleet) -> str:
         parts.append("no config offered yet")
     if packages := package_counts(fleet):
         parts.append("packages " + ", ".join(f"{status} {count}" for status, count in sorted(packages.items())))
+        downloaded = sum(agent.package_bytes_downloaded for agent in fleet.agents)
+        parts.append(f"{downloaded / 1e6:.1f} MB downloaded")
     parts.append(f"{stats.disconnects} disconnects")
     if stats.restarts:
         parts.append(f"{stats.restarts} restarts")

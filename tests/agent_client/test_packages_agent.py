@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent_client import Agent, AgentSettings, Fleet
 from agent_client.packages import PackageSettings
 from agent_client.signed_config import trusted_keys_by_id
-from agent_client.simulator import package_counts, with_packages
+from agent_client.simulator import package_counts, progress_line, with_packages
 from agent_client.testing import FakeWebSocketServer
 from opamp.capabilities import AgentCapabilities
 from opamp.proto import opamp_pb2 as pb
@@ -304,6 +304,8 @@ async def test_a_simulated_fleet_downloads_for_real_and_a_share_fails_the_instal
         counts = package_counts(fleet)
 
     assert counts == {"installed": 2, "failed": 2}
+    assert all(agent.package_bytes_downloaded == 20_000 for agent in fleet.agents)
+    assert "packages failed 2, installed 2 | 0.1 MB downloaded" in progress_line(fleet)
     failed = [a for a in fleet.agents if a.package_statuses["otelcol"].status == FAILED]
     assert {a.package_statuses["otelcol"].error_message for a in failed} == {"drill: install failure"}
     assert len(files.requests_for("/packages/otelcol/2")) == 4  # every agent downloaded the file
@@ -314,10 +316,8 @@ async def test_simulated_agents_can_skip_the_download(ws_server: FakeWebSocketSe
     ws_server.responder = lambda message: pb.ServerToAgent(
         instance_uid=message.instance_uid, packages_available=available
     )
-    packages = PackageSettings(download=False)
-    async with Fleet(
-        server=ws_server.url, count=2, settings_for=with_packages(lambda i: QUIET, count=2, packages=packages)
-    ) as fleet:
+    skipping = with_packages(lambda i: QUIET, count=2, packages=PackageSettings(), skip_download_fraction=1.0)
+    async with Fleet(server=ws_server.url, count=2, settings_for=skipping) as fleet:
         for agent in fleet.agents:
             await until_agent(agent, lambda a: a.packages.all_packages_hash == available.all_packages_hash)
     assert all(agent.packages.installed["otelcol"].version == "2" for agent in fleet.agents)

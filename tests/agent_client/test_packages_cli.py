@@ -52,13 +52,15 @@ def test_simulate_gives_a_share_of_the_agents_failing_installs() -> None:
             "--packages",
             "--package-fail-fraction",
             "0.3",
-            "--package-skip-download",
+            "--package-skip-download-fraction",
+            "0.5",
         ]
     )
     packages = [agent.settings.packages for agent in simulate_fleet(options).agents]
 
-    assert all(p is not None and p.directory is None and p.download is False for p in packages)
+    assert all(p is not None and p.directory is None for p in packages)
     assert sum(p is not None and p.fail_install for p in packages) == 3
+    assert sum(p is not None and not p.download for p in packages) == 5
 
 
 def test_simulate_without_packages_declares_none() -> None:
