@@ -158,7 +158,11 @@ class PackageHandling(AgentBase):
 
         store = self._package_store
         if store is not None:
-            keep = {store.partial_path(name, package.file.content_hash) for name, package in work}
+            keep = {
+                store.partial_path(name, package.file.content_hash)
+                for name, package in work
+                if not package_problem(name, package.version)
+            }
             keep |= {path.with_name(path.name + ".validator") for path in keep}
             await asyncio.to_thread(store.clean_downloads, keep)
         async with self._download_client(settings) as client:
@@ -183,7 +187,9 @@ class PackageHandling(AgentBase):
         installed = self._packages_record.installed.get(name)
         version, package_hash = package.version, offered_hash(package)
         store = self._package_store
-        partial = store.partial_path(name, package.file.content_hash) if store is not None else None
+        problem = package_problem(name, version)
+        # The name is part of the partial file's name: only a plain one gets near the disk.
+        partial = store.partial_path(name, package.file.content_hash) if store is not None and not problem else None
 
         async def progress(update: DownloadProgress) -> None:
             status = offered_status(name, installed, package, pb.PackageStatusEnum_Downloading)
@@ -193,7 +199,7 @@ class PackageHandling(AgentBase):
             await self._report_packages()
 
         try:
-            if problem := package_problem(name, version):
+            if problem:
                 raise InstallRefused(problem)
             if not package.file.content_hash:
                 raise InstallRefused(NO_CONTENT_HASH)

@@ -381,3 +381,16 @@ async def test_an_offer_without_a_content_hash_is_refused_without_downloading(
         reports = await deliver(ws_server, available)
     assert reports[-1].packages["otelcol"].error_message == "the offer carries no content hash for the file"
     assert files.requests == []
+
+
+async def test_a_package_name_that_is_not_plain_is_refused_without_touching_the_disk(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path, tmp_path: Path
+) -> None:
+    available = offer(files, key, Offered("../../outside", "1", b"binary"))
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        reports = await deliver(ws_server, available)
+    assert "is not a plain name" in reports[-1].packages["../../outside"].error_message
+    assert files.requests == []
+    assert sorted(path.name for path in settings.packages.directory.iterdir()) == [".downloads"]
+    assert not (tmp_path / "outside").exists()
