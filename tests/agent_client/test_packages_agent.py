@@ -394,3 +394,36 @@ async def test_a_package_name_that_is_not_plain_is_refused_without_touching_the_
     assert files.requests == []
     assert sorted(path.name for path in settings.packages.directory.iterdir()) == [".downloads"]
     assert not (tmp_path / "outside").exists()
+
+
+async def test_a_download_interrupted_by_a_stop_is_resumed_by_the_restarted_agent(
+    ws_server: FakeWebSocketServer, files: FileServer, settings: AgentSettings, key, state_dir: Path
+) -> None:
+    body = os.urandom(100_000)
+    available = offer(files, key, Offered("otelcol", "2", body))
+    files.hold_next()
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await connected(ws_server)
+        await ws_server.push(pb.ServerToAgent(packages_available=available))
+        await files.holding.wait()
+        # Stopped once the first bytes are on disk.
+        await ws_server.next_matching(lambda m: has_statuses(m) and downloaded_some(m.package_statuses))
+    files.release()
+
+    restarted = make_agent(ws_server.url, state_dir, settings)
+    async with running(restarted):
+        first = await connected(ws_server)
+        reports = await deliver(ws_server, available)
+
+    assert first.package_statuses.packages == {}  # nothing installed, nothing reported
+    assert first.package_statuses.server_provided_all_packages_hash == b""  # so the server offers again
+    ranges = [request.get("range") for request in files.requests_for("/packages/otelcol/2")]
+    assert len(ranges) == 2 and ranges[0] is None
+    assert 0 < int(ranges[1].removeprefix("bytes=").removesuffix("-")) <= 1024  # what the first process had
+    assert reports[-1].packages["otelcol"].status == INSTALLED
+    assert (settings.packages.directory / "otelcol" / "current" / "otelcol").read_bytes() == body
+
+
+def downloaded_some(statuses: pb.PackageStatuses) -> bool:
+    status = statuses.packages["otelcol"]
+    return status.status == DOWNLOADING and status.download_details.download_percent > 0
