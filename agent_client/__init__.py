@@ -14,6 +14,8 @@ protobuf through it), `cryptography` (keys, certificate requests, signature chec
 
 With `credentials=CredentialStore(state_dir)` (and `AgentSettings(enrollment=EnrollmentSettings(
 token=...))`) the agent enrolls for a TLS client certificate and presents it from then on.
+With `AgentSettings(packages=PackageSettings(directory=...), trusted_keys=...)` it installs
+the signed packages the server offers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from agent_client.agent_settings import AgentSettings
 from agent_client.backoff import Backoff
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import EnrollmentEvent, EnrollmentSettings
+from agent_client.packages import PackageSettings
 from agent_client.remote_config import ConfigFile, ConfigRejected
 from agent_client.simulator import Fleet, FleetStats
 from agent_client.state import (
@@ -59,6 +62,7 @@ __all__ = [
     "FleetStats",
     "HttpTransport",
     "MemoryState",
+    "PackageSettings",
     "RemoteConfigRecord",
     "StateError",
     "Transport",

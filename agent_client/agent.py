@@ -35,6 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from agent_client.agent_certificates import CertificateHandling, Reconnect
+from agent_client.agent_packages import PackageHandling
 from agent_client.agent_remote_config import RemoteConfigHandling
 from agent_client.agent_settings import AgentSettings
 from agent_client.credentials import CredentialStore
@@ -72,7 +73,7 @@ class AgentObserver:
         """Certificate enrollment made progress or failed; `detail` is a human-readable line."""
 
 
-class Agent(CertificateHandling, RemoteConfigHandling):
+class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling):
     """An OpAMP agent. `await agent.run()` until `agent.stop()`."""
 
     def __init__(
@@ -185,6 +186,7 @@ class Agent(CertificateHandling, RemoteConfigHandling):
             for task in (stop_requested, *loops):
                 task.cancel()
             await asyncio.gather(stop_requested, *loops, return_exceptions=True)
+            await self._stop_package_work()
         await self._disconnect()
 
     @staticmethod
@@ -259,6 +261,8 @@ class Agent(CertificateHandling, RemoteConfigHandling):
         if reply.HasField("remote_config"):
             # A full report that is due rides on the APPLYING message.
             await self._on_remote_config(reply.remote_config)
+        if reply.HasField("packages_available"):
+            await self._on_packages_available(reply.packages_available)
         if self._full_report_due:
             await self._send_report()
         if enrollment is not None:

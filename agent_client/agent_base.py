@@ -190,6 +190,7 @@ class AgentBase:
         effective_config: bool = False,
         connection_settings_status: bool = False,
         csr: bytes | None = None,
+        package_statuses: bool = False,
     ) -> None:
         """Send a status report: the full state when one is due, else only what is asked."""
         message = pb.AgentToServer()
@@ -205,6 +206,8 @@ class AgentBase:
                 message.effective_config.CopyFrom(report.effective_config(self._remote.files))
             if connection_settings_status and self._enrollment is not None:
                 message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
+            if package_statuses and (statuses := self._package_statuses_report()) is not None:
+                message.package_statuses.CopyFrom(statuses)
         if csr is not None:
             message.connection_settings_request.opamp.certificate_request.csr = csr
         await self._send(message)
@@ -220,6 +223,12 @@ class AgentBase:
             message.custom_capabilities.capabilities.extend(custom)
         if self._enrollment is not None and self._enrollment.status.status != pb.ConnectionSettingsStatuses_UNSET:
             message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
+        if (statuses := self._package_statuses_report()) is not None:
+            message.package_statuses.CopyFrom(statuses)
+
+    def _package_statuses_report(self) -> pb.PackageStatuses | None:
+        """The package statuses to report; None for an agent that does not handle packages."""
+        return None
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent_client.enrollment import EnrollmentSettings
+from agent_client.packages import PackageSettings
 from opamp.capabilities import AgentCapabilities
 from opamp.config_signature import CUSTOM_CAPABILITY as SIGNED_CONFIG_CAPABILITY
 from opamp.config_signature import key_id_for
@@ -52,6 +53,9 @@ class AgentSettings:
     enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
     # A refused credential (401/403) does not fix itself in a second: retry no sooner.
     refused_credential_delay: float = 10.0
+    # Declares AcceptsPackages and ReportsPackageStatuses (agent_client.agent_packages);
+    # installed packages are signed by one of `trusted_keys`.
+    packages: PackageSettings | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -82,4 +86,6 @@ class AgentSettings:
             bits |= AgentCapabilities.ACCEPTS_REMOTE_CONFIG
         if self.accept_restart:
             bits |= AgentCapabilities.ACCEPTS_RESTART_COMMAND
+        if self.packages is not None:
+            bits |= AgentCapabilities.ACCEPTS_PACKAGES | AgentCapabilities.REPORTS_PACKAGE_STATUSES
         return int(bits)

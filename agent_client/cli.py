@@ -26,6 +26,10 @@ signal the agent sends agent_disconnect, closes the connection and exits with st
 With `--trusted-key PATH` (repeatable) or `--trusted-keys-dir DIR` (every `*.pem` in it) the
 agent requires signed configs: it declares `io.opamp.signed-config/v1` and applies only a
 config whose `opamp-signature.json` verifies with one of those Ed25519 public keys.
+
+With `--packages-dir DIR` the agent accepts packages: it installs offered packages signed by
+one of those keys into DIR/<name>/<version>/, switches DIR/<name>/current to them, and with
+`--package-start-check 'CMD {path}'` switches a top-level package back when CMD fails.
 """
 
 from __future__ import annotations
@@ -225,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="directory of PEM Ed25519 public keys (*.pem) trusted to sign configs; makes signatures required",
     )
+    run.add_argument(
+        "--packages-dir",
+        type=Path,
+        metavar="DIR",
+        help="accept packages signed by a trusted key and install them under DIR",
+    )
+    run.add_argument(
+        "--package-start-check",
+        metavar="COMMAND",
+        help="run after switching a top-level package ({name}, {version}, {path} replaced); "
+        "a non-zero exit switches back",
+    )
     _add_simulate_parser(commands)
     return parser
 
@@ -291,6 +307,23 @@ def _add_simulate_parser(commands: Any) -> None:
         default=0.0,
         metavar="S",
         help="seconds an agent stays away when the server restarts it",
+    )
+    simulate.add_argument(
+        "--packages", action="store_true", help="accept packages (files are downloaded and hashed, not kept)"
+    )
+    simulate.add_argument(
+        "--package-fail-fraction",
+        type=fraction,
+        default=0.0,
+        metavar="F",
+        help="share of the agents (0-1) that fail every package install (default: 0)",
+    )
+    simulate.add_argument(
+        "--package-skip-download-fraction",
+        type=fraction,
+        default=0.0,
+        metavar="F",
+        help="share of the agents (0-1) that never download package files (default: 0, all download)",
     )
     simulate.add_argument("--heartbeat", type=positive_seconds, default=DEFAULT_HEARTBEAT_INTERVAL, metavar="SECONDS")
     simulate.add_argument(

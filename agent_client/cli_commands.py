@@ -11,10 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shlex
 import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TextIO
 
@@ -24,8 +26,9 @@ from agent_client.agent import Agent, AgentObserver
 from agent_client.agent_settings import AgentSettings
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import TOKEN_PREFIX, EnrollmentEvent, EnrollmentSettings
+from agent_client.packages import PackageSettings, command_start_check
 from agent_client.signed_config import trusted_keys_by_id
-from agent_client.simulator import Fleet, progress_line, spread_evenly
+from agent_client.simulator import Fleet, progress_line, spread_evenly, with_packages
 from agent_client.state import FileState, StateError
 from agent_client.transport import CredentialRefused, HttpTransport, WebSocketTransport
 from opamp.proto import opamp_pb2 as pb
@@ -59,6 +62,18 @@ def settings_from_options(options: argparse.Namespace) -> AgentSettings:
         trusted_keys=trusted_keys_by_id(keys) if keys else None,
         # A token given to `run` is sent on every connection, certificate or not.
         enrollment=EnrollmentSettings(token=options.token, send_token_with_certificate=True, key_type=options.key_type),
+        packages=package_settings_from_options(options),
+    )
+
+
+def package_settings_from_options(options: argparse.Namespace) -> PackageSettings | None:
+    if options.packages_dir is None:
+        return None
+    check = options.package_start_check
+    return PackageSettings(
+        directory=options.packages_dir,
+        start_check=command_start_check(shlex.split(check)) if check else None,
+        ca_file=options.ca_file,
     )
 
 
@@ -250,10 +265,19 @@ def simulate_fleet(options: argparse.Namespace) -> Fleet:
     )
     failing = replace(healthy, fail_if_contains=marker.encode("utf-8")) if marker else healthy
     chosen = spread_evenly(options.agents, options.fail_fraction) if marker else set()
+    settings_for: Callable[[int], AgentSettings] = lambda index: failing if index in chosen else healthy  # noqa: E731
+    if options.packages:
+        settings_for = with_packages(
+            settings_for,
+            count=options.agents,
+            packages=PackageSettings(),
+            fail_fraction=options.package_fail_fraction,
+            skip_download_fraction=options.package_skip_download_fraction,
+        )
     return Fleet(
         server=options.server,
         count=options.agents,
-        settings_for=lambda index: failing if index in chosen else healthy,
+        settings_for=settings_for,
         transport=options.transport,
         headers=dict(options.header),
         state_root=options.state_root,

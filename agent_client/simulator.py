@@ -3,7 +3,9 @@
 Each agent is a real `Agent` with its own transport and state (in memory by default, or a
 directory per agent under `state_root`), so the server sees N ordinary agents. `FleetStats`
 records what a benchmark needs: when each agent got its first reply and the round trip of
-every later (heartbeat) reply.
+every later (heartbeat) reply. `with_packages` gives a fleet package handling, with a share
+of agents that fail every install; simulated agents download each offered file for real
+(the bytes are hashed, not kept) unless told to skip it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from agent_client.agent import Agent, AgentObserver
 from agent_client.agent_settings import AgentSettings
+from agent_client.packages import PackageSettings
 from agent_client.state import AgentState, FileState, MemoryState
 from agent_client.transport import TransportKind, transport_for_url
 from opamp.proto import opamp_pb2 as pb
@@ -77,6 +81,47 @@ def spread_evenly(count: int, fraction: float) -> set[int]:
     return {index for index in range(count) if int((index + 1) * fraction) > int(index * fraction)}
 
 
+def with_packages(
+    settings_for: Callable[[int], AgentSettings],
+    *,
+    count: int,
+    packages: PackageSettings,
+    fail_fraction: float = 0.0,
+    skip_download_fraction: float = 0.0,
+) -> Callable[[int], AgentSettings]:
+    """`settings_for` with package handling for each of `count` agents. `fail_fraction` of
+    them (spread evenly) fail every install, reported InstallFailed; `skip_download_fraction`
+    of them (spread evenly too) never download the file, the others download it for real."""
+    failing = spread_evenly(count, fail_fraction)
+    skipping = spread_evenly(count, skip_download_fraction)
+    variants = {
+        (fail, skip): replace(
+            packages, fail_install=fail or packages.fail_install, download=packages.download and not skip
+        )
+        for fail in (False, True)
+        for skip in (False, True)
+    }
+    return lambda index: replace(settings_for(index), packages=variants[(index in failing, index in skipping)])
+
+
+_PACKAGE_STATUS_NAMES = {
+    pb.PackageStatusEnum_Installed: "installed",
+    pb.PackageStatusEnum_InstallPending: "pending",
+    pb.PackageStatusEnum_Installing: "installing",
+    pb.PackageStatusEnum_InstallFailed: "failed",
+    pb.PackageStatusEnum_Downloading: "downloading",
+}
+
+
+def package_counts(fleet: Fleet) -> Counter[str]:
+    """How many packages of the fleet's agents are in each status."""
+    return Counter(
+        _PACKAGE_STATUS_NAMES.get(status.status, "unknown")
+        for agent in fleet.agents
+        for status in agent.package_statuses.values()
+    )
+
+
 _STATUS_NAMES = {
     pb.RemoteConfigStatuses_APPLIED: "applied",
     pb.RemoteConfigStatuses_APPLYING: "applying",
@@ -97,6 +142,10 @@ def progress_line(fleet: Fleet) -> str:
         parts.append(f"{config_hash} {status} {count}")
     if not by_config:
         parts.append("no config offered yet")
+    if packages := package_counts(fleet):
+        parts.append("packages " + ", ".join(f"{status} {count}" for status, count in sorted(packages.items())))
+        downloaded = sum(agent.package_bytes_downloaded for agent in fleet.agents)
+        parts.append(f"{downloaded / 1e6:.1f} MB downloaded")
     parts.append(f"{stats.disconnects} disconnects")
     if stats.restarts:
         parts.append(f"{stats.restarts} restarts")

@@ -7,6 +7,8 @@
                                      the signing (sequence, config hash) applied last per
                                      configuration
     <state-dir>/config/<name>        the applied config files, and nothing else
+    <state-dir>/packages.json        the packages the server installed, failed installs and
+                                     the last offer processed (`agent_client.package_record`)
 
 `MemoryState` keeps the same facts in memory, for simulated fleets.
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from agent_client.package_record import PackagesRecord
 from agent_client.remote_config import ConfigFile, ConfigRejected, disk_name
 from opamp.config_signature import AppliedSigning
 from opamp.identifiers import instance_uid_problem
@@ -34,6 +37,7 @@ from opamp.proto import opamp_pb2 as pb
 
 INSTANCE_UID_FILE = "instance_uid"
 REMOTE_CONFIG_FILE = "remote_config.json"
+PACKAGES_FILE = "packages.json"
 SIGNINGS_KEY = "signed_config_sequences"
 LEGACY_SIGNINGS_KEY = "signed_config_versions"
 CONFIG_DIR = "config"
@@ -84,6 +88,10 @@ class AgentState(Protocol):
         ...
 
     def save_remote_config(self, record: RemoteConfigRecord) -> None: ...
+
+    def load_packages(self) -> PackagesRecord: ...
+
+    def save_packages(self, record: PackagesRecord) -> None: ...
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -213,6 +221,19 @@ class FileState:
         write_atomically(self.directory / REMOTE_CONFIG_FILE, data)
         fsync_directory(self.directory)
 
+    def load_packages(self) -> PackagesRecord:
+        path = self.directory / PACKAGES_FILE
+        try:
+            return PackagesRecord.from_json_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return PackagesRecord()
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StateError(f"{path}: unreadable packages record: {error!r}") from error
+
+    def save_packages(self, record: PackagesRecord) -> None:
+        write_atomically(self.directory / PACKAGES_FILE, record.to_json_bytes())
+        fsync_directory(self.directory)
+
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -250,6 +271,7 @@ class MemoryState:
         self.instance_uid: bytes | None = None
         self.remote_config = RemoteConfigRecord()
         self.installed: dict[str, ConfigFile] = {}
+        self.packages = PackagesRecord()
 
     def load_instance_uid(self) -> bytes | None:
         return self.instance_uid
@@ -265,3 +287,9 @@ class MemoryState:
 
     def save_remote_config(self, record: RemoteConfigRecord) -> None:
         self.remote_config = record
+
+    def load_packages(self) -> PackagesRecord:
+        return self.packages
+
+    def save_packages(self, record: PackagesRecord) -> None:
+        self.packages = record
