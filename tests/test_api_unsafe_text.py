@@ -67,6 +67,15 @@ BODY_CASES: list[tuple[str, str, dict[str, Any], str]] = [
         {"configuration": "edge", "candidate_version": 1, "stages": [{"selector": NUL}]},
         "stages[0].selector",
     ),
+    ("post", "packages/", {"name": NUL}, "name"),
+    ("post", "packages/", {"name": "p", "description": NUL}, "description"),
+    ("post", "package-assignments/", {"name": NUL, "package": "p", "version": "1"}, "name"),
+    (
+        "post",
+        "package-assignments/",
+        {"name": "a", "package": "p", "version": "1", "selector": f"env={NUL}"},
+        "selector",
+    ),
 ]
 
 
