@@ -13,6 +13,8 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Prefetch, QuerySet
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -56,6 +58,20 @@ class AssignmentUpdateSerializer(StrictSerializer):
     version = serializers.CharField(max_length=200, required=False)
     selector = SelectorField(required=False)
     priority = serializers.IntegerField(required=False, min_value=-(2**31), max_value=2**31 - 1)
+
+
+class PackageStatusSerializer(serializers.Serializer):
+    package = serializers.CharField()
+    versions = serializers.DictField(
+        child=serializers.DictField(child=serializers.IntegerField()),
+        help_text="version -> agents installed, pending, downloading, installing, failed",
+    )
+
+
+PLATFORM_PARAMETERS = [
+    OpenApiParameter("os", str, description="os.type the file is for; omitted with arch: every platform"),
+    OpenApiParameter("arch", str, description="host.arch the file is for"),
+]
 
 
 class PackageFileSerializer(serializers.ModelSerializer):
@@ -129,10 +145,12 @@ class PackageListView(PackagesAPIMixin, generics.GenericAPIView):
     def get_queryset(self) -> QuerySet[Package]:
         return _packages()
 
+    @extend_schema(operation_id="packages_list", responses=PackageSerializer(many=True))
     def get(self, request: Request) -> Response:
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(PackageSerializer(page, many=True).data)
 
+    @extend_schema(operation_id="packages_create", request=PackageInputSerializer, responses={201: PackageSerializer})
     def post(self, request: Request) -> Response:
         data = validated(PackageInputSerializer, request.data)
         package = services.package_create(actor=request.user, **data)
@@ -140,6 +158,7 @@ class PackageListView(PackagesAPIMixin, generics.GenericAPIView):
 
 
 class PackageDetailView(PackagesAPIMixin, APIView):
+    @extend_schema(operation_id="packages_retrieve", responses=PackageSerializer)
     def get(self, request: Request, name: str) -> Response:
         return Response(PackageSerializer(get_object_or_404(_packages(), name=name)).data)
 
@@ -148,13 +167,20 @@ class PackageVersionListView(PackagesAPIMixin, generics.GenericAPIView):
     """A package's versions, newest first, with their files."""
 
     serializer_class = PackageVersionSerializer
+    queryset = PackageVersion.objects.none()  # the schema's model; requests read the package's own
 
+    @extend_schema(operation_id="package_versions_list", responses=PackageVersionSerializer(many=True))
     def get(self, request: Request, name: str) -> Response:
         package = package_or_404(name)
         queryset = package.versions.prefetch_related("files").select_related("created_by").order_by("-created_at")
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(PackageVersionSerializer(page, many=True).data)
 
+    @extend_schema(
+        operation_id="package_versions_create",
+        request=PackageVersionInputSerializer,
+        responses={201: PackageVersionSerializer},
+    )
     def post(self, request: Request, name: str) -> Response:
         package = package_or_404(name)
         data = validated(PackageVersionInputSerializer, request.data)
@@ -163,6 +189,7 @@ class PackageVersionListView(PackagesAPIMixin, generics.GenericAPIView):
 
 
 class PackageVersionDetailView(PackagesAPIMixin, APIView):
+    @extend_schema(operation_id="package_versions_retrieve", responses=PackageVersionSerializer)
     def get(self, request: Request, name: str, version: str) -> Response:
         return Response(PackageVersionSerializer(version_or_404(name, version)).data)
 
@@ -171,9 +198,16 @@ class PackageFileUploadView(PackagesAPIMixin, APIView):
     """POST the file's bytes as the body; `os` and `arch` query parameters name its platform
     (both omitted: for every platform). GET lists the version's files."""
 
+    @extend_schema(operation_id="package_files_list", responses=PackageFileSerializer(many=True))
     def get(self, request: Request, name: str, version: str) -> Response:
         return Response(PackageFileSerializer(version_or_404(name, version).files.all(), many=True).data)
 
+    @extend_schema(
+        operation_id="package_files_upload",
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=PLATFORM_PARAMETERS,
+        responses={201: PackageFileSerializer},
+    )
     def post(self, request: Request, name: str, version: str) -> Response:
         row = version_or_404(name, version)
         limit = settings.OPAMP_PACKAGE_MAX_BYTES
@@ -197,6 +231,7 @@ class PackageFileUploadView(PackagesAPIMixin, APIView):
 class PackageStatusView(PackagesAPIMixin, APIView):
     """Per version: how many agents report it installed, pending, downloading, installing, failed."""
 
+    @extend_schema(operation_id="package_status", responses=PackageStatusSerializer)
     def get(self, request: Request, name: str) -> Response:
         package = package_or_404(name)
         return Response({"package": package.name, "versions": package_status_summary(package.name)})
@@ -212,10 +247,16 @@ class AssignmentListView(PackagesAPIMixin, generics.GenericAPIView):
     def get_queryset(self) -> QuerySet[PackageAssignment]:
         return _assignments()
 
+    @extend_schema(operation_id="package_assignments_list", responses=AssignmentSerializer(many=True))
     def get(self, request: Request) -> Response:
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(AssignmentSerializer(page, many=True).data)
 
+    @extend_schema(
+        operation_id="package_assignments_create",
+        request=AssignmentInputSerializer,
+        responses={201: AssignmentSerializer},
+    )
     def post(self, request: Request) -> Response:
         data: dict[str, Any] = validated(AssignmentInputSerializer, request.data)
         package = Package.objects.filter(name=data.pop("package")).first()
@@ -226,15 +267,20 @@ class AssignmentListView(PackagesAPIMixin, generics.GenericAPIView):
 
 
 class AssignmentDetailView(PackagesAPIMixin, APIView):
+    @extend_schema(operation_id="package_assignments_retrieve", responses=AssignmentSerializer)
     def get(self, request: Request, name: str) -> Response:
         return Response(AssignmentSerializer(get_object_or_404(_assignments(), name=name)).data)
 
+    @extend_schema(
+        operation_id="package_assignments_update", request=AssignmentUpdateSerializer, responses=AssignmentSerializer
+    )
     def patch(self, request: Request, name: str) -> Response:
         assignment = get_object_or_404(_assignments(), name=name)
         data = validated(AssignmentUpdateSerializer, request.data)
         services.package_assignment_update(assignment=assignment, actor=request.user, **data)
         return Response(AssignmentSerializer(_assignments().get(pk=assignment.pk)).data)
 
+    @extend_schema(operation_id="package_assignments_destroy", responses={204: None})
     def delete(self, request: Request, name: str) -> Response:
         services.package_assignment_delete(assignment=get_object_or_404(_assignments(), name=name), actor=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
