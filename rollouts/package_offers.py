@@ -248,7 +248,7 @@ def fill_packages_available(
     available.all_packages_hash = desired.all_packages_hash
     for name, package in desired.packages.items():
         entry = available.packages[name]
-        entry.type = package.wire_type  # type: ignore[assignment]
+        entry.type = package.wire_type
         entry.version = package.version
         entry.hash = package.hash
         entry.file.download_url = urls[package.file.file_id]

@@ -18,7 +18,7 @@ from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.label_selectors.selector import SelectorError
 from fleet.safe_text import text_problem
-from rollouts.models import Package, PackageAssignment, PackageFile, PackageType, PackageVersion
+from rollouts.models import Package, PackageAssignment, PackageFile, PackageVersion
 from rollouts.package_assignments import bump_packages
 from rollouts.package_files import Readable, delete_stored_file, sign_package, store_package_file
 
@@ -46,7 +46,7 @@ def _canonical_selector(selector: Any) -> dict[str, Any]:
 
 
 @transaction.atomic
-def package_create(*, name: str, type: str = PackageType.TOP_LEVEL, description: str = "", actor: Actor) -> Package:
+def package_create(*, name: str, type: str = "top_level", description: str = "", actor: Actor) -> Package:
     if Package.objects.filter(name=name).exists():
         raise DomainError(PACKAGE_NAME_TAKEN.format(name=name), field="name", status=409)
     package = Package(name=name, type=type, description=description, created_by=actor_user(actor))

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
 from rest_framework.test import APIClient
 
 from fleet.errors import DomainError
@@ -187,3 +189,25 @@ def test_a_version_made_through_the_services_is_readable_back(package_dir: Path)
     version = make_version(files={("linux", "amd64"): b"abc"})
     with open_package_file(file_of(version, "linux", "amd64").storage_name) as handle:
         assert handle.read() == b"abc"
+
+
+def test_the_admin_uploads_a_file_through_the_service(admin_client, package_dir, signing_key):  # noqa: F811
+    version = make_version(files={})
+    upload_file = SimpleUploadedFile("collector.tar.gz", DATA, content_type="application/gzip")
+    response = admin_client.post(
+        reverse("admin:rollouts_packagefile_add"),
+        {"version": version.pk, "os": "linux", "arch": "arm64", "file": upload_file},
+    )
+    assert response.status_code == 302, response.content[:2000]
+    file = PackageFile.objects.get()
+    assert (file.os, file.arch, file.size) == ("linux", "arm64", len(DATA))
+    assert file.sha256 == hashlib.sha256(DATA).hexdigest()
+    assert file.key_id == signing_key.key_id
+    assert AuditEvent.objects.filter(action="package.file.upload").count() == 1
+    # A second file for that platform is refused as a message, nothing stored.
+    again = SimpleUploadedFile("x", b"other", content_type="application/gzip")
+    form = {"version": version.pk, "os": "linux", "arch": "arm64", "file": again}
+    admin_client.post(reverse("admin:rollouts_packagefile_add"), form)
+    assert PackageFile.objects.count() == 1
+    assert len(stored_files(package_dir)) == 1
+    assert admin_client.get(reverse("admin:rollouts_packagefile_change", args=[file.pk])).status_code == 200
