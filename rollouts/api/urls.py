@@ -9,7 +9,6 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from rollouts import package_downloads
 from rollouts.api import packages, rollout_views, views
 
 router = SimpleRouter()
@@ -55,6 +54,4 @@ urlpatterns = [
     ),
     path("package-assignments/", packages.AssignmentListView.as_view(), name="package-assignment-list"),
     path("package-assignments/<str:name>/", packages.AssignmentDetailView.as_view(), name="package-assignment-detail"),
-    # What agents download: a signed, expiring token per agent and file (rollouts.package_downloads).
-    path("package-downloads/<str:token>", package_downloads.package_download, name="package-download"),
 ]

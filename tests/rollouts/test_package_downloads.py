@@ -142,7 +142,7 @@ def test_a_forged_or_altered_token_is_refused(offered: tuple[Agent, PackageFile]
         {"f": file.pk, "a": agent.instance_uid.hex}
     )
     for bad in (token[:-1] + ("A" if token[-1] != "A" else "B"), forged, "nothing", ""):
-        url = reverse("package-download", kwargs={"token": bad}) if bad else "/api/v1/package-downloads/"
+        url = reverse("package-download", kwargs={"token": bad}) if bad else "/v1/package-files/"
         assert Client().get(url).status_code == 404
 
 
@@ -167,7 +167,7 @@ def test_the_offer_url_is_absolute_on_the_agents_scheme_and_host(
 ) -> None:
     agent, file = offered
     url = download_url(base="https://opamp.example", file_id=file.pk, instance_uid=agent.instance_uid)
-    assert url.startswith("https://opamp.example/api/v1/package-downloads/")
+    assert url.startswith("https://opamp.example/v1/package-files/")
     assert read_download_token(url.rsplit("/", 1)[1]).file_id == file.pk
 
 
