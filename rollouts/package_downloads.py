@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO
 from urllib.parse import urlsplit
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core import signing
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
@@ -104,18 +105,21 @@ def byte_range(header: str, size: int) -> tuple[int, int] | bool | None:
     return first, min(last, size - 1)
 
 
-def _chunks(handle: IO[bytes], start: int, length: int) -> Iterator[bytes]:
+async def _chunks(handle: IO[bytes], start: int, length: int) -> AsyncIterator[bytes]:
+    """The bytes, one chunk at a time. Asynchronous: Django's ASGI handler reads a
+    synchronous iterator whole into memory before sending any of it."""
+    read = sync_to_async(handle.read, thread_sensitive=False)
     try:
-        handle.seek(start)
+        await sync_to_async(handle.seek, thread_sensitive=False)(start)
         left = length
         while left > 0:
-            data = handle.read(min(CHUNK_BYTES, left))
+            data = await read(min(CHUNK_BYTES, left))
             if not data:
                 break
             left -= len(data)
             yield data
     finally:
-        handle.close()
+        await sync_to_async(handle.close, thread_sensitive=False)()
 
 
 @require_http_methods(["GET", "HEAD"])

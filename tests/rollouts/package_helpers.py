@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from channels.testing import ApplicationCommunicator
 
 from rollouts import packages
 from rollouts.models import Package, PackageFile, PackageVersion
@@ -57,3 +58,37 @@ def make_version(
 
 def file_of(version: PackageVersion, os: str = "", arch: str = "") -> PackageFile:
     return PackageFile.objects.get(version=version, os=os, arch=arch)
+
+
+def http_scope(path: str, headers: list[tuple[bytes, bytes]] | None = None, host: bytes = b"testserver") -> dict:
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "headers": [(b"host", host), *(headers or [])],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+async def asgi_get(
+    application: Any, path: str, headers: list[tuple[bytes, bytes]] | None = None, host: bytes = b"testserver"
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """GET through an ASGI application: (status, headers, body). (channels' HttpCommunicator
+    does not take a last body message without a body, which ASGI allows and Django sends.)"""
+    communicator = ApplicationCommunicator(application, http_scope(path, headers, host))
+    await communicator.send_input({"type": "http.request", "body": b""})
+    start = await communicator.receive_output(timeout=10)
+    body = b""
+    while True:
+        message = await communicator.receive_output(timeout=10)
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await communicator.wait(timeout=10)
+    return start["status"], dict(start["headers"]), body

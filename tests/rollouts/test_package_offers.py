@@ -8,9 +8,7 @@ import uuid
 from urllib.parse import urlsplit
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from django.test import Client
 
 from fleet.agent_labels import agent_labels_set
 from fleet.session_contributor import ReplyPart
@@ -18,11 +16,12 @@ from opamp.capabilities import AgentCapabilities, ServerCapabilities
 from opamp.identifiers import uuid7
 from opamp.package_signature import verify_package_file
 from opamp.proto import opamp_pb2
+from opamp_site.asgi import application
 from rollouts import package_contributor, packages
 from rollouts.models import Package, PackageAssignment
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.messages import BASE_CAPABILITIES, full_report, heartbeat
-from tests.rollouts.package_helpers import make_version, package_dir, signing_key  # noqa: F401
+from tests.rollouts.package_helpers import asgi_get, make_version, package_dir, signing_key  # noqa: F401
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -95,9 +94,9 @@ async def test_an_agent_that_accepts_packages_is_offered_its_set(package_dir, si
     )
     assert len(package.hash) == 32 and len(available.all_packages_hash) == 32
     # The URL downloads exactly the bytes the content hash names.
-    response = await sync_to_async(Client().get)(urlsplit(package.file.download_url).path)
-    assert response.status_code == 200
-    assert b"".join(response.streaming_content) == V1
+    url = urlsplit(package.file.download_url)
+    status, _, body = await asgi_get(application, url.path, host=url.netloc.encode())
+    assert (status, body) == (200, V1)
 
 
 async def test_agents_that_do_not_accept_packages_get_none(package_dir):  # noqa: F811
