@@ -1,20 +1,26 @@
-"""A package download through the site's ASGI application, as daphne runs it: streamed in
-chunks, cut half-way by the agent, and resumed with Range to the exact bytes."""
+"""Packages through the site's ASGI application, as daphne runs it: an upload streamed to
+storage, and a download streamed in chunks, cut half-way by the agent and resumed with
+Range to the exact bytes."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator
 from django.urls import reverse
+from rest_framework.authtoken.models import Token
 
+from fleet.roles import OPERATOR, grant_role
 from opamp_site.asgi import application
 from rollouts import packages
 from rollouts.models import Package
 from rollouts.package_downloads import download_token
 from rollouts.package_files import CHUNK_BYTES
 from tests.fleet import factories
-from tests.rollouts.package_helpers import asgi_get, file_of, http_scope, make_version, package_dir  # noqa: F401
+from tests.rollouts.package_helpers import asgi_get, file_of, http_scope, make_version, package_dir, stored_files  # noqa: F401
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -54,3 +60,38 @@ async def test_a_download_cut_half_way_resumes_with_range_to_the_exact_bytes(pac
     assert status == 206
     assert resumed_headers[b"Content-Range"] == f"bytes {len(received)}-{len(DATA) - 1}/{len(DATA)}".encode()
     assert received + rest == DATA
+
+
+@database_sync_to_async
+def operator_token() -> str:
+    user = factories.UserFactory(username="uploader")
+    grant_role(user=user, role=OPERATOR)
+    make_version(files={})
+    return Token.objects.create(user=user).key
+
+
+async def upload(path: str, token: str, chunks: list[bytes], declared: int | None) -> tuple[int, bytes]:
+    headers = [(b"authorization", f"Token {token}".encode()), (b"content-type", b"application/octet-stream")]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+    communicator = ApplicationCommunicator(application, {**http_scope(path, headers), "method": "POST"})
+    for index, chunk in enumerate(chunks):
+        await communicator.send_input({"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1})
+    start = await communicator.receive_output(timeout=10)
+    body = b""
+    while True:
+        message = await communicator.receive_output(timeout=10)
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await communicator.wait(timeout=10)
+    return start["status"], body
+
+
+async def test_an_upload_streams_through_the_site_to_storage(package_dir):  # noqa: F811
+    token = await operator_token()
+    chunks = [DATA[i : i + 65536] for i in range(0, len(DATA), 65536)]
+    status, body = await upload("/api/v1/packages/collector/versions/1.0.0/files/", token, chunks, len(DATA))
+    assert status == 201, body
+    assert json.loads(body)["sha256"] == hashlib.sha256(DATA).hexdigest()
+    assert [p.stat().st_size for p in stored_files(package_dir)] == [len(DATA)]
