@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 
 from fleet.models import Agent, AuditEvent
-from rollouts.models import Package
+from rollouts.models import Package, PackageAssignment
 from rollouts.package_assignments import desired_packages_for_agents, package_definitions
 from tests.fleet import factories
 from tests.rollouts.package_helpers import make_version, package_dir  # noqa: F401
@@ -114,3 +115,22 @@ def test_the_agent_api_shows_the_reported_package_statuses(viewer_api, versions)
     row = factories.AgentFactory(package_statuses=status_document(collector=entry))
     detail = viewer_api.get(f"{API}/agents/{row.instance_uid}/").json()
     assert detail["package_statuses"]["packages"]["collector"]["agent_has_version"] == "1.0.0"
+
+
+def test_the_admin_creates_and_moves_an_assignment_through_the_services(admin_client, versions) -> None:
+    package = Package.objects.get()
+    first, second = package.versions.order_by("id")
+    form = {"name": "edge", "package": package.pk, "version": first.pk, "selector": "env=edge", "priority": 3}
+    response = admin_client.post(reverse("admin:rollouts_packageassignment_add"), form)
+    assert response.status_code == 302, response.content[:2000]
+    assignment = PackageAssignment.objects.get()
+    assert (assignment.version_id, assignment.selector) == (first.pk, {"matchLabels": {"env": "edge"}})
+    change = reverse("admin:rollouts_packageassignment_change", args=[assignment.pk])
+    moved = admin_client.post(change, {"version": second.pk, "selector": "env=edge", "priority": 3})
+    assert moved.status_code == 302, moved.content[:2000]
+    assert PackageAssignment.objects.get().version_id == second.pk
+    actions = AuditEvent.objects.filter(action__startswith="package.assignment").values_list("action", flat=True)
+    assert sorted(actions) == ["package.assignment.create", "package.assignment.update"]
+    for model in ("package", "packageversion", "packagefile", "packageassignment"):
+        assert admin_client.get(reverse(f"admin:rollouts_{model}_changelist")).status_code == 200
+    assert admin_client.get(reverse("admin:rollouts_packageversion_change", args=[first.pk])).status_code == 200
