@@ -19,9 +19,10 @@ What a contributor may add, and when the session asks for it:
 - `reply_fillers()`: per part of the ServerToAgent, what to put in it. One place composes
   every reply (`AgentSession.compose`), in the fixed order of `ReplyPart`: remote config,
   then connection settings (certificates), then custom messages (the server's own, then
-  operators' queued ones), and last a command, which only goes out in a reply nothing
-  else filled (packages come before it). On a push (a hint) `now` is None: parts that are only given in answer to a
-  message (a renewal request) are left out.
+  operators' queued ones), then the packages available (rollouts.package_contributor),
+  and last a command, which only goes out in a reply nothing else filled. On a push (a
+  hint) `now` is None: parts that are only given in answer to a message (a renewal
+  request) are left out.
 - `hint_kinds` + `on_hint()`: a hint of one of these kinds reached one of the agent's
   live sessions here; the contributor looks again before the reply is composed.
 - `hint_sent_here()`: this process sent a hint of one of these kinds (a change it made).
@@ -60,7 +61,8 @@ class ReplyPart(IntEnum):
     # Custom messages operators queued (fleet.custom_message_contributor): only when the
     # server's own (a renewal request) left the reply's one custom message free.
     QUEUED_CUSTOM_MESSAGE = 35
-    # Next: PACKAGES_AVAILABLE (40).
+    # The full desired package set (rollouts.package_contributor).
+    PACKAGES_AVAILABLE = 40
     # A command must travel alone (only instance_uid and capabilities beside it), so it is
     # last: it goes out only in a reply every other part left empty
     # (fleet.command_contributor), and otherwise waits for the next one.

@@ -23,11 +23,19 @@ from django.urls import path, re_path  # noqa: E402
 from fleet.consumers import OpampConsumer  # noqa: E402
 from fleet.http_transport import opamp_http_app  # noqa: E402
 from opamp.runtime import tune_gc_for_connections  # noqa: E402
+from opamp_site.body_limit import BodyLimit, web_body_limit  # noqa: E402
 
 OPAMP_PATH = "v1/opamp"
 
 # The embedded default serves the admin's static files itself; production leaves them to nginx.
 web_application = ASGIStaticFilesHandler(django_application) if settings.OPAMP_SERVE_STATIC else django_application
+# Django spools a whole body before its views run: refuse one larger than any view takes first.
+web_application = BodyLimit(
+    web_application,
+    web_body_limit(
+        package_max_bytes=settings.OPAMP_PACKAGE_MAX_BYTES, api_max_body_bytes=settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    ),
+)
 
 application = ProtocolTypeRouter(
     {

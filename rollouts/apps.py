@@ -11,9 +11,10 @@ class RolloutsConfig(AppConfig):
     def ready(self) -> None:
         from fleet import extensions
         from fleet.periodic import PeriodicTaskSpec, declare
-        from rollouts.fleet_extension import RolloutsFleetExtension
+        from rollouts.fleet_extension import PackagesFleetExtension, RolloutsFleetExtension
 
         extensions.register(RolloutsFleetExtension())
+        extensions.register(PackagesFleetExtension())
         declare(
             PeriodicTaskSpec("rollouts: advance", "rollouts.tasks.advance_rollouts", "OPAMP_ROLLOUT_TICK_SECONDS"),
             PeriodicTaskSpec("rollouts: prune the desired-state log", "rollouts.tasks.prune_desired_state_log", 600),

@@ -17,6 +17,7 @@ from fleet.session_runtime import FleetRuntime
 from rollouts import desired_state, selectors
 from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import AgentDesiredConfig
+from rollouts.package_contributor import PackagesContributor
 from rollouts.resolver_cache import resolver_definitions
 from rollouts.rollout_services.answers import record_answers
 from rollouts.session_contributor import RemoteConfigContributor
@@ -70,3 +71,18 @@ class RolloutsFleetExtension(FleetExtension):
 
     def agent_filters(self) -> Mapping[str, AgentQueryFilter]:
         return {"drift": _drift}
+
+
+class PackagesFleetExtension(FleetExtension):
+    """Packages in the session (rollouts.package_contributor). An agent's package set
+    follows its labels: a change of them is logged on the desired-state change log, which
+    every process follows to forget that agent's facts (a label set by an operator is
+    written by another process than the one serving the agent)."""
+
+    name = "packages"
+
+    def labels_changed(self, *, agent: Agent) -> None:
+        desired_state.log_changes([agent.pk])
+
+    def session_contributor(self, runtime: FleetRuntime) -> SessionContributor:
+        return PackagesContributor(runtime)

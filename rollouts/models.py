@@ -184,6 +184,9 @@ class DesiredStateGeneration(models.Model):
     value = models.BigIntegerField(default=0)
     definitions = models.CharField(max_length=32, blank=True, default="", db_default="")
     pruned_through = models.BigIntegerField(default=0, db_default=0)
+    # Like `definitions`, for what the package resolver reads: package assignments and the
+    # files of the versions they name (rollouts.package_assignments).
+    packages = models.CharField(max_length=32, blank=True, default="", db_default="")
 
 
 class DesiredStateChange(models.Model):
@@ -419,3 +422,109 @@ class RolloutSample(models.Model):
     @property
     def failure_rate(self) -> float:
         return self.failed / self.reachable if self.reachable > 0 else 0.0
+
+
+# --- Packages -----------------------------------------------------------------------------
+
+# One URL path segment (packages/{name}/versions/{version}/): no slash, no leading whitespace.
+PATH_SEGMENT = RegexValidator(r"^[^/\s][^/]*$", "must not be empty, start with a space or contain '/'")
+
+
+class PackageType(models.TextChoices):
+    """Mirrors PackageType on the wire."""
+
+    TOP_LEVEL = "top_level", "top-level"
+    ADDON = "addon", "add-on"
+
+
+class Package(models.Model):
+    """A package agents may be given (OpAMP PackagesAvailable), by name."""
+
+    name = models.CharField(max_length=200, unique=True, validators=[PATH_SEGMENT])
+    type = models.CharField(max_length=16, choices=PackageType.choices, default=PackageType.TOP_LEVEL)
+    description = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PackageVersion(models.Model):
+    """One version of a package: immutable once created; files are added one per platform,
+    never replaced (a file's bytes are what its signature and agents' hashes name)."""
+
+    package = models.ForeignKey(Package, on_delete=models.PROTECT, related_name="versions")
+    version = models.CharField(max_length=200, validators=[PATH_SEGMENT])
+    note = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["package_id", "-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["package", "version"], name="package_version_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.package.name} {self.version}"
+
+
+class PackageFile(models.Model):
+    """The file of a version for one platform (`os`, `arch` as agents report `os.type` and
+    `host.arch`; both empty: for every platform), stored through the `packages` storage.
+
+    `sha256` and `size` are of the exact bytes stored and served; `signature` is the
+    opamp.package_signature document over them (empty when no signing key is configured).
+    """
+
+    version = models.ForeignKey(PackageVersion, on_delete=models.PROTECT, related_name="files")
+    os = models.CharField(max_length=64, blank=True)
+    arch = models.CharField(max_length=64, blank=True)
+    storage_name = models.CharField(max_length=500, unique=True)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    signature = models.TextField(blank=True)
+    key_id = models.CharField(max_length=16, blank=True)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["version_id", "os", "arch"]
+        constraints = [models.UniqueConstraint(fields=["version", "os", "arch"], name="package_file_platform_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.version} {self.os or 'any'}/{self.arch or 'any'}"
+
+
+class PackageAssignment(models.Model):
+    """Which version of a package the agents a label selector matches should have.
+
+    Per package, the highest-priority matching assignment wins (ties: name), as for
+    configurations.
+    """
+
+    name = models.CharField(max_length=200, unique=True, validators=[PATH_SEGMENT])
+    package = models.ForeignKey(Package, on_delete=models.PROTECT, related_name="assignments")
+    version = models.ForeignKey(PackageVersion, on_delete=models.PROTECT, related_name="assignments")
+    # Canonical dict form of a label selector (fleet.label_selectors).
+    selector = models.JSONField(default=dict, blank=True)
+    priority = models.IntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-priority", "name"]
+
+    def __str__(self) -> str:
+        return self.name

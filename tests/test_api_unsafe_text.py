@@ -85,6 +85,15 @@ BODY_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("post", "agents/{uid}/custom-messages/", {"capability": NUL}, "capability"),
     ("post", "agents/{uid}/custom-messages/", {"capability": PING, "type": NUL}, "type"),
     ("post", "agents/{uid}/custom-messages/", {"capability": PING, NUL: "x"}, "a\ufffdb key"),
+    ("post", "packages/", {"name": NUL}, "name"),
+    ("post", "packages/", {"name": "p", "description": NUL}, "description"),
+    ("post", "package-assignments/", {"name": NUL, "package": "p", "version": "1"}, "name"),
+    (
+        "post",
+        "package-assignments/",
+        {"name": "a", "package": "p", "version": "1", "selector": f"env={NUL}"},
+        "selector",
+    ),
 ]
 
 

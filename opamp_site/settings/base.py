@@ -105,6 +105,17 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 
+# `packages`: where uploaded package files are kept (rollouts.package_files), through
+# Django's storage API so that any backend serves in production; a local directory by default.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "packages": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": env_str("OPAMP_PACKAGE_DIR", str(VAR_DIR / "packages"))},
+    },
+}
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -220,6 +231,12 @@ OPAMP_CONFIG_MAX_FILES = env_int("OPAMP_CONFIG_MAX_FILES", 64)
 # files travel as JSON strings: room for twice the total (quotes, backslashes and newlines
 # are escaped to two bytes each) and the rest of the request.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("OPAMP_API_MAX_BODY_BYTES", 2 * OPAMP_CONFIG_MAX_TOTAL_BYTES + 1024 * 1024)
+# Packages: the largest file an upload may store (413 over it), how long a download URL
+# given in an offer stays valid, and the URL downloads are served under (empty: the scheme
+# and host the agent reached OpAMP on).
+OPAMP_PACKAGE_MAX_BYTES = env_int("OPAMP_PACKAGE_MAX_BYTES", 512 * 1024 * 1024)
+OPAMP_PACKAGE_URL_SECONDS = env_int("OPAMP_PACKAGE_URL_SECONDS", 3600)
+OPAMP_PACKAGE_DOWNLOAD_BASE_URL = env_str("OPAMP_PACKAGE_DOWNLOAD_BASE_URL", "")
 # Caps applied to what agents report before it is stored.
 OPAMP_MAX_ATTRIBUTE_VALUE_CHARS = env_int("OPAMP_MAX_ATTRIBUTE_VALUE_CHARS", 4096)
 OPAMP_MAX_ATTRIBUTES = env_int("OPAMP_MAX_ATTRIBUTES", 256)

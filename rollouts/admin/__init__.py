@@ -8,4 +8,4 @@ here too (`fleet.roles`); the admin itself additionally requires staff status.
 
 # Django's autodiscover imports this package only: importing the modules here is what
 # registers their admins (and takes Celery beat's schedule models out of the index).
-from rollouts.admin import configurations, desired_state, periodic_tasks, rollouts, versions  # noqa: F401
+from rollouts.admin import configurations, desired_state, packages, periodic_tasks, rollouts, versions  # noqa: F401

@@ -12,13 +12,14 @@ from fleet.models import Agent
 from fleet.session_runtime import BASE_SERVER_CAPABILITIES, reset_runtime, runtime
 from opamp.capabilities import ServerToAgentFlags
 from opamp.identifiers import uuid7
+from rollouts.package_contributor import PACKAGES_CAPABILITIES
 from rollouts.session_contributor import REMOTE_CONFIG_CAPABILITIES
 from tests.fleet.asgi_clients import WsAgent, http_exchange
 from tests.fleet.messages import full_report, heartbeat
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
-SERVER_CAPABILITIES = BASE_SERVER_CAPABILITIES | REMOTE_CONFIG_CAPABILITIES
+SERVER_CAPABILITIES = BASE_SERVER_CAPABILITIES | REMOTE_CONFIG_CAPABILITIES | PACKAGES_CAPABILITIES
 
 
 async def agent_row(uid: bytes) -> Agent:

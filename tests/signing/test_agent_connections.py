@@ -25,6 +25,7 @@ from fleet.session_runtime import BASE_SERVER_CAPABILITIES, reset_runtime
 from opamp.capabilities import AgentCapabilities
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
+from rollouts.package_contributor import PACKAGES_CAPABILITIES
 from rollouts.session_contributor import REMOTE_CONFIG_CAPABILITIES
 from signing.agent_credentials import (
     CERTIFICATE_CAPABILITY,
@@ -55,7 +56,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
 PROXY = "10.0.0.5"
 CSR_CAPABLE = BASE_CAPABILITIES | AgentCapabilities.ACCEPTS_OPAMP_CONNECTION_SETTINGS
-SERVER_CAPABILITIES = BASE_SERVER_CAPABILITIES | REMOTE_CONFIG_CAPABILITIES
+SERVER_CAPABILITIES = BASE_SERVER_CAPABILITIES | REMOTE_CONFIG_CAPABILITIES | PACKAGES_CAPABILITIES
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,168 @@
+"""Who gets which package version: the assignments as the resolver reads them, per process.
+
+The definitions (every assignment in precedence order, with its version's files) are few
+and rarely change, so each process keeps them under the packages token of
+`DesiredStateGeneration`; every write that changes them replaces the token in its own
+transaction (`bump_packages`, as `resolver_cache.bump_definitions` does for
+configurations). An agent's desired set is then computed in memory from its labels and
+platform (rollouts.package_offers): a session that holds those recomputes it without the
+database when the definitions change, and an agent whose set did not change keeps the
+same `all_packages_hash`, so it is offered nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.label_selectors.parsing import parse_selector
+from fleet.models import Agent
+from opamp.proto import opamp_pb2
+from rollouts.models import DesiredStateGeneration, PackageAssignment, PackageFile, PackageType
+from rollouts.package_offers import (
+    AssignedVersion,
+    DesiredPackages,
+    OfferedFile,
+    PackageRule,
+    ReportedPackages,
+    desired_packages,
+    platform_of,
+)
+
+WIRE_TYPES = {
+    PackageType.TOP_LEVEL: opamp_pb2.PackageType_TopLevel,
+    PackageType.ADDON: opamp_pb2.PackageType_Addon,
+}
+
+
+@dataclass(frozen=True)
+class PackageDefinitions:
+    token: str
+    rules: tuple[PackageRule, ...]
+
+
+_definitions: PackageDefinitions | None = None
+
+
+def bump_packages() -> None:
+    """Call in the transaction of any write the package resolver reads."""
+    global _definitions
+    token = secrets.token_hex(16)
+    updated = DesiredStateGeneration.objects.filter(pk=1).update(packages=token)
+    if not updated:
+        _, created = DesiredStateGeneration.objects.get_or_create(pk=1, defaults={"packages": token})
+        if not created:  # another transaction inserted the row meanwhile
+            DesiredStateGeneration.objects.filter(pk=1).update(packages=token)
+    _definitions = None
+
+
+def packages_token() -> str:
+    return DesiredStateGeneration.objects.filter(pk=1).values_list("packages", flat=True).first() or ""
+
+
+def load_package_definitions(token: str) -> PackageDefinitions:
+    assignments = list(
+        PackageAssignment.objects.order_by("-priority", "name").values_list(
+            "selector", "version_id", "version__version", "package__name", "package__type"
+        )
+    )
+    files: dict[int, dict[tuple[str, str], OfferedFile]] = {}
+    version_ids = {row[1] for row in assignments}
+    for file in PackageFile.objects.filter(version_id__in=version_ids).values(
+        "id", "version_id", "os", "arch", "sha256", "size", "signature"
+    ):
+        files.setdefault(file["version_id"], {})[(file["os"], file["arch"])] = OfferedFile(
+            file_id=file["id"],
+            os=file["os"],
+            arch=file["arch"],
+            sha256=file["sha256"],
+            size=file["size"],
+            signature=file["signature"],
+        )
+    rules = tuple(
+        PackageRule(
+            selector=parse_selector(selector),
+            version=AssignedVersion(
+                package=package,
+                wire_type=WIRE_TYPES[PackageType(package_type)],
+                version=version,
+                version_id=version_id,
+                files=files.get(version_id, {}),
+            ),
+        )
+        for selector, version_id, version, package, package_type in assignments
+    )
+    return PackageDefinitions(token=token, rules=rules)
+
+
+def package_definitions(token: str | None = None) -> PackageDefinitions:
+    """The assignments: from this process's cache while the token is unchanged, else read
+    again. `token`: already read by the caller. Without a token (nothing written since the
+    database was created) nothing is cached."""
+    global _definitions
+    token = packages_token() if token is None else token
+    cached = _definitions
+    if token and cached is not None and cached.token == token:
+        return cached
+    fresh = load_package_definitions(token)
+    if token:
+        _definitions = fresh
+    return fresh
+
+
+@dataclass(frozen=True)
+class AgentPackageFacts:
+    """What an agent's package set depends on, and what it last reported about packages."""
+
+    agent_id: int
+    instance_uid: uuid.UUID
+    labels: dict[str, str]
+    os: str
+    arch: str
+    reported: ReportedPackages
+
+    def desired(self, definitions: PackageDefinitions) -> DesiredPackages:
+        return desired_packages(self.labels, self.os, self.arch, definitions.rules)
+
+
+def _facts(row: dict[str, Any]) -> AgentPackageFacts:
+    os, arch = platform_of(row["identifying_attributes"] or {}, row["non_identifying_attributes"] or {})
+    return AgentPackageFacts(
+        agent_id=row["id"],
+        instance_uid=row["instance_uid"],
+        labels=dict(row["labels"] or {}),
+        os=os,
+        arch=arch,
+        reported=ReportedPackages.from_document(row["package_statuses"]),
+    )
+
+
+_FACT_FIELDS = (
+    "id",
+    "instance_uid",
+    "labels",
+    "identifying_attributes",
+    "non_identifying_attributes",
+    "package_statuses",
+)
+
+
+def agent_package_facts(agent_ids: Iterable[int]) -> dict[int, AgentPackageFacts]:
+    """In one query, for every agent of `agent_ids` that exists."""
+    rows = Agent.objects.filter(pk__in=list(agent_ids)).values(*_FACT_FIELDS)
+    return {row["id"]: _facts(row) for row in rows}
+
+
+def agent_package_facts_by_uid(instance_uid: uuid.UUID) -> AgentPackageFacts | None:
+    row = Agent.objects.filter(instance_uid=instance_uid).values(*_FACT_FIELDS).first()
+    return _facts(row) if row is not None else None
+
+
+def desired_packages_for_agents(agent_ids: Iterable[int]) -> dict[int, DesiredPackages]:
+    """Each agent's desired package set, in bulk: one query for the agents, the definitions
+    from the process's cache."""
+    definitions = package_definitions()
+    return {agent_id: facts.desired(definitions) for agent_id, facts in agent_package_facts(agent_ids).items()}
