@@ -1,0 +1,83 @@
+"""Request and answer shapes of the telemetry connection settings API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from fleet.api.command_serializers import SelectorInputField
+from fleet.api.validation import StrictSerializer
+from fleet.models import TelemetryConnectionSettings
+from fleet.telemetry_settings import MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS
+
+DESTINATION_SCHEMA = {
+    "type": "object",
+    "nullable": True,
+    "description": (
+        "destination_endpoint (an http(s) URL), headers (name -> value), tls (ca_pem, "
+        "insecure_skip_verify, include_system_ca_certs_pool); null clears it"
+    ),
+}
+
+
+@extend_schema_field(DESTINATION_SCHEMA)
+class DestinationField(serializers.Field):
+    """A destination document, passed on unchecked: the service names every problem."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_null=True, required=False, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("expected an object or null")
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+@extend_schema_field({"type": "object", "description": "connection name -> destination (plus other_settings)"})
+class OtherConnectionsField(DestinationField):
+    pass
+
+
+class TelemetrySettingsInputSerializer(StrictSerializer):
+    name = serializers.RegexField(r"^[^/\s][^/]*$", max_length=200)
+    description = serializers.CharField(allow_blank=True, required=False)
+    selector = SelectorInputField(help_text="the agents these settings are for")
+    priority = serializers.IntegerField(required=False, min_value=-(2**31), max_value=2**31 - 1)
+    own_metrics = DestinationField()
+    own_traces = DestinationField()
+    own_logs = DestinationField()
+    other_connections = OtherConnectionsField()
+    heartbeat_interval_seconds = serializers.IntegerField(
+        allow_null=True, required=False, min_value=MIN_HEARTBEAT_SECONDS, max_value=MAX_HEARTBEAT_SECONDS
+    )
+
+
+class TelemetrySettingsSerializer(serializers.ModelSerializer):
+    own_metrics = DestinationField(read_only=True)
+    own_traces = DestinationField(read_only=True)
+    own_logs = DestinationField(read_only=True)
+    other_connections = OtherConnectionsField(read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = TelemetryConnectionSettings
+        fields = [
+            "name",
+            "description",
+            "selector",
+            "priority",
+            "own_metrics",
+            "own_traces",
+            "own_logs",
+            "other_connections",
+            "heartbeat_interval_seconds",
+            "created_by",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
