@@ -69,3 +69,18 @@ async def test_the_certificate_and_the_telemetry_settings_go_in_one_offer_with_o
     for seq in (4, 5):
         quiet = await http_exchange(heartbeat(uid.bytes, seq, capabilities=CAPABLE))
         assert not quiet.HasField("connection_settings")
+
+
+async def test_a_certificate_offer_alone_is_not_repeated_after_a_restart(configured_ca, operator):
+    uid = uuid7()
+    await http_exchange(csr_message(uid.bytes, 1, make_csr("p256")))
+    request = await sync_to_async(CertificateRequest.objects.get)(instance_uid=uid)
+    await sync_to_async(certificate_request_approve)(request=request, actor=operator)
+    offers = (await http_exchange(heartbeat(uid.bytes, 2, capabilities=CAPABLE))).connection_settings
+    assert offers.opamp.certificate.cert and not offers.HasField("own_metrics")
+    assert offers.hash == offers_hash(offers)
+    reset_runtime()  # the ledger of merged offers is gone; the hash alone names the certificate
+    answer = heartbeat(uid.bytes, 3, capabilities=CAPABLE)
+    answer.connection_settings_status.last_connection_settings_hash = offers.hash
+    answer.connection_settings_status.status = opamp_pb2.ConnectionSettingsStatuses_APPLIED
+    assert not (await http_exchange(answer)).HasField("connection_settings")
