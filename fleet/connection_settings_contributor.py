@@ -9,10 +9,10 @@ the reply's `connection_settings` beside whatever signing adds there (a certific
 in (fleet.connection_settings_offers); an operator's heartbeat interval also wins over the
 default one a certificate offer carries.
 
-No offer loop: an agent whose reported `last_connection_settings_hash` is, or held (the
-process's ledger says), the digest of what it should have gets nothing, whatever the status
-it reported: APPLIED, APPLYING, or FAILED, which is held until the settings change rather
-than sent again. A WebSocket connection gets one offer of a digest; an HTTP agent one per
+No offer loop: an agent that reported a `last_connection_settings_hash` which is, or held
+(the process's ledger says), the digest of what it should have gets nothing, whatever the
+status it reported: APPLIED, APPLYING, or FAILED, which is held until the settings change
+rather than sent again. A WebSocket connection gets one offer of a digest; an HTTP agent one per
 process until it answers. Each process reads the entries again when their revision token
 moved (at most once a second, fleet.connection_settings.bump_revision): a changed entry or
 a label change reaches a connected agent with its next message, and at once over a live
@@ -72,8 +72,6 @@ class TelemetrySettingsContributor(SessionContributor):
         self.checked_at = float("-inf")
         self._reading: asyncio.Future[None] | None = None
         self.resolved: dict[uuid.UUID, Resolution] = {}
-        # The hash each agent last reported holding (any status).
-        self.reported: dict[uuid.UUID, bytes] = {}
         # HTTP agents: the digest offered by this process and not answered yet.
         self.offered_by_poll: dict[uuid.UUID, bytes] = {}
 
@@ -96,17 +94,17 @@ class TelemetrySettingsContributor(SessionContributor):
         self.resolved.pop(instance_uid, None)
 
     def forget(self, instance_uid: uuid.UUID) -> None:
-        # What the agent reported stays: its next connection opens with the same hash.
+        # What the agent answered stays in the ledger: its next connection opens with it.
         self.resolved.pop(instance_uid, None)
         self.offered_by_poll.pop(instance_uid, None)
 
     async def note_status(
         self, session: AgentSession, message: opamp_pb2.AgentToServer, snapshot: AgentSnapshot
     ) -> None:
-        reported = bytes(message.connection_settings_status.last_connection_settings_hash)
-        if reported:
-            self.reported[snapshot.instance_uid] = reported
-            self.offered_by_poll.pop(snapshot.instance_uid, None)
+        # For every contributor's parts (signing's certificate too): they ask the ledger.
+        self.ledger.reported(
+            snapshot.instance_uid, bytes(message.connection_settings_status.last_connection_settings_hash)
+        )
 
     async def refresh_if_due(self) -> None:
         """Read the revision token at most once a second (one read at a time); the entries
@@ -152,7 +150,7 @@ class TelemetrySettingsContributor(SessionContributor):
         if not digest:
             return False
         instance_uid = snapshot.instance_uid
-        if self.ledger.covers(instance_uid, self.reported.get(instance_uid, b""), digest):
+        if self.ledger.answered(instance_uid, digest):
             return False  # applied, being applied, or failed (held until the settings change)
         if session.transport == "http":
             if self.offered_by_poll.get(instance_uid) == digest:

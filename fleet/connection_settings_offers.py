@@ -7,10 +7,15 @@ heartbeat interval (fleet.connection_settings_contributor); both fill the same
 the protocol wants ("hash of all settings"). The agent answers with that hash, so a
 contributor cannot recognise its own part in it by its own digest alone: each contributor
 names the digest of the part it added (`adding`), the sealing step records which parts each
-sent hash held (`sealed`), and a contributor asks `covers` whether a hash an agent reported
-held its part. The ledger is per server process (FleetRuntime) and keeps the last few
-offers per agent, also after it disconnects (its next connection opens with the hash it
-holds); after a restart it is empty, which costs at most one repeated offer.
+sent hash held (`sealed`), and every hash an agent reports (`reported`) marks the parts it
+held as answered. An agent reports only its last offer's hash: one that applied the
+telemetry settings and then a certificate offer alone reports the certificate's, and still
+holds the settings, so what it answered accumulates (`answered`: the newest few parts).
+
+The ledger is per server process (FleetRuntime) and outlives an agent's connection (the
+next one opens with the hash it holds). A hash of an offer made alone is its part's digest,
+so it is recognised after a restart too; a merged offer's hash is not, which costs at most
+one repeated offer of each part.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ if TYPE_CHECKING:
     from fleet.session import AgentSession
 
 # Sent offers remembered per agent: the newest few are all an answer can refer to.
-KEEP_PER_AGENT = 4
+KEEP_SENT = 4
+# Answered parts remembered per agent: a few contributors, each with its current part and
+# the ones before it.
+KEEP_ANSWERED = 8
 
 
 class _PartsKey:
@@ -33,9 +41,17 @@ class _PartsKey:
 PARTS = _PartsKey()
 
 
+def _keep(entries: OrderedDict[bytes, frozenset[bytes]], key: bytes, value: frozenset[bytes], limit: int) -> None:
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > limit:
+        entries.popitem(last=False)
+
+
 class SettingsOfferLedger:
     def __init__(self) -> None:
         self._sent: dict[uuid.UUID, OrderedDict[bytes, frozenset[bytes]]] = {}
+        self._answered: dict[uuid.UUID, OrderedDict[bytes, frozenset[bytes]]] = {}
 
     def adding(self, session: AgentSession, digest: bytes) -> None:
         """A contributor added a part (its own digest) to the reply being composed."""
@@ -49,23 +65,27 @@ class SettingsOfferLedger:
         """The reply's offers were hashed: remember which parts that hash held."""
         parts: list[bytes] | None = session.remembered(PARTS)
         session.remember(PARTS, None)
-        sent = self._sent.setdefault(instance_uid, OrderedDict())
-        sent[offer_hash] = frozenset(parts or ())
-        sent.move_to_end(offer_hash)
-        while len(sent) > KEEP_PER_AGENT:
-            sent.popitem(last=False)
+        _keep(self._sent.setdefault(instance_uid, OrderedDict()), offer_hash, frozenset(parts or ()), KEEP_SENT)
 
     def discard_parts(self, session: AgentSession) -> None:
         """A reply composed without offers: nothing added may linger into the next one."""
         if session.remembered(PARTS) is not None:
             session.remember(PARTS, None)
 
-    def covers(self, instance_uid: uuid.UUID, reported_hash: bytes, digest: bytes) -> bool:
-        """Whether an offer with `reported_hash` held the part `digest` (or was it alone)."""
-        if not reported_hash:
-            return False
-        if reported_hash == digest:
-            return True
+    def reported(self, instance_uid: uuid.UUID, offer_hash: bytes) -> None:
+        """The agent reported a connection settings status for `offer_hash` (applied,
+        applying or failed): that hash, and every part it held, count as answered. An
+        empty hash: the agent holds no settings of ours."""
+        if not offer_hash:
+            self._answered.pop(instance_uid, None)
+            return
+        answered = self._answered.setdefault(instance_uid, OrderedDict())
         sent = self._sent.get(instance_uid)
-        parts = sent.get(reported_hash) if sent is not None else None
-        return parts is not None and digest in parts
+        parts = sent.get(offer_hash) if sent is not None else None
+        for part in (offer_hash, *(parts or ())):
+            _keep(answered, part, frozenset(), KEEP_ANSWERED)
+
+    def answered(self, instance_uid: uuid.UUID, digest: bytes) -> bool:
+        """Whether the agent answered an offer that held the part `digest`."""
+        answered = self._answered.get(instance_uid)
+        return answered is not None and digest in answered

@@ -147,11 +147,12 @@ class CertificateContributor(SessionContributor):
             heartbeat_seconds=int(settings.OPAMP_HEARTBEAT_INTERVAL_SECONDS),
         )
         # The agent reports the hash of the whole offer, which may have held other parts
-        # beside the certificate (telemetry destinations): the fleet's ledger knows.
-        reported = self.settings_reported.get(snapshot.instance_uid, b"")
-        if digest == connection.offered_settings_hash or session.fleet.settings_offers.covers(
-            snapshot.instance_uid, reported, digest
-        ):
+        # beside the certificate (telemetry destinations), and only its last one: the
+        # fleet's ledger knows which certificate offers it answered.
+        if digest in (
+            connection.offered_settings_hash,
+            self.settings_reported.get(snapshot.instance_uid),
+        ) or session.fleet.settings_offers.answered(snapshot.instance_uid, digest):
             return False
         # Added to the offer beside the other parts; the fleet hashes the whole offer once
         # every part is in (fleet.connection_settings_offers).

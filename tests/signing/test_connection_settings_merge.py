@@ -84,3 +84,32 @@ async def test_a_certificate_offer_alone_is_not_repeated_after_a_restart(configu
     answer.connection_settings_status.last_connection_settings_hash = offers.hash
     answer.connection_settings_status.status = opamp_pb2.ConnectionSettingsStatuses_APPLIED
     assert not (await http_exchange(answer)).HasField("connection_settings")
+
+
+async def test_an_agent_holding_both_parts_from_separate_offers_is_offered_neither_again(configured_ca, operator):
+    # The agent reports only its last offer's hash: the settings' first, then the
+    # certificate's. Neither part may be offered again (over HTTP each poll would).
+    await sync_to_async(telemetry_settings_create)(
+        name="all", actor=None, selector={}, own_metrics=METRICS, heartbeat_interval_seconds=20
+    )
+    uid = uuid7()
+    settings_offer = (await http_exchange(csr_message(uid.bytes, 1, make_csr("p256")))).connection_settings
+    assert settings_offer.own_metrics.destination_endpoint and not settings_offer.opamp.certificate.cert
+    applied = heartbeat(uid.bytes, 2, capabilities=CAPABLE)
+    applied.connection_settings_status.last_connection_settings_hash = settings_offer.hash
+    applied.connection_settings_status.status = opamp_pb2.ConnectionSettingsStatuses_APPLIED
+    assert not (await http_exchange(applied)).HasField("connection_settings")
+
+    request = await sync_to_async(CertificateRequest.objects.get)(instance_uid=uid)
+    await sync_to_async(certificate_request_approve)(request=request, actor=operator)
+    certificate_offer = (await http_exchange(heartbeat(uid.bytes, 3, capabilities=CAPABLE))).connection_settings
+    assert certificate_offer.opamp.certificate.cert and not certificate_offer.HasField("own_metrics")
+    assert certificate_offer.opamp.heartbeat_interval_seconds == 20
+    applied = heartbeat(uid.bytes, 4, capabilities=CAPABLE)
+    applied.connection_settings_status.last_connection_settings_hash = certificate_offer.hash
+    applied.connection_settings_status.status = opamp_pb2.ConnectionSettingsStatuses_APPLIED
+    assert not (await http_exchange(applied)).HasField("connection_settings")
+    for seq in range(5, 9):
+        assert not (await http_exchange(heartbeat(uid.bytes, seq, capabilities=CAPABLE))).HasField(
+            "connection_settings"
+        )
