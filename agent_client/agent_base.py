@@ -226,11 +226,19 @@ class AgentBase:
 
     def _connection_settings_status(self, *, unset: bool) -> pb.ConnectionSettingsStatus | None:
         """The status of the last connection settings offer: the telemetry settings' when
-        they were in it, else the enrollment's (`unset`: even before it has one)."""
-        if self._settings_status is not None:
-            return self._settings_status
+        they were in it (unless the certificate in the same offer failed), else the
+        enrollment's (`unset`: even before it has one)."""
+        own = self._settings_status
         if self._enrollment is None:
-            return None
+            return own
+        if own is not None:
+            enrolled = self._enrollment.status
+            failed = enrolled.status == pb.ConnectionSettingsStatuses_FAILED
+            return (
+                self._enrollment.status.to_proto()
+                if failed and enrolled.last_hash == own.last_connection_settings_hash
+                else own
+            )
         if not unset and self._enrollment.status.status == pb.ConnectionSettingsStatuses_UNSET:
             return None
         return self._enrollment.status.to_proto()

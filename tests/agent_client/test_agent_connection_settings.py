@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from agent_client import Agent, FileState, transport_for_url
 from agent_client.agent_connection_settings import SETTINGS_FILE
+from agent_client.credentials import CredentialStore, build_csr, generate_key
+from agent_client.enrollment import EnrollmentSettings
 from agent_client.testing import FakeWebSocketServer
 from opamp.capabilities import AgentCapabilities
 from opamp.proto import opamp_pb2 as pb
 from tests.agent_client.helpers import QUIET, make_agent, running
+from tests.agent_client.pki import TOKEN, EnrollingServer, issue, new_ca, offer_for
 
 ACCEPTING = replace(QUIET, accept_connection_settings=True)
 
@@ -97,3 +102,34 @@ async def test_an_agent_that_does_not_accept_them_ignores_the_offer(ws_server: F
         report = await ws_server.next_message()
     assert not report.HasField("connection_settings_status")
     assert not (state_dir / SETTINGS_FILE).exists()
+
+
+async def test_a_refused_certificate_in_the_same_offer_is_what_the_status_says(
+    ws_server: FakeWebSocketServer, state_dir: Path
+):
+    ca = new_ca(now=datetime.now(UTC) - timedelta(days=10))
+    ws_server.responder = EnrollingServer(ca, auto_approve=False)
+    agent = Agent(
+        transport=transport_for_url(ws_server.url, trust_env=False),
+        state=FileState(state_dir),
+        settings=replace(ACCEPTING, enrollment=EnrollmentSettings(token=TOKEN)),
+        credentials=CredentialStore(state_dir),
+    )
+    async with running(agent):
+        while True:
+            message = await ws_server.next_message()
+            if message.HasField("connection_settings_request"):
+                break
+        other_key = build_csr(generate_key(), agent.instance_uid)
+        merged = offer_for(issue(ca, other_key, agent.instance_uid), ca)  # not the pending key's
+        merged.own_metrics.destination_endpoint = "https://otlp.example/v1/metrics"
+        await ws_server.push(pb.ServerToAgent(instance_uid=agent.instance_uid, connection_settings=merged))
+        statuses = [await next_status(ws_server) for _ in range(3)]
+    # The settings were applied, the certificate refused: the offer as a whole failed.
+    assert [status.status for status in statuses[:2]] == [
+        pb.ConnectionSettingsStatuses_APPLYING,
+        pb.ConnectionSettingsStatuses_APPLIED,
+    ]
+    assert statuses[2].status == pb.ConnectionSettingsStatuses_FAILED
+    assert statuses[2].last_connection_settings_hash == merged.hash
+    assert "public key" in statuses[2].error_message
