@@ -7,7 +7,6 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from fleet.api.command_serializers import SelectorInputField
 from fleet.api.validation import StrictSerializer
 from fleet.models import TelemetryConnectionSettings
 from fleet.telemetry_settings import MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS
@@ -38,6 +37,31 @@ class DestinationField(serializers.Field):
         return value
 
 
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "object"}, {"type": "string"}],
+        "nullable": True,
+        "description": 'a label selector ("env=prod,tier in (web)" or the dict form); null or empty: every agent',
+    }
+)
+class SettingsSelectorField(serializers.Field):
+    """A selector in either form, passed on unparsed (the service's parse names the problem);
+    unlike an action's, an empty one is allowed: settings for every agent."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_null=True, required=False, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict | str):
+            raise serializers.ValidationError("expected a selector string or object")
+        return data
+
+    def validate_empty_values(self, data: Any) -> tuple[bool, Any]:
+        if data is None:
+            return True, {}
+        return super().validate_empty_values(data)
+
+
 @extend_schema_field({"type": "object", "description": "connection name -> destination (plus other_settings)"})
 class OtherConnectionsField(DestinationField):
     pass
@@ -46,7 +70,7 @@ class OtherConnectionsField(DestinationField):
 class TelemetrySettingsInputSerializer(StrictSerializer):
     name = serializers.RegexField(r"^[^/\s][^/]*$", max_length=200)
     description = serializers.CharField(allow_blank=True, required=False)
-    selector = SelectorInputField(help_text="the agents these settings are for")
+    selector = SettingsSelectorField(default=dict, help_text="the agents these settings are for")
     priority = serializers.IntegerField(required=False, min_value=-(2**31), max_value=2**31 - 1)
     own_metrics = DestinationField()
     own_traces = DestinationField()

@@ -184,6 +184,15 @@ def test_invalid_settings_are_refused_with_400_naming_the_field(api_client: APIC
 
 
 @pytest.mark.django_db
+def test_settings_without_a_selector_are_for_every_agent(api_client: APIClient):
+    created = api_client.post("/api/v1/telemetry-settings/", {"name": "all", "own_logs": LOGS}, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["selector"] == {}
+    cleared = api_client.patch("/api/v1/telemetry-settings/all/", {"selector": None}, format="json")
+    assert cleared.status_code == 200 and cleared.json()["selector"] == {}
+
+
+@pytest.mark.django_db
 def test_a_taken_name_is_refused(api_client: APIClient):
     telemetry_settings_create(name="a", actor=None, selector={}, own_logs=LOGS)
     answer = api_client.post("/api/v1/telemetry-settings/", {"name": "a", "selector": "x=y"}, format="json")
