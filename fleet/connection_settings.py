@@ -4,15 +4,18 @@ per agent.
 An entry (`TelemetryConnectionSettings`) picks agents by label selector and sets any of
 own_metrics, own_traces, own_logs, named other connections and a heartbeat interval;
 fleet.telemetry_settings checks the documents and resolves each field by priority. Every
-write, and every label change while entries exist, replaces the `TelemetrySettingsRevision`
-token in its transaction: each server process reads the token at most once a second
-(fleet.connection_settings_contributor) and resolves its agents again when it moved, so a
-connected agent gets a changed offer on its next message at the latest.
+write, and every operator's label change that changes what an agent's entries resolve to,
+replaces the `TelemetrySettingsRevision` token in its transaction: each server process
+reads the token at most once a second (fleet.connection_settings_contributor) and resolves
+its agents again when it moved, so a connected agent gets a changed offer on its next
+message at the latest; the connected agents concerned are also hinted (`settings`) after
+commit, so a live WebSocket gets it pushed at once.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from django.db import transaction
@@ -63,13 +66,17 @@ def revision_token() -> str:
     return TelemetrySettingsRevision.objects.filter(pk=REVISION_ID).values_list("token", flat=True).first() or ""
 
 
-def labels_changed(*, agent: Agent) -> None:
-    """An agent's labels changed: its entries may be others now (only when any exist)."""
-    if TelemetryConnectionSettings.objects.exists():
-        bump_revision()
-        if agent.connected:
-            uid = agent.instance_uid
-            transaction.on_commit(lambda: notify_connection_settings_changed([uid]))
+def labels_changing(*, agent: Agent, new_labels: Mapping[str, str]) -> None:
+    """An operator is changing an agent's labels: when that changes what its settings
+    resolve to, every process resolves again and the agent is hinted after commit. (A report
+    that changes the labels is seen by the process it reaches: FleetRuntime.agent_changed.)"""
+    entries = settings_entries()
+    if not entries or resolve(entries, agent.labels or {}) == resolve(entries, new_labels):
+        return
+    bump_revision()
+    if agent.connected:
+        uid = agent.instance_uid
+        transaction.on_commit(lambda: notify_connection_settings_changed([uid]))
 
 
 def _hint_selected(*selectors: Any) -> None:

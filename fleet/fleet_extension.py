@@ -4,8 +4,10 @@ connection settings."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fleet.command_contributor import CommandContributor
-from fleet.connection_settings import labels_changed as telemetry_labels_changed
+from fleet.connection_settings import labels_changing as telemetry_labels_changing
 from fleet.connection_settings_contributor import TelemetrySettingsContributor
 from fleet.custom_message_contributor import CustomMessageContributor
 from fleet.extensions import FleetExtension
@@ -31,8 +33,8 @@ class CustomMessagesExtension(FleetExtension):
 class TelemetrySettingsExtension(FleetExtension):
     name = "telemetry connection settings"
 
-    def labels_changed(self, *, agent: Agent) -> None:
-        telemetry_labels_changed(agent=agent)
+    def before_labels_change(self, *, agent: Agent, new_labels: Mapping[str, str]) -> None:
+        telemetry_labels_changing(agent=agent, new_labels=new_labels)
 
     def session_contributor(self, runtime: FleetRuntime) -> SessionContributor:
         return TelemetrySettingsContributor(runtime)

@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from rest_framework.test import APIClient
 
 from fleet.agent_labels import agent_labels_set
-from fleet.connection_settings import telemetry_settings_create, telemetry_settings_update
+from fleet.connection_settings import revision_token, telemetry_settings_create, telemetry_settings_update
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent, AuditEvent, TelemetryConnectionSettings
 from fleet.roles import VIEWER, grant_role
@@ -298,3 +298,30 @@ async def test_the_heartbeat_interval_is_offered_on_its_own_without_a_certificat
     # An agent that does not accept OpAMP connection settings is not offered it.
     other = await http_exchange(full_report(uuid7().bytes, 1, capabilities=TELEMETRY_CAPABLE))
     assert not other.HasField("connection_settings")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_report_that_changes_the_labels_is_answered_with_the_settings_it_now_gets():
+    await database_sync_to_async(telemetry_settings_create)(
+        name="node-2", actor=None, selector={"matchLabels": {"host.name": "node-2"}}, own_logs=LOGS
+    )
+    uid = uuid7().bytes
+    assert not (await http_exchange(full_report(uid, 1, capabilities=TELEMETRY_CAPABLE))).HasField(
+        "connection_settings"
+    )
+    moved = full_report(uid, 2, capabilities=TELEMETRY_CAPABLE)
+    moved.agent_description.non_identifying_attributes[0].value.string_value = "node-2"
+    reply = await http_exchange(moved)
+    assert reply.connection_settings.own_logs.destination_endpoint == LOGS["destination_endpoint"]
+
+
+@pytest.mark.django_db
+def test_only_a_label_change_that_changes_an_agents_settings_moves_the_revision():
+    telemetry_settings_create(name="prod", actor=None, selector={"matchLabels": {"env": "prod"}}, own_logs=LOGS)
+    agent = AgentFactory(labels={"env": "dev"})
+    token = revision_token()
+    agent_labels_set(instance_uid=agent.instance_uid, labels={"team": "a"}, actor=None)
+    assert revision_token() == token
+    agent_labels_set(instance_uid=agent.instance_uid, labels={"env": "prod"}, actor=None)
+    assert revision_token() != token
