@@ -35,6 +35,7 @@ from fleet.hint_messages import HintKind
 from fleet.services import AgentSnapshot
 from fleet.session_contributor import ReplyFiller, ReplyPart, ReportStep, SessionContributor
 from fleet.telemetry_settings import ResolvedSettings, SettingsEntry, fill_offers, resolve, seal, settings_digest
+from opamp.capabilities import ServerCapabilities
 from opamp.proto import opamp_pb2
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from fleet.session_runtime import FleetRuntime
 
 CHECK_SECONDS = 1.0
+OFFERS_CONNECTION_SETTINGS = int(ServerCapabilities.OFFERS_CONNECTION_SETTINGS)
 DEFAULT_ENDPOINT = "/v1/opamp"
 
 
@@ -145,6 +147,10 @@ class TelemetrySettingsContributor(SessionContributor):
         self, session: AgentSession, reply: opamp_pb2.ServerToAgent, snapshot: AgentSnapshot, now: datetime | None
     ) -> bool:
         await self.refresh_if_due()
+        if self.entries:
+            # OffersConnectionSettings while there are settings to offer (signing adds it
+            # too, with a certificate authority configured); known only after the refresh.
+            reply.capabilities |= OFFERS_CONNECTION_SETTINGS
         found = await self.resolution(session, snapshot)
         digest = found.digest
         if not digest:

@@ -25,7 +25,7 @@ from fleet.telemetry_settings import (
     resolve,
     settings_digest,
 )
-from opamp.capabilities import AgentCapabilities
+from opamp.capabilities import AgentCapabilities, ServerCapabilities
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from tests.fleet.asgi_clients import WsAgent, http_exchange
@@ -292,6 +292,7 @@ async def test_the_heartbeat_interval_is_offered_on_its_own_without_a_certificat
     uid = uuid7().bytes
     async with WsAgent() as agent:
         reply = await agent.exchange(full_report(uid, 1, capabilities=HEARTBEAT_CAPABLE))
+    assert reply.capabilities & ServerCapabilities.OFFERS_CONNECTION_SETTINGS
     settings = reply.connection_settings
     assert settings.opamp.heartbeat_interval_seconds == 45 and settings.opamp.destination_endpoint
     assert not settings.opamp.HasField("certificate") and not settings.HasField("own_metrics")
