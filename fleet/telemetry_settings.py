@@ -11,7 +11,8 @@ document checked and made canonical here (`check_destination`):
              "include_system_ca_certs_pool": true}}
 
 (an other connection may add `other_settings`, a string map). A client certificate is
-never offered: the agents' keys are theirs. Per agent, each field (own_metrics, own_traces,
+never offered: the agents' keys are theirs. Header values may be credentials: only operators
+read them (`redacted`). Per agent, each field (own_metrics, own_traces,
 own_logs, the heartbeat interval, and each other connection by name) comes from the
 highest-priority matching entry that sets it (ties: the name) - `resolve`. What the agent
 gets is a protobuf `ConnectionSettingsOffers` (`fill_offers`), whose hash is the SHA-256 of
@@ -262,6 +263,20 @@ def resolve(entries: Iterable[SettingsEntry], labels: Mapping[str, str]) -> Reso
     return ResolvedSettings(
         own=own, other_connections=dict(sorted(other.items())), heartbeat_interval_seconds=heartbeat
     )
+
+
+HIDDEN = "(hidden)"
+
+
+def redacted(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A destination as a reader without the operator role sees it: header values (bearer
+    tokens, API keys) hidden, their names kept."""
+    if document is None:
+        return None
+    shown = dict(document)
+    if "headers" in shown:
+        shown["headers"] = dict.fromkeys(shown["headers"], HIDDEN)
+    return shown
 
 
 def _fill_destination(target: Any, document: Mapping[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """The admin of telemetry connection settings: every write through fleet.connection_settings
-(checked, audited, the revision bumped), the documents edited as JSON."""
+(checked, audited, the revision bumped), the documents edited as JSON. Readers without the
+operator role see the entries with header values hidden (they may be credentials)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin
+from fleet.admin_base import RoleAdminMixin, ServiceErrorsAsMessagesMixin, pretty_json
 from fleet.connection_settings import (
     SETTINGS_FIELDS,
     telemetry_settings_create,
@@ -23,9 +24,24 @@ from fleet.connection_settings import (
 from fleet.label_selectors.parsing import parse_selector
 from fleet.label_selectors.selector import SelectorError
 from fleet.models import TelemetryConnectionSettings
-from fleet.telemetry_settings import OWN_FIELDS
+from fleet.telemetry_settings import OWN_FIELDS, redacted
 
 _JSON_FIELDS = (*OWN_FIELDS, "other_connections")
+# What a reader without the operator role sees of an entry (header values hidden).
+READER_FIELDS = [
+    "name",
+    "description",
+    "selector_string",
+    "priority",
+    "own_metrics_shown",
+    "own_traces_shown",
+    "own_logs_shown",
+    "other_connections_shown",
+    "heartbeat_interval_seconds",
+    "created_by",
+    "created_at",
+    "updated_at",
+]
 _DESTINATION_HELP = (
     'JSON, e.g. {"destination_endpoint": "https://otlp.example:4318/v1/metrics", '
     '"headers": {"Authorization": "Bearer ..."}, "tls": {"ca_pem": "...", "insecure_skip_verify": false}}; '
@@ -94,6 +110,37 @@ class TelemetrySettingsAdmin(ServiceErrorsAsMessagesMixin, RoleAdminMixin, admin
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TelemetryConnectionSettings]:
         return telemetry_settings_list().select_related("created_by")
+
+    def get_fields(self, request: HttpRequest, obj: TelemetryConnectionSettings | None = None) -> Any:
+        if obj is not None and not self.has_change_permission(request, obj):
+            return READER_FIELDS
+        return super().get_fields(request, obj)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: TelemetryConnectionSettings | None = None) -> Any:
+        if obj is not None and not self.has_change_permission(request, obj):
+            return READER_FIELDS
+        return self.readonly_fields
+
+    def _shown(self, entry: TelemetryConnectionSettings, name: str) -> str:
+        if name == "other_connections":
+            return pretty_json({key: redacted(value) for key, value in (entry.other_connections or {}).items()})
+        return pretty_json(redacted(getattr(entry, name)))
+
+    @admin.display(description="own metrics")
+    def own_metrics_shown(self, entry: TelemetryConnectionSettings) -> str:
+        return self._shown(entry, "own_metrics")
+
+    @admin.display(description="own traces")
+    def own_traces_shown(self, entry: TelemetryConnectionSettings) -> str:
+        return self._shown(entry, "own_traces")
+
+    @admin.display(description="own logs")
+    def own_logs_shown(self, entry: TelemetryConnectionSettings) -> str:
+        return self._shown(entry, "own_logs")
+
+    @admin.display(description="other connections")
+    def other_connections_shown(self, entry: TelemetryConnectionSettings) -> str:
+        return self._shown(entry, "other_connections")
 
     @admin.display(description="selector")
     def selector_string(self, entry: TelemetryConnectionSettings) -> str:

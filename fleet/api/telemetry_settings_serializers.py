@@ -9,7 +9,7 @@ from rest_framework import serializers
 
 from fleet.api.validation import StrictSerializer
 from fleet.models import TelemetryConnectionSettings
-from fleet.telemetry_settings import MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS
+from fleet.telemetry_settings import MAX_HEARTBEAT_SECONDS, MIN_HEARTBEAT_SECONDS, OWN_FIELDS, redacted
 
 DESTINATION_SCHEMA = {
     "type": "object",
@@ -82,11 +82,23 @@ class TelemetrySettingsInputSerializer(StrictSerializer):
 
 
 class TelemetrySettingsSerializer(serializers.ModelSerializer):
+    """An entry; header values only for operators (`context["reveal"]`), "(hidden)" otherwise."""
+
     own_metrics = DestinationField(read_only=True)
     own_traces = DestinationField(read_only=True)
     own_logs = DestinationField(read_only=True)
     other_connections = OtherConnectionsField(read_only=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    def to_representation(self, instance: TelemetryConnectionSettings) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        if not self.context.get("reveal"):
+            for name in OWN_FIELDS:
+                data[name] = redacted(data[name])
+            data["other_connections"] = {
+                name: redacted(document) for name, document in (data["other_connections"] or {}).items()
+            }
+        return data
 
     class Meta:
         model = TelemetryConnectionSettings

@@ -157,6 +157,10 @@ def test_operators_write_viewers_read_and_writes_are_audited(api_client: APIClie
     client.force_authenticate(viewer)
     listed = client.get("/api/v1/telemetry-settings/")
     assert listed.status_code == 200 and listed.json()["results"][0]["name"] == "prod"
+    api_client.patch("/api/v1/telemetry-settings/prod/", {"own_logs": {**LOGS, "headers": {"K": "v1"}}}, format="json")
+    # Header values may be credentials: a viewer sees their names only, an operator all.
+    assert client.get("/api/v1/telemetry-settings/prod/").json()["own_logs"]["headers"] == {"K": "(hidden)"}
+    assert api_client.get("/api/v1/telemetry-settings/prod/").json()["own_logs"]["headers"] == {"K": "v1"}
     assert (
         client.post("/api/v1/telemetry-settings/", {"name": "x", "selector": "a=b"}, format="json").status_code == 403
     )

@@ -56,13 +56,20 @@ def test_a_bad_destination_is_shown_on_the_form_and_nothing_is_saved(root: Clien
     assert not TelemetryConnectionSettings.objects.exists() and not AuditEvent.objects.exists()
 
 
-def test_a_viewer_cannot_add_entries():
+def test_a_viewer_cannot_add_entries_and_sees_no_header_values(root: Client):
     viewer = UserFactory(username="viewer", is_staff=True)
     grant_role(user=viewer, role=VIEWER)
     client = Client()
     client.force_login(viewer)
     assert client.post("/admin/fleet/telemetryconnectionsettings/add/", form()).status_code == 403
     assert not TelemetryConnectionSettings.objects.exists()
+    secret = '{"destination_endpoint": "https://o.example/v1/logs", "headers": {"X-Api-Key": "s3cret"}}'
+    assert root.post("/admin/fleet/telemetryconnectionsettings/add/", form(own_logs=secret)).status_code == 302
+    entry = TelemetryConnectionSettings.objects.get()
+    page = client.get(f"/admin/fleet/telemetryconnectionsettings/{entry.pk}/change/")
+    assert page.status_code == 200
+    assert "X-Api-Key" in page.content.decode() and "s3cret" not in page.content.decode()
+    assert "s3cret" in root.get(f"/admin/fleet/telemetryconnectionsettings/{entry.pk}/change/").content.decode()
 
 
 STATUS = {"last_connection_settings_hash": "ab" * 32, "status": 3, "error_message": "no route to <collector>"}
