@@ -36,6 +36,7 @@ from typing import Any
 
 from agent_client.agent_certificates import CertificateHandling, Reconnect
 from agent_client.agent_packages import PackageHandling
+from agent_client.agent_connection_settings import ConnectionSettingsHandling
 from agent_client.agent_remote_config import RemoteConfigHandling
 from agent_client.agent_settings import AgentSettings
 from agent_client.credentials import CredentialStore
@@ -73,7 +74,7 @@ class AgentObserver:
         """Certificate enrollment made progress or failed; `detail` is a human-readable line."""
 
 
-class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling):
+class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, ConnectionSettingsHandling):
     """An OpAMP agent. `await agent.run()` until `agent.stop()`."""
 
     def __init__(
@@ -93,6 +94,7 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling):
         super().__init__(
             transport=transport, state=state, settings=settings, name=name, credentials=credentials, clock=clock
         )
+        self._load_connection_settings()
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -248,6 +250,8 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling):
             self._adopt_instance_uid(reply.agent_identification.new_instance_uid)
         if enrollment is not None and reply.capabilities:
             self._note_server_capabilities(enrollment, reply.capabilities)
+        if reply.HasField("connection_settings"):
+            await self._on_telemetry_settings(reply.connection_settings)
         if reply.HasField("connection_settings") and reply.connection_settings.HasField("opamp"):
             if enrollment is not None:
                 await self._on_connection_settings(reply.connection_settings)

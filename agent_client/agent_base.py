@@ -100,6 +100,9 @@ class AgentBase:
         # Enrollment steps write files in a thread; one at a time.
         self._enrollment_lock = asyncio.Lock()
         self._presented_certificate = False  # by the current (or last) connection
+        # The status of the telemetry connection settings last offered
+        # (agent_client.agent_connection_settings); None: the enrollment's is reported.
+        self._settings_status: pb.ConnectionSettingsStatus | None = None
 
         self._backoff = Backoff(initial=self.settings.backoff_initial, maximum=self.settings.backoff_max)
         self._sequence_num = 0
@@ -204,8 +207,8 @@ class AgentBase:
                 message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
             if effective_config:
                 message.effective_config.CopyFrom(report.effective_config(self._remote.files))
-            if connection_settings_status and self._enrollment is not None:
-                message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
+            if connection_settings_status and (status := self._connection_settings_status(unset=True)):
+                message.connection_settings_status.CopyFrom(status)
             if package_statuses and (statuses := self._package_statuses_report()) is not None:
                 message.package_statuses.CopyFrom(statuses)
         if csr is not None:
@@ -221,14 +224,33 @@ class AgentBase:
         message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
         if custom := self.custom_capabilities:
             message.custom_capabilities.capabilities.extend(custom)
-        if self._enrollment is not None and self._enrollment.status.status != pb.ConnectionSettingsStatuses_UNSET:
-            message.connection_settings_status.CopyFrom(self._enrollment.status.to_proto())
+        if status := self._connection_settings_status(unset=False):
+            message.connection_settings_status.CopyFrom(status)
         if (statuses := self._package_statuses_report()) is not None:
             message.package_statuses.CopyFrom(statuses)
 
     def _package_statuses_report(self) -> pb.PackageStatuses | None:
         """The package statuses to report; None for an agent that does not handle packages."""
         return None
+
+    def _connection_settings_status(self, *, unset: bool) -> pb.ConnectionSettingsStatus | None:
+        """The status of the last connection settings offer: the telemetry settings' when
+        they were in it (unless the certificate in the same offer failed), else the
+        enrollment's (`unset`: even before it has one)."""
+        own = self._settings_status
+        if self._enrollment is None:
+            return own
+        if own is not None:
+            enrolled = self._enrollment.status
+            failed = enrolled.status == pb.ConnectionSettingsStatuses_FAILED
+            return (
+                self._enrollment.status.to_proto()
+                if failed and enrolled.last_hash == own.last_connection_settings_hash
+                else own
+            )
+        if not unset and self._enrollment.status.status == pb.ConnectionSettingsStatuses_UNSET:
+            return None
+        return self._enrollment.status.to_proto()
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,15 @@ _ALWAYS_DECLARED = (
     | AgentCapabilities.REPORTS_HEARTBEAT
 )
 
+_CONNECTION_SETTINGS = (
+    AgentCapabilities.REPORTS_OWN_METRICS
+    | AgentCapabilities.REPORTS_OWN_TRACES
+    | AgentCapabilities.REPORTS_OWN_LOGS
+    | AgentCapabilities.ACCEPTS_OTHER_CONNECTION_SETTINGS
+    | AgentCapabilities.ACCEPTS_OPAMP_CONNECTION_SETTINGS
+    | AgentCapabilities.REPORTS_CONNECTION_SETTINGS_STATUS
+)
+
 
 @dataclass(frozen=True)
 class AgentSettings:
@@ -49,6 +58,9 @@ class AgentSettings:
     # declares the signed-config custom capability and applies only configs signed by one
     # of these keys (an empty mapping refuses every config).
     trusted_keys: Mapping[str, Ed25519PublicKey] | None = None
+    # Declares the telemetry connection settings capabilities and applies what the server
+    # offers (agent_client.agent_connection_settings).
+    accept_connection_settings: bool = False
     # Used only by agents given a CredentialStore (certificate enrollment).
     enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
     # A refused credential (401/403) does not fix itself in a second: retry no sooner.
@@ -88,4 +100,6 @@ class AgentSettings:
             bits |= AgentCapabilities.ACCEPTS_RESTART_COMMAND
         if self.packages is not None:
             bits |= AgentCapabilities.ACCEPTS_PACKAGES | AgentCapabilities.REPORTS_PACKAGE_STATUSES
+        if self.accept_connection_settings:
+            bits |= _CONNECTION_SETTINGS
         return int(bits)

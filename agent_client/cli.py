@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not declare AcceptsRemoteConfig",
     )
     run.add_argument(
+        "--accept-connection-settings",
+        action="store_true",
+        help="declare the telemetry connection settings capabilities; offered destinations are written "
+        "to STATE_DIR/connection-settings.json",
+    )
+    run.add_argument(
         "--trusted-key",
         action="append",
         type=public_key_file,

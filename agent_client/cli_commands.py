@@ -57,6 +57,7 @@ def settings_from_options(options: argparse.Namespace) -> AgentSettings:
         non_identifying_attributes=dict(options.label),
         heartbeat_interval=options.heartbeat,
         accept_remote_config=options.accept_remote_config,
+        accept_connection_settings=options.accept_connection_settings,
         fail_if_contains=marker.encode("utf-8") if marker else None,
         fail_apply=options.fail_apply,
         trusted_keys=trusted_keys_by_id(keys) if keys else None,

@@ -1,4 +1,7 @@
-"""Read-only admin for the inventory: agents report their state, operators look at it."""
+"""Read-only admin for the inventory: agents report their state, operators look at it.
+
+Telemetry connection settings have their admin in fleet.telemetry_settings_admin (imported
+here so that the admin site finds it)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from fleet import selectors
+from fleet import selectors, telemetry_settings_admin  # noqa: F401 - registers its admin
 from fleet.admin_base import ReadOnlyRoleAdminMixin, pretty_json
 from fleet.commands import command_delivery, command_list, restart_request
 from fleet.custom_messages import custom_message_delivery, queued_custom_messages
@@ -108,6 +111,7 @@ class AgentAdmin(admin.ModelAdmin):
             {"fields": ["remote_config", "remote_config_error", "effective_config_hash", "effective_config_files"]},
         ),
         ("Packages and components", {"fields": ["packages", "components"]}),
+        ("Connection settings", {"fields": ["connection_settings"]}),
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Agent]:
@@ -173,6 +177,10 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="package statuses")
     def packages(self, agent: Agent) -> str:
         return pretty_json(agent.package_statuses)
+
+    @admin.display(description="connection settings status")
+    def connection_settings(self, agent: Agent) -> str:
+        return pretty_json(agent.connection_settings_status)
 
     @admin.display(description="available components")
     def components(self, agent: Agent) -> str:

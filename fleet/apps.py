@@ -12,7 +12,7 @@ class FleetConfig(AppConfig):
         from django.conf import settings
 
         from fleet import extensions
-        from fleet.fleet_extension import CommandsExtension, CustomMessagesExtension
+        from fleet.fleet_extension import CommandsExtension, CustomMessagesExtension, TelemetrySettingsExtension
         from fleet.periodic import PeriodicTaskSpec, declare
         from opamp.runtime import require_upb
 
@@ -20,4 +20,5 @@ class FleetConfig(AppConfig):
             require_upb()
         extensions.register(CommandsExtension())
         extensions.register(CustomMessagesExtension())
+        extensions.register(TelemetrySettingsExtension())
         declare(PeriodicTaskSpec("fleet: sweep stale connections", "fleet.tasks.sweep_stale_connections", 30))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
 
 from fleet.safe_text import safe_text
@@ -28,6 +29,15 @@ def uint64_from_db(value: int) -> int:
 
 class RemoteConfigState(models.IntegerChoices):
     """Mirrors RemoteConfigStatuses on the wire."""
+
+    UNSET = 0, "unset"
+    APPLIED = 1, "applied"
+    APPLYING = 2, "applying"
+    FAILED = 3, "failed"
+
+
+class ConnectionSettingsState(models.IntegerChoices):
+    """Mirrors ConnectionSettingsStatuses on the wire (the agent's connection_settings_status)."""
 
     UNSET = 0, "unset"
     APPLIED = 1, "applied"
@@ -112,6 +122,15 @@ class Agent(models.Model):
     @property
     def display_name(self) -> str:
         return str(self)
+
+    @property
+    def connection_settings_state(self) -> str:
+        """The state of the connection settings the agent last reported ("" before any)."""
+        status = self.connection_settings_status
+        if not isinstance(status, dict):
+            return ""
+        value = status.get("status")
+        return ConnectionSettingsState(value).label if value in ConnectionSettingsState.values else str(value)
 
     @property
     def sequence_num(self) -> int:
@@ -217,3 +236,49 @@ class QueuedCustomMessage(models.Model):
                 name="fleet_custom_queue_pending_idx",
             ),
         ]
+
+
+class TelemetryConnectionSettings(models.Model):
+    """Connection settings an operator offers the agents its selector matches
+    (fleet.connection_settings): where they send their own metrics, traces and logs, named
+    other connections, a heartbeat interval. Per agent and field, the highest priority wins
+    (ties: the name). The destinations are canonical documents (fleet.telemetry_settings)."""
+
+    name = models.CharField(
+        max_length=200,
+        unique=True,
+        validators=[
+            RegexValidator(r"^[^/\s][^/]*$", "a name must not be empty, start with a space or contain '/'"),
+        ],
+    )
+    description = models.TextField(blank=True)
+    # Canonical dict form of a label selector (fleet.label_selectors).
+    selector = models.JSONField(default=dict, blank=True)
+    priority = models.IntegerField(default=0)
+    own_metrics = models.JSONField(null=True, blank=True)
+    own_traces = models.JSONField(null=True, blank=True)
+    own_logs = models.JSONField(null=True, blank=True)
+    other_connections = models.JSONField(default=dict, blank=True)
+    heartbeat_interval_seconds = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-priority", "name"]
+        verbose_name = "telemetry connection settings"
+        verbose_name_plural = "telemetry connection settings"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TelemetrySettingsRevision(models.Model):
+    """One row: a token replaced whenever what the settings resolve to may have changed (an
+    entry written or deleted, an agent's labels changed while entries exist). Each server
+    process reads it at most once a second and resolves its agents again when it moved."""
+
+    token = models.CharField(max_length=32, default="")
+    changed_at = models.DateTimeField(null=True, blank=True)

@@ -59,6 +59,11 @@ def notify_custom_message_waiting(instance_uids: Iterable[uuid.UUID]) -> None:
     _notify(HintKind.CUSTOM, instance_uids)
 
 
+def notify_connection_settings_changed(instance_uids: Iterable[uuid.UUID]) -> None:
+    """The agents' telemetry connection settings (fleet.connection_settings) may have changed."""
+    _notify(HintKind.SETTINGS, instance_uids)
+
+
 def notify_credentials_revoked(instance_uids: Iterable[uuid.UUID]) -> None:
     """After a revocation commits: live sessions of these agents re-check their certificate
     and close when it no longer holds (any server process holding one; lost hints are

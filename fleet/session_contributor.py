@@ -18,7 +18,8 @@ What a contributor may add, and when the session asks for it:
   the message's report was written (or batched), in registration order.
 - `reply_fillers()`: per part of the ServerToAgent, what to put in it. One place composes
   every reply (`AgentSession.compose`), in the fixed order of `ReplyPart`: remote config,
-  then connection settings (certificates), then custom messages (the server's own, then
+  then connection settings (certificates, telemetry destinations; several contributors
+  fill one offer, hashed once after them), then custom messages (the server's own, then
   operators' queued ones), then the packages available (rollouts.package_contributor),
   and last a command, which only goes out in a reply nothing else filled. On a push (a
   hint) `now` is None: parts that are only given in answer to a message (a renewal
@@ -57,6 +58,8 @@ class ReplyPart(IntEnum):
 
     REMOTE_CONFIG = 10
     CONNECTION_SETTINGS = 20
+    # The offers every contributor filled, hashed as one (fleet.connection_settings_offers).
+    CONNECTION_SETTINGS_HASH = 25
     CUSTOM_MESSAGE = 30
     # Custom messages operators queued (fleet.custom_message_contributor): only when the
     # server's own (a renewal request) left the reply's one custom message free.

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from fleet import admission, extensions, notify, services
 from fleet.batched_writes import BatchedWrites, RowWriters
+from fleet.connection_settings_offers import SettingsOfferLedger
 from fleet.credentials import NO_AUTHORITY, CredentialAuthority
 from fleet.heartbeats import HeartbeatBuffer
 from fleet.hint_messages import HintKind
@@ -68,6 +69,9 @@ class FleetRuntime:
             max_config_bytes=settings.OPAMP_MAX_EFFECTIVE_CONFIG_BYTES,
         )
         self.credentials: CredentialAuthority = extensions.credential_authority() or NO_AUTHORITY
+        # Which parts each connection settings offer held (fleet.connection_settings_offers):
+        # several contributors fill one offer, hashed once.
+        self.settings_offers = SettingsOfferLedger()
         self.contributors = extensions.session_contributors(self)
         self._compose_contributors()
         notify.hear_hints_sent_here(self.hint_sent_here)

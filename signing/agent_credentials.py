@@ -21,7 +21,6 @@ too; the session reaches them through signing.session_contributor.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +42,7 @@ from fleet.credentials import (
 )
 from fleet.models import Agent
 from fleet.services import agent_instance_uid_move
+from fleet.telemetry_settings import seal
 from opamp.proto import opamp_pb2
 from signing import ca as ca_module
 from signing.ca import CsrRejected
@@ -307,9 +307,10 @@ def fill_certificate_offer(
     opamp.heartbeat_interval_seconds = heartbeat_seconds
     opamp.certificate.cert = offer.certificate_pem.encode("ascii")
     opamp.certificate.ca_cert = offer.ca_pem.encode("ascii")
-    digest = hashlib.sha256(opamp.SerializeToString(deterministic=True)).digest()
-    offers.hash = digest
-    return digest
+    # The hash the whole offer has when the certificate goes alone (fleet.telemetry_settings
+    # hashes every offer so): an agent reports it back, and it still names the certificate
+    # after a server restart emptied the ledger of merged offers.
+    return seal(offers)
 
 
 class SigningAuthority(CredentialAuthority):

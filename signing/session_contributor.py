@@ -146,9 +146,18 @@ class CertificateContributor(SessionContributor):
             endpoint=session.endpoint or "/v1/opamp",
             heartbeat_seconds=int(settings.OPAMP_HEARTBEAT_INTERVAL_SECONDS),
         )
-        if digest in (connection.offered_settings_hash, self.settings_reported.get(snapshot.instance_uid)):
+        # The agent reports the hash of the whole offer, which may have held other parts
+        # beside the certificate (telemetry destinations), and only its last one: the
+        # fleet's ledger knows which certificate offers it answered.
+        if digest in (
+            connection.offered_settings_hash,
+            self.settings_reported.get(snapshot.instance_uid),
+        ) or session.fleet.settings_offers.answered(snapshot.instance_uid, digest):
             return False
-        reply.connection_settings.CopyFrom(offers)
+        # Added to the offer beside the other parts; the fleet hashes the whole offer once
+        # every part is in (fleet.connection_settings_offers).
+        reply.connection_settings.opamp.MergeFrom(offers.opamp)
+        session.fleet.settings_offers.adding(session, digest)
         connection.offered_settings_hash = digest
         return True
 

@@ -94,6 +94,25 @@ BODY_CASES: list[tuple[str, str, dict[str, Any], str]] = [
         {"name": "a", "package": "p", "version": "1", "selector": f"env={NUL}"},
         "selector",
     ),
+    ("post", "telemetry-settings/", {"name": NUL, "selector": "env=prod"}, "name"),
+    (
+        "post",
+        "telemetry-settings/",
+        {"name": "t", "selector": "env=prod", "own_metrics": {"destination_endpoint": f"https://a/{NUL}"}},
+        "own_metrics.destination_endpoint",
+    ),
+    (
+        "post",
+        "telemetry-settings/",
+        {"name": "t", "selector": "env=prod", "own_logs": {"destination_endpoint": "https://a", "headers": {NUL: "x"}}},
+        "own_logs.headers.a\ufffdb key",
+    ),
+    (
+        "patch",
+        "telemetry-settings/t/",
+        {"other_connections": {"db": {"destination_endpoint": "https://a", "headers": {"k": NUL}}}},
+        "other_connections.db.headers.k",
+    ),
 ]
 
 

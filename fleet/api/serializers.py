@@ -14,6 +14,9 @@ class AgentSerializer(serializers.ModelSerializer):
     status = serializers.CharField(read_only=True, help_text="online, unhealthy or offline")
     capability_names = serializers.SerializerMethodField()
     remote_config_state = serializers.SerializerMethodField()
+    connection_settings_state = serializers.CharField(
+        read_only=True, help_text="applied, applying, failed or unset, as the agent last reported; empty before"
+    )
 
     class Meta:
         model = Agent
@@ -35,6 +38,8 @@ class AgentSerializer(serializers.ModelSerializer):
             "package_statuses",
             "available_components",
             "available_components_hash",
+            "connection_settings_status",
+            "connection_settings_state",
             "transport",
             "remote_address",
             "last_sequence_num",

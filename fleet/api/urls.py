@@ -10,12 +10,14 @@ from fleet.api.command_views import (
     CustomMessagesView,
     SelectorRestartView,
 )
+from fleet.api.telemetry_settings_views import TelemetrySettingsViewSet
 from fleet.api.views import AgentViewSet, AuditEventViewSet
 
 router = DefaultRouter()
 router.register("agents", AgentViewSet, basename="agent")
 router.register("audit", AuditEventViewSet, basename="audit-event")
 router.register("commands", CommandViewSet, basename="command")
+router.register("telemetry-settings", TelemetrySettingsViewSet, basename="telemetry-settings")
 
 # Before the router's routes: "commands/restart/" is not a command's id.
 urlpatterns = [

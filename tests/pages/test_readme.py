@@ -151,6 +151,7 @@ def test_every_readme_shell_block_runs_in_order_against_the_running_server(run_s
     assert "rollout_watch exited with 3 (3: rolled back)" in out
     assert "config rejected: contains marker bad-build" in out  # the failed agents, with their errors
     assert '"number":4' in out.replace(" ", "")  # the rollback published version 4
+    assert '"connection_settings_state":"applied"' in out.replace(" ", "")  # telemetry settings
     progress = (tmp_path / "opamp-simulate.log").read_text()
     assert progress.startswith("simulating 20 agents against ws://127.0.0.1:")
     assert "20/20 connected" in progress
