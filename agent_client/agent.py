@@ -35,8 +35,8 @@ from datetime import datetime
 from typing import Any
 
 from agent_client.agent_certificates import CertificateHandling, Reconnect
-from agent_client.agent_packages import PackageHandling
 from agent_client.agent_connection_settings import ConnectionSettingsHandling
+from agent_client.agent_packages import PackageHandling
 from agent_client.agent_remote_config import RemoteConfigHandling
 from agent_client.agent_settings import AgentSettings
 from agent_client.credentials import CredentialStore
