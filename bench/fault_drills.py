@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -474,57 +475,65 @@ def setup_django(env: dict[str, str]) -> None:
     settings.DATABASES["default"].setdefault("OPTIONS", {}).pop("pool", None)
     django.setup()
     # The server's logging settings would print every probe and every agent's goodbye.
+    # (the agents' own reconnect warnings too: the drill counts those itself).
     for name in ("httpx", "agent_client", "websockets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def database_view(uids: list[str], rollout_id: int | None) -> dict[str, Any]:
     """What the database says, read once: each agent's row, stored and computed desired
     version, the rollout, its events and targets."""
-    from django.db import connections
+    from django.db import connection, connections, transaction
 
+    try:
+        # One snapshot for every read below: rows, targets and events of the same moment.
+        with transaction.atomic():
+            connection.cursor().execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return _read_view(uids, rollout_id)
+    finally:
+        connections.close_all()
+
+
+def _read_view(uids: list[str], rollout_id: int | None) -> dict[str, Any]:
     from fleet.models import Agent as AgentRow
     from rollouts.desired_state import computed_assignments, stored_assignments
     from rollouts.models import ConfigVersion, Rollout, RolloutEvent, RolloutTarget
 
-    try:
-        rows = list(
-            AgentRow.objects.filter(instance_uid__in=uids).values_list(
-                "pk", "instance_uid", "labels", "remote_config_hash", "remote_config_state", "connected"
-            )
+    rows = list(
+        AgentRow.objects.filter(instance_uid__in=uids).values_list(
+            "pk", "instance_uid", "labels", "remote_config_hash", "remote_config_state", "connected"
         )
-        ids = [row[0] for row in rows]
-        computed = computed_assignments([(pk, uid, labels) for pk, uid, labels, *_ in rows])
-        stored = stored_assignments(ids)
-        hashes = dict(ConfigVersion.objects.values_list("pk", "config_hash"))
-        agents = {}
-        for pk, uid, _labels, reported_hash, state, connected in rows:
-            want = computed.get(pk)
-            agents[str(uid)] = {
-                "id": pk,
-                "reported": (reported_hash, state),
-                "connected": connected,
-                "desired_hash": hashes[want[1]] if want else "",
-                "stored_matches_resolver": stored.get(pk) == want,
-            }
-        view: dict[str, Any] = {"agents": agents}
-        if rollout_id is not None:
-            rollout = Rollout.objects.get(pk=rollout_id)
-            view["rollout"] = {"state": rollout.state, "stage_index": rollout.stage_index}
-            view["events"] = list(
-                RolloutEvent.objects.filter(rollout_id=rollout_id)
-                .order_by("at", "pk")
-                .values_list("kind", "stage_index", "at")
+    )
+    ids = [row[0] for row in rows]
+    computed = computed_assignments([(pk, uid, labels) for pk, uid, labels, *_ in rows])
+    stored = stored_assignments(ids)
+    hashes = dict(ConfigVersion.objects.values_list("pk", "config_hash"))
+    agents = {}
+    for pk, uid, _labels, reported_hash, state, connected in rows:
+        want = computed.get(pk)
+        agents[str(uid)] = {
+            "id": pk,
+            "reported": (reported_hash, state),
+            "connected": connected,
+            "desired_hash": hashes[want[1]] if want else "",
+            "stored_matches_resolver": stored.get(pk) == want,
+        }
+    view: dict[str, Any] = {"agents": agents}
+    if rollout_id is not None:
+        rollout = Rollout.objects.get(pk=rollout_id)
+        view["rollout"] = {"state": rollout.state, "stage_index": rollout.stage_index}
+        view["events"] = list(
+            RolloutEvent.objects.filter(rollout_id=rollout_id)
+            .order_by("at", "pk")
+            .values_list("kind", "stage_index", "at")
+        )
+        view["targets"] = {
+            agent_id: (answer, reverted is not None)
+            for agent_id, answer, reverted in RolloutTarget.objects.filter(rollout_id=rollout_id).values_list(
+                "agent_id", "answer", "reverted_at"
             )
-            view["targets"] = {
-                agent_id: (answer, reverted is not None)
-                for agent_id, answer, reverted in RolloutTarget.objects.filter(rollout_id=rollout_id).values_list(
-                    "agent_id", "answer", "reverted_at"
-                )
-            }
-        return view
-    finally:
-        connections.close_all()
+        }
+    return view
 
 
 # -- the drill -----------------------------------------------------------------------------
@@ -830,20 +839,23 @@ def _uuid(agent: Agent) -> Any:
     return uuid.UUID(bytes=agent.instance_uid)
 
 
+LEVELS = re.compile(r"(?: |: |/)(WARNING|ERROR|CRITICAL)[ /:]")
+
+
 def log_errors(log_dir: Path) -> dict[str, Any]:
-    """Per server log: lines at ERROR or above, tracebacks, and the commonest messages."""
+    """Per server log: lines at WARNING or above (the profile logs nothing below), tracebacks,
+    and the commonest messages with their numbers (ports, times, ids) blanked out."""
     found: dict[str, Any] = {}
     for path in sorted(log_dir.glob("*.log")):
         lines = path.read_text(errors="replace").splitlines()
-        errors = [line for line in lines if " ERROR " in line or " CRITICAL " in line or line.startswith("ERROR")]
+        flagged = [(match.group(1), line[match.end() :]) for line in lines if (match := LEVELS.search(line))]
         tracebacks = sum(line.startswith("Traceback") for line in lines)
-        if errors or tracebacks:
-            # Without timestamps and ids, so repeats of one message count together.
-            common = Counter(line.split(" ERROR ", 1)[-1][:140] for line in errors)
+        if flagged or tracebacks:
+            common = Counter(f"{level} {re.sub(r'[0-9]+', 'N', text)[:150]}" for level, text in flagged)
             found[path.stem] = {
-                "error_lines": len(errors),
+                "lines": dict(Counter(level for level, _ in flagged)),
                 "tracebacks": tracebacks,
-                "common": dict(common.most_common(3)),
+                "common": dict(common.most_common(4)),
             }
     return found
 
@@ -1022,14 +1034,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drill", choices=(*DRILLS, "all"), required=True)
     parser.add_argument("--agents", type=int, default=2000)
     parser.add_argument("--processes", type=int, default=1, help="daphne processes (agents spread round robin)")
-    parser.add_argument("--connect-rate", type=float, default=100.0, help="agents started per second")
+    parser.add_argument("--connect-rate", type=float, default=60.0, help="agents started per second")
     parser.add_argument("--heartbeat", type=float, default=30.0, help="agents' heartbeat interval, seconds")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds the 1%% and 10%% stages hold")
     parser.add_argument("--failing", type=float, default=0.0, help="share of agents that reject the candidate")
     parser.add_argument("--budget", type=float, default=0.01, help="the rollout's max_failure_rate")
     parser.add_argument("--outage", type=float, default=60.0, help="seconds Redis stays stopped")
     parser.add_argument("--postgres-down", type=float, default=5.0, help="seconds between PostgreSQL's stop and start")
-    parser.add_argument("--fault-delay", type=float, default=1.0, help="seconds into the 10%% stage the fault comes")
+    parser.add_argument("--fault-delay", type=float, default=0.0, help="seconds into the 10%% stage the fault comes")
     parser.add_argument("--backoff", type=float, default=1.0, help="agents' first reconnect delay, seconds")
     parser.add_argument("--settle-timeout", type=float, default=300.0, help="seconds to wait for the rollout to end")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
