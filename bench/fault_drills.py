@@ -584,6 +584,11 @@ class Drill:
         self.server: SupervisedProfile | None = None
         self.api_base = ""
         self.token = ""
+        self.uids: list[str] = []
+        self.rollout_id: int | None = None
+        self.right_after_fault: dict[str, Any] | None = None
+        self.acked_at_fault: dict[Agent, tuple[str, int] | None] = {}
+        self.stats: DrillStats | None = None
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -656,6 +661,13 @@ class Drill:
         elif kind == "server":
             killed = await asyncio.to_thread(self.server.kill, {"daphne", "celery-worker", "celery-beat"})
             mark(f"fault: SIGKILL {'; '.join(killed)}")
+            # Read before the restarted processes write anything (they take seconds to
+            # start): what the killed ones had stored, so the acknowledged reports the kill
+            # took with it are counted, not guessed.
+            self.right_after_fault = await asyncio.to_thread(database_view, self.uids, self.rollout_id)
+            # And what the agents had had acknowledged by then (replies the killed process
+            # sent before it died have arrived by now).
+            self.acked_at_fault = {agent: ledger.last_acked for agent, ledger in self.stats.ledgers.items()}
             await wait_until(self.server.all_running, 300)
             mark("fault cleared: every server process running again")
         else:
@@ -685,7 +697,7 @@ class Drill:
             settings_for=settings_for,
             connect_rate=options.connect_rate,
         )
-        stats = DrillStats(options.agents)
+        stats = self.stats = DrillStats(options.agents)
         for agent in fleet.agents:
             agent._observer = stats
             stats.watch(agent)
@@ -746,7 +758,7 @@ class Drill:
                 raise RuntimeError("the rollout never reached its 10% stage")
             mark("rollout's 10% stage started")
             await asyncio.sleep(options.fault_delay)
-            uids = [str(_uuid(agent)) for agent in fleet.agents]
+            uids = self.uids = [str(_uuid(agent)) for agent in fleet.agents]
             before = await asyncio.to_thread(database_view, uids, rollout_id)
             result["at_fault"] = counts(fleet, stats, before, candidate_hash)
             fault_at = time.time()
@@ -775,6 +787,14 @@ class Drill:
             mark("invariants read")
             probe.stop()
             result["at_end"] = counts(fleet, stats, view, candidate_hash)
+            if self.right_after_fault is not None:
+                after_kill = counts(fleet, stats, self.right_after_fault, candidate_hash, acked=self.acked_at_fault)
+                # The agent-side totals of counts() are of now, not of the kill.
+                for key in ("status_reports_sent", "status_reports_acknowledged", "agents_applied_candidate"):
+                    after_kill.pop(key)
+                matched = after_kill["agents_whose_stored_status_is_their_last_acknowledged"]
+                after_kill["agents_with_an_acknowledged_status_not_stored"] = options.agents - matched
+                result["right_after_the_kill"] = after_kill
             result["final_state"] = view["rollout"]["state"]
             result["invariants"] = check(fleet, stats, view, self.failing, expected_state, candidate_hash, cleared_at)
             result["operator"] = {
@@ -872,26 +892,35 @@ def answered_since(fleet: Fleet, stats: DrillStats, since: float) -> bool:
     return all(agent in stats.online and stats.ledgers[agent].last_reply_at > since for agent in fleet.agents)
 
 
-def status_mismatches(fleet: Fleet, stats: DrillStats, view: dict[str, Any]) -> list[str]:
-    """Agents whose stored remote config status is not their last acknowledged one."""
+def status_mismatches(
+    fleet: Fleet, stats: DrillStats, view: dict[str, Any], acked: dict[Agent, tuple[str, int] | None] | None = None
+) -> list[str]:
+    """Agents whose stored remote config status is not their last acknowledged one (now,
+    or as `acked` gives it for an earlier moment)."""
     wrong = []
     for agent in fleet.agents:
         uid = str(_uuid(agent))
         row = view["agents"].get(uid)
-        last = stats.ledgers[agent].last_acked
+        last = acked[agent] if acked is not None else stats.ledgers[agent].last_acked
         if row is None or last is None or tuple(row["reported"]) != last:
             wrong.append(uid)
     return wrong
 
 
-def counts(fleet: Fleet, stats: DrillStats, view: dict[str, Any], candidate_hash: str) -> dict[str, Any]:
+def counts(
+    fleet: Fleet,
+    stats: DrillStats,
+    view: dict[str, Any],
+    candidate_hash: str,
+    acked: dict[Agent, tuple[str, int] | None] | None = None,
+) -> dict[str, Any]:
     ledgers = stats.ledgers.values()
     targets = Counter(answer or "none" for answer, _ in view.get("targets", {}).values())
     return {
         "status_reports_sent": sum(ledger.sent for ledger in ledgers),
         "status_reports_acknowledged": sum(ledger.acked for ledger in ledgers),
         "agents_whose_stored_status_is_their_last_acknowledged": len(fleet.agents)
-        - len(status_mismatches(fleet, stats, view)),
+        - len(status_mismatches(fleet, stats, view, acked)),
         "agents_applied_candidate": applied(fleet, candidate_hash),
         "server_rows_applied_candidate": sum(
             1 for row in view["agents"].values() if tuple(row["reported"]) == (candidate_hash, 1)
@@ -1026,6 +1055,8 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  log {name}: {json.dumps(errors)}")
     if "at_fault" in result:
         print(f"  counts at the fault: {json.dumps(result['at_fault'])}")
+        if "right_after_the_kill" in result:
+            print(f"  counts right after the kill: {json.dumps(result['right_after_the_kill'])}")
         print(f"  counts at the end:   {json.dumps(result['at_end'])}")
 
 
