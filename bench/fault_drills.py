@@ -464,8 +464,8 @@ class OperatorProbe:
 def setup_django(env: dict[str, str]) -> None:
     """Django with the server's settings and database, without the connection pool (the
     drill restarts PostgreSQL under it: a plain connection per check is simpler)."""
-    keys = ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "DJANGO_ALLOWED_HOSTS")
-    keys += ("OPAMP_VAR_DIR", "OPAMP_CA_CERT_FILE", "OPAMP_CA_KEY_FILE", "OPAMP_CRL_FILE", "OPAMP_AGENT_AUTH")
+    keys = ["DJANGO_SETTINGS_MODULE", "DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "DJANGO_ALLOWED_HOSTS"]
+    keys += ["OPAMP_VAR_DIR", "OPAMP_CA_CERT_FILE", "OPAMP_CA_KEY_FILE", "OPAMP_CRL_FILE", "OPAMP_AGENT_AUTH"]
     for key in keys:
         if key in env:
             os.environ[key] = env[key]
@@ -667,6 +667,7 @@ class Drill:
             self.right_after_fault = await asyncio.to_thread(database_view, self.uids, self.rollout_id)
             # And what the agents had had acknowledged by then (replies the killed process
             # sent before it died have arrived by now).
+            assert self.stats is not None
             self.acked_at_fault = {agent: ledger.last_acked for agent, ledger in self.stats.ledgers.items()}
             await wait_until(self.server.all_running, 300)
             mark("fault cleared: every server process running again")
@@ -1005,10 +1006,10 @@ def check(
             lost.append(f"{uid[agent]}: last acknowledged {ledger.last_acked}, stored {row and row['reported']}")
     id_to_index = {rows[uid[a]]["id"]: i for i, a in agents if uid[a] in rows}
     for agent_id, (answer, reverted) in view["targets"].items():
-        index = id_to_index.get(agent_id)
-        if index is None:
+        target_index = id_to_index.get(agent_id)
+        if target_index is None:
             continue
-        expected_answer = "failed" if index in failing else "applied"
+        expected_answer = "failed" if target_index in failing else "applied"
         if answer != expected_answer and not (reverted and state == "rolled_back"):
             lost.append(f"target of agent {agent_id}: answer {answer or 'none'}, the agent answered {expected_answer}")
     verdict(
