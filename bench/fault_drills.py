@@ -387,6 +387,7 @@ class Probe:
     status: int | None  # None: no HTTP answer (refused, timed out)
     latency: float
     error: str = ""
+    marker: str = ""  # what a write wrote, to find it in the database afterwards
 
 
 class OperatorProbe:
@@ -408,24 +409,31 @@ class OperatorProbe:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def _loop(self) -> None:
         headers = {"Authorization": f"Token {self.token}"}
-        with httpx.Client(base_url=self.base, headers=headers, timeout=10.0) as client:
+        # Longer than the server takes to give up (its pool waits 10 s): what it answers is seen.
+        with httpx.Client(base_url=self.base, headers=headers, timeout=30.0) as client:
             while not self._stop.is_set():
                 started = time.time()
+                marker = f"probe-{len(self.probes)}"
                 try:
-                    response = client.get(self.path)
-                    probe = Probe(started, response.status_code, time.time() - started)
+                    response = self._request(client, marker)
+                    probe = Probe(started, response.status_code, time.time() - started, marker=marker)
                     if response.status_code >= 400:
                         probe.error = response.text[:300]
                     else:
                         self.last_body = response.json()
                 except httpx.HTTPError as error:
-                    probe = Probe(started, None, time.time() - started, f"{type(error).__name__}: {error}"[:300])
+                    failure = f"{type(error).__name__}: {error}"[:300]
+                    probe = Probe(started, None, time.time() - started, failure, marker=marker)
                 self.probes.append(probe)
                 self._stop.wait(max(0.0, self.interval - (time.time() - started)))
+
+    def _request(self, client: httpx.Client, marker: str) -> httpx.Response:
+        return client.get(self.path)
 
     def summary(self, since: float, until: float) -> dict[str, Any]:
         window = [p for p in self.probes if since <= p.at < until]
@@ -433,12 +441,12 @@ class OperatorProbe:
             return {"probes": 0}
         answers = Counter("no answer" if p.status is None else str(p.status) for p in window)
         latencies = sorted(p.latency for p in window)
-        failing = [p for p in window if p.status != 200]
+        failing = [p for p in window if not ok_status(p.status)]
         errors = Counter(p.error.splitlines()[0][:160] if p.error else "" for p in failing)
         # A failing stretch lasts from its first failed probe to the next answered one.
         longest, longest_at, run_start = 0.0, None, None
         for probe in [*window, Probe(until, 200, 0.0)]:
-            if probe.status != 200:
+            if not ok_status(probe.status):
                 run_start = probe.at if run_start is None else run_start
             elif run_start is not None:
                 if probe.at - run_start > longest:
@@ -456,6 +464,24 @@ class OperatorProbe:
             "longest_failing_stretch_from": round(longest_at - since, 1) if longest_at else None,
             "errors": dict(errors.most_common(4)),
         }
+
+
+def ok_status(status: int | None) -> bool:
+    return status is not None and 200 <= status < 300
+
+
+class OperatorPublishes(OperatorProbe):
+    """The operator's writes: every `interval` seconds a new version of a configuration that
+    selects no agent (so the drilled rollout is untouched), its file naming the probe, so
+    that afterwards every publish the API acknowledged can be looked for in the database."""
+
+    def __init__(self, base: str, token: str, configuration: str, interval: float = 5.0) -> None:
+        super().__init__(base, token, interval)
+        self.configuration = configuration
+
+    def _request(self, client: httpx.Client, marker: str) -> httpx.Response:
+        files = {"probe.yaml": {"body": f"# {marker}\n", "content_type": "text/yaml"}}
+        return client.post(f"configurations/{self.configuration}/versions/", json={"files": files})
 
 
 # -- the database's view (Django, read only) ----------------------------------------------
@@ -534,6 +560,34 @@ def _read_view(uids: list[str], rollout_id: int | None) -> dict[str, Any]:
             )
         }
     return view
+
+
+def stored_markers(configuration: str) -> set[str]:
+    """The probe markers of the versions stored for the operator's write probe."""
+    from django.db import connections
+
+    from rollouts.models import ConfigVersion
+
+    try:
+        bodies = ConfigVersion.objects.filter(configuration__name=configuration).values_list("files", flat=True)
+        return {str(files["probe.yaml"]["body"]).strip("# \n") for files in bodies if "probe.yaml" in files}
+    finally:
+        connections.close_all()
+
+
+def check_writes(probes: list[Probe], stored: set[str]) -> dict[str, Any]:
+    """Every publish the API acknowledged is stored; what became of the others is reported."""
+    acknowledged = [p.marker for p in probes if ok_status(p.status)]
+    missing = [marker for marker in acknowledged if marker not in stored]
+    refused = [p for p in probes if not ok_status(p.status)]
+    stored_anyway = [p.marker for p in refused if p.marker in stored]
+    return {
+        "ok": not missing,
+        "detail": f"{len(acknowledged)} publishes acknowledged, all stored unless listed; {len(refused)} not "
+        f"acknowledged, of which {len(stored_anyway)} stored anyway",
+        "failures": len(missing),
+        "examples": missing[:5],
+    }
 
 
 # -- the drill -----------------------------------------------------------------------------
@@ -706,6 +760,7 @@ class Drill:
         gc.collect()
         gc.freeze()
         probe = OperatorProbe(self.api_base, self.token)
+        writes: OperatorPublishes | None = None
         result: dict[str, Any] = {
             "drill": kind,
             "agents": options.agents,
@@ -730,6 +785,13 @@ class Drill:
                 "POST", f"configurations/{name}/versions/", {"files": CANDIDATE, "activate": False}
             )
             stable_hash, candidate_hash = stable["config_hash"], candidate_version["config_hash"]
+            probe_configuration = f"probe-{self.service}"
+            await self.api_async(
+                "POST",
+                "configurations/",
+                {"name": probe_configuration, "selector": f"service.name=none-{self.service}"},
+            )
+            writes = OperatorPublishes(self.api_base, self.token, probe_configuration)
             if not await wait_until(lambda: applied(fleet, stable_hash) == options.agents, 600):
                 raise RuntimeError(f"only {applied(fleet, stable_hash)} agents applied the stable version")
             mark("every agent applied the stable version")
@@ -752,6 +814,7 @@ class Drill:
             rollout_id = rollout["id"]
             probe.path = f"rollouts/{rollout_id}/"
             probe.start()
+            writes.start()
             await self.api_async("POST", f"rollouts/{rollout_id}/start/", {})
             mark("rollout started")
             self.rollout_id = rollout_id
@@ -787,6 +850,8 @@ class Drill:
             view = await self._settled_view(fleet, stats, uids)
             mark("invariants read")
             probe.stop()
+            writes.stop()
+            stored = await asyncio.to_thread(stored_markers, probe_configuration)
             result["at_end"] = counts(fleet, stats, view, candidate_hash)
             if self.right_after_fault is not None:
                 after_kill = counts(fleet, stats, self.right_after_fault, candidate_hash, acked=self.acked_at_fault)
@@ -798,10 +863,16 @@ class Drill:
                 result["right_after_the_kill"] = after_kill
             result["final_state"] = view["rollout"]["state"]
             result["invariants"] = check(fleet, stats, view, self.failing, expected_state, candidate_hash, cleared_at)
+            result["invariants"]["operator_writes_kept"] = check_writes(writes.probes, stored)
             result["operator"] = {
                 "before_fault": probe.summary(self.timeline.origin, fault_at),
                 "during_fault_and_recovery": probe.summary(fault_at, recovered_at),
                 "after_recovery": probe.summary(recovered_at, time.time()),
+            }
+            result["operator_publishes"] = {
+                "before_fault": writes.summary(self.timeline.origin, fault_at),
+                "during_fault_and_recovery": writes.summary(fault_at, recovered_at),
+                "after_recovery": writes.summary(recovered_at, time.time()),
             }
             result["agent_session_errors"] = dict(stats.session_errors.most_common(5))
             result["agent_disconnects"] = stats.disconnects
@@ -818,6 +889,8 @@ class Drill:
             return result
         finally:
             probe.stop()
+            if writes is not None:
+                writes.stop()
             progress.cancel()
             await fleet.stop(timeout=15)
             gc.unfreeze()
@@ -1052,6 +1125,8 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"         e.g. {example}")
     for phase, summary in result.get("operator", {}).items():
         print(f"  operator {phase}: {json.dumps(summary)}")
+    for phase, summary in result.get("operator_publishes", {}).items():
+        print(f"  operator publishes {phase}: {json.dumps(summary)}")
     for name, errors in result.get("server_log_errors", {}).items():
         print(f"  log {name}: {json.dumps(errors)}")
     if "at_fault" in result:

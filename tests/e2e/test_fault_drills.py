@@ -109,6 +109,7 @@ def test_celery_worker_sigkill_drill_at_test_size(tmp_path: Path) -> None:
         "rollout_ended_as_expected",
         "no_transition_twice",
         "no_status_report_lost",
+        "operator_writes_kept",
     }
     # The worker was killed while the rollout ran, and a new one finished it.
     kinds = [mark["what"] for mark in result["timeline"]]
@@ -116,3 +117,4 @@ def test_celery_worker_sigkill_drill_at_test_size(tmp_path: Path) -> None:
     assert any(what.startswith("rollout event succeeded") for what in kinds[fault:])
     assert result["at_end"]["status_reports_acknowledged"] > result["at_fault"]["status_reports_acknowledged"]
     assert result["operator"]["before_fault"]["probes"] > 0
+    assert result["operator_publishes"]["before_fault"]["probes"] > 0
