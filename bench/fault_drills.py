@@ -659,6 +659,7 @@ class Drill:
                 workdir=self.workdir / "profile",
                 processes=processes,
                 first_port=free_port(processes),
+                server_root=self.options.server_root,
                 nginx=False,
                 celery=True,
                 extra_env={
@@ -1153,6 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settle-timeout", type=float, default=300.0, help="seconds to wait for the rollout to end")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
+    parser.add_argument(
+        "--server-root", type=Path, help="run the server from this source tree (e.g. `git archive` of a baseline)"
+    )
     return parser
 
 
