@@ -11,12 +11,15 @@ comes from their contributors; this module imports none of them.
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from fleet import admission, services
@@ -35,6 +38,38 @@ from opamp.proto import opamp_pb2
 
 if TYPE_CHECKING:
     from fleet.hints import HintReceiver
+
+logger = logging.getLogger(__name__)
+
+# The database unreachable: agents come back after this many seconds plus up to as many
+# again at random, so a fleet refused together does not return together.
+DATABASE_RETRY_SECONDS = 5.0
+DATABASE_UNAVAILABLE_MESSAGE = "the server cannot reach its database; come back after retry_info"
+
+
+class DatabaseOutageLog:
+    """One warning per `every` seconds while the database is unreachable, not one per agent
+    (2,000 agents meet the same outage)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._logged_at = float("-inf")
+        self._since = 0
+
+    def note(self, error: Exception) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.every:
+            return
+        logger.warning(
+            "database unreachable (%s); %d agent message(s) answered UNAVAILABLE since the last warning",
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+            self._since,
+        )
+        self._logged_at, self._since = now, 0
+
+
+database_outage_log = DatabaseOutageLog()
 
 # Enrollment labels of a message that enrols nothing (never written to).
 _NO_LABELS: dict[str, str] = {}
@@ -92,11 +127,20 @@ class AgentSession:
         self._memo[key] = value
 
     async def handle(self, message: opamp_pb2.AgentToServer) -> opamp_pb2.ServerToAgent:
-        """Apply one AgentToServer and build the reply; never raises for agent mistakes."""
+        """Apply one AgentToServer and build the reply; never raises for agent mistakes, nor
+        while the database cannot be reached (the agent is told to come back later)."""
         try:
             return await self._handle(message)
         except ProtocolError as error:
             return error_reply(instance_uid=message.instance_uid, message=str(error))
+        except (OperationalError, InterfaceError) as error:
+            # PostgreSQL restarting, or the pool's timeout passed. Raised on, the error closed
+            # the socket with a traceback per agent and a whole fleet reconnected the moment
+            # the database was back; UNAVAILABLE brings each agent back after retry_info with
+            # a full report (the session keeps nothing the message did not finish writing).
+            database_outage_log.note(error)
+            retry_after = DATABASE_RETRY_SECONDS * (1 + random.random())
+            return self._unavailable(message, retry_after, reason=DATABASE_UNAVAILABLE_MESSAGE)
 
     async def _handle(self, message: opamp_pb2.AgentToServer) -> opamp_pb2.ServerToAgent:
         if problem := instance_uid_problem(message.instance_uid):
@@ -225,13 +269,11 @@ class AgentSession:
             self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
         self.admitted = True
 
-    def _unavailable(self, message: opamp_pb2.AgentToServer, retry_after: float) -> opamp_pb2.ServerToAgent:
+    def _unavailable(
+        self, message: opamp_pb2.AgentToServer, retry_after: float, *, reason: str = admission.UNAVAILABLE_MESSAGE
+    ) -> opamp_pb2.ServerToAgent:
         self.refused_until = max(self.refused_until, time.monotonic() + retry_after)
-        return error_reply(
-            instance_uid=message.instance_uid,
-            message=admission.UNAVAILABLE_MESSAGE,
-            retry_after_seconds=retry_after,
-        )
+        return error_reply(instance_uid=message.instance_uid, message=reason, retry_after_seconds=retry_after)
 
     async def push_on_hint(self, kind: str, generation: int | None = None) -> opamp_pb2.ServerToAgent | None:
         """A hint of `kind` arrived: its contributors look again, and a message worth
