@@ -40,18 +40,21 @@ def server_commands(port: int) -> dict[str, list[str]]:
     uvicorn += ["--ws-per-message-deflate", "false", "--lifespan", "off"]
     # The production unit's options (deploy/systemd/opamp-server.service), for both servers.
     bounded = ["--ping-interval", "60", "--ping-timeout", "60", "--websocket_connect_timeout", "30", APP]
+    opamp = [PYTHON, "-m", "opamp_site.server", "--server"]
     granian = [PYTHON, "-m", "granian", "--interface", "asgi", "--host", *host, "--port", str(port)]
     return {
         "floor": [PYTHON, "bench/floor_server.py", "--port", str(port)],
-        "daphne": [PYTHON, "-m", "opamp_site.server", "--server", "daphne", "-b", *host, "-p", str(port), *bounded],
+        "daphne": [*opamp, "daphne", "-b", *host, "-p", str(port), *bounded],
         "uvicorn": [*uvicorn, "--loop", "asyncio", "--http", "h11", "--ws", "websockets", APP],
         "uvicorn-uvloop": [*uvicorn, "--loop", "uvloop", "--http", "httptools", "--ws", "websockets", APP],
         "uvicorn-sansio": [*uvicorn, "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", APP],
-        "opamp-uvicorn": [
-            PYTHON,
-            "-m",
-            "opamp_site.server",
-            "--server",
+        "opamp-uvicorn": [*opamp, "uvicorn", "-b", *host, "-p", str(port), *bounded],
+        # The same with glibc's malloc held to two arenas (each thread of the database pool
+        # otherwise allocates from an arena of its own).
+        "opamp-uvicorn-arenas2": [
+            "env",
+            "MALLOC_ARENA_MAX=2",
+            *opamp,
             "uvicorn",
             "-b",
             *host,
@@ -126,12 +129,13 @@ def run_one(name: str, command: list[str], port: int, bench_args: list[str], log
     except json.JSONDecodeError:
         summary = {"error": bench.stderr.decode(errors="replace")[-2000:]}
     return {
+        **summary,
+        "url": summary.get("server"),
         "server": name,
         "command": " ".join(command),
         "load_before": load_before,
         "load_after": load_after,
         "at": time.strftime("%H:%M:%S", time.gmtime()),
-        **summary,
     }
 
 

@@ -222,15 +222,18 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if not isinstance(self.conn.parser_exc, PayloadTooBig):
             super().handle_parser_exception()
             return
-        # websockets queued a 1009 close: send the consumer's code for the same refusal,
-        # then read and drop what the client still sends until it closes (closing now would
-        # reset the connection under its unread bytes, and the close frame with it).
+        # websockets queued a 1009 close: send the consumer's code for the same refusal and
+        # end our side (a client waits for that before it reports the close), then read and
+        # drop what the client still sends until it closes too. Closing at once would reset
+        # the connection under its unread bytes, and the close frame with it.
         from fleet.consumers import CLOSE_MESSAGE_TOO_BIG  # (this module loads before Django is set up)
 
         self.conn.data_to_send()
         reason = f"message larger than {self.config.ws_max_size} bytes"
         close = Frame(Opcode.CLOSE, Close(CLOSE_MESSAGE_TOO_BIG, reason).serialize())
         self.transport.write(close.serialize(mask=False))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
         self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_MESSAGE_TOO_BIG, "reason": reason})
         self.close_sent = True
         if self.read_paused:
@@ -318,9 +321,10 @@ def build_config(options: argparse.Namespace) -> uvicorn.Config:
         ws_ping_timeout=options.ping_timeout,
         ws_per_message_deflate=False,
         lifespan="off",
-        # Django configures logging when the application loads (settings.LOGGING).
+        # Django configures logging when the application loads (settings.LOGGING); an access
+        # line per request and WebSocket, as daphne writes by default.
         log_config=None,
-        access_log=False,
+        access_log=True,
         proxy_headers=options.proxy_headers,
         forwarded_allow_ips="127.0.0.1" if options.proxy_headers else None,
         server_header=False,

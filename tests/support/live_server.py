@@ -146,24 +146,28 @@ class LiveOpampServer:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
+    def command(self, port: int) -> list[str]:
+        """The server command for one process (tests restarting a process run it again)."""
+        return [
+            sys.executable,
+            "-m",
+            "opamp_site.server",
+            "--server",
+            self.asgi_server,
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            *self.daphne_args,
+            "opamp_site.asgi:application",
+        ]
+
     def start(self) -> None:
         for index, port in enumerate(self.ports):
             log_path = self.log_path if index == 0 else self.workdir / f"server-{index}.log"
             log = log_path.open("ab")
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "opamp_site.server",
-                    "--server",
-                    self.asgi_server,
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    *self.daphne_args,
-                    "opamp_site.asgi:application",
-                ],
+                self.command(port),
                 cwd=REPO_ROOT,
                 env={**self.env, **self.first_process_env} if index == 0 else self.env,
                 stdout=log,
