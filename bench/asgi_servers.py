@@ -7,8 +7,10 @@ For each round, for each server in `--servers` (order alternated between rounds)
 server pinned to core 0 (`taskset -c 0`), production settings, agents without credentials;
 run `bench/agents_connect.py` pinned to core 1 with `--server-pid`; stop the server. Each
 result is one JSON line with the server's name, its command, the load average before and
-after (`/proc/loadavg`: the machine may be shared) and agents_connect's summary. A server
-whose module is not installed is skipped with a note. Summarize with `--summarize FILE`.
+after (`/proc/loadavg`: the machine may be shared) and agents_connect's summary.
+`NAME@baseline` runs server NAME from `--baseline-root` (a tree of an earlier commit), for
+before/after pairs. `--summarize FILE` prints per server each run's figures, their medians
+and the medians' ratios to the floor's.
 """
 
 from __future__ import annotations
@@ -100,9 +102,11 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run_one(name: str, command: list[str], port: int, bench_args: list[str], log_dir: Path) -> dict[str, Any]:
+def run_one(
+    name: str, command: list[str], port: int, bench_args: list[str], log_dir: Path, root: Path = REPO_ROOT
+) -> dict[str, Any]:
     log = (log_dir / f"{name}.log").open("ab")
-    server = subprocess.Popen(["taskset", "-c", "0", *command], cwd=REPO_ROOT, stdout=log, stderr=log)
+    server = subprocess.Popen(["taskset", "-c", "0", *command], cwd=root, stdout=log, stderr=log)
     try:
         wait_listening(port, server)
         time.sleep(1.0)  # granian's worker binds through its parent; let it settle
@@ -188,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("asgi_servers.jsonl"))
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/asgi_servers_logs"))
     parser.add_argument("--summarize", type=Path, help="print the medians of a results file and exit")
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        help="a source tree (e.g. `git archive` of the previous commit): SERVER@baseline runs from it",
+    )
     options = parser.parse_args(argv)
     if options.summarize:
         print(json.dumps(summarize(options.summarize), indent=1))
@@ -204,8 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for round_index in range(options.rounds):
         order = names if round_index % 2 == 0 else list(reversed(names))
         for name in order:
-            command = server_commands(options.port)[name]
-            result = run_one(name, command, options.port, bench_args, options.log_dir)
+            server, _, tree = name.partition("@")
+            command = server_commands(options.port)[server]
+            root = options.baseline_root if tree == "baseline" and options.baseline_root else REPO_ROOT
+            result = run_one(name, command, options.port, bench_args, options.log_dir, root.absolute())
             with options.out.open("a") as out:
                 out.write(json.dumps(result) + "\n")
             latency = result.get("latency_ms") or {}

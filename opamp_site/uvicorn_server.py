@@ -18,7 +18,8 @@ one client can make a server process hold:
   accept, then one at least every offline timeout, counted from a message's arrival here;
   else CLOSE_TIMED_OUT.
 - WebSocket messages: at most OPAMP_MAX_MESSAGE_BYTES, refused from the frame header with
-  the consumer's CLOSE_MESSAGE_TOO_BIG (websockets would say 1009); the rest is discarded.
+  the consumer's CLOSE_MESSAGE_TOO_BIG (websockets would say 1009); the rest is discarded and
+  the connection closed once the client has gone quiet.
 - A handshake the application has not accepted within `--websocket_connect_timeout` is
   refused (503), as daphne does.
 - Proxy headers are off unless `--proxy-headers` is given (uvicorn trusts X-Forwarded-For
@@ -57,6 +58,9 @@ GRACEFUL_SHUTDOWN_SECONDS = 10
 # What an idle kept-alive HTTP connection is given for its next request (uvicorn's default
 # is 5 s; the header timeout bounds a request once its first byte arrives).
 KEEP_ALIVE_SECONDS = 15
+# After refusing an oversized WebSocket message: how long the client must have sent nothing
+# before the connection is closed (its close reply comes after the rest of the message).
+QUIET_BEFORE_CLOSE_SECONDS = 1.0
 
 
 class _DeferredClose:
@@ -190,6 +194,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     last_message: float | None = None
     silence_timer: asyncio.TimerHandle | None = None
     accept_timer: asyncio.TimerHandle | None = None
+    quiet_timer: asyncio.TimerHandle | None = None
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -201,6 +206,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete and not self.close_sent:
             self._cancel_accept_timer()
+            # The handshake's request and response are not read again; kept, they held
+            # 1.4 KiB of every connection for its whole life.
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]
             self._watch_silence(float(settings.OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS))
 
     def send_receive_event_to_app(self) -> None:
@@ -211,35 +220,45 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_accept_timer()
+        if self.quiet_timer is not None:
+            self.quiet_timer.cancel()
         if self.silence_timer is not None:
             self.silence_timer.cancel()
             self.silence_timer = None
         super().connection_lost(exc)
 
     def handle_parser_exception(self) -> None:
+        # Called again for every read once the parser has failed.
         if self.close_sent:
-            return  # the rest of a refused message, being discarded
+            if self.quiet_timer is not None:
+                self._close_when_quiet()  # the rest of a refused message, being discarded
+            return
         if not isinstance(self.conn.parser_exc, PayloadTooBig):
             super().handle_parser_exception()
             return
-        # websockets queued a 1009 close: send the consumer's code for the same refusal and
-        # end our side (a client waits for that before it reports the close), then read and
-        # drop what the client still sends until it closes too. Closing at once would reset
-        # the connection under its unread bytes, and the close frame with it.
+        # websockets queued a 1009 close: send the consumer's code for the same refusal,
+        # drop what the client still sends (the rest of its message, its close reply) and
+        # close once it has gone quiet. Closing at once would reset the connection under its
+        # unread bytes, and the close frame with it; the client waits for our close before
+        # it reports the code.
         from fleet.consumers import CLOSE_MESSAGE_TOO_BIG  # (this module loads before Django is set up)
 
         self.conn.data_to_send()
         reason = f"message larger than {self.config.ws_max_size} bytes"
         close = Frame(Opcode.CLOSE, Close(CLOSE_MESSAGE_TOO_BIG, reason).serialize())
         self.transport.write(close.serialize(mask=False))
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
         self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_MESSAGE_TOO_BIG, "reason": reason})
         self.close_sent = True
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
+        self._close_when_quiet()
         self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    def _close_when_quiet(self) -> None:
+        if self.quiet_timer is not None:
+            self.quiet_timer.cancel()
+        self.quiet_timer = self.loop.call_later(QUIET_BEFORE_CLOSE_SECONDS, self.transport.close)
 
     def _not_accepted_in_time(self) -> None:
         self.accept_timer = None
