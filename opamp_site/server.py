@@ -7,9 +7,9 @@ can make a server process hold.
 rest of the command line is daphne's, of which the uvicorn server takes what this project
 uses (-b, -p, --fd, --ping-interval, --ping-timeout, --websocket_connect_timeout,
 --proxy-headers). The production unit (deploy/systemd/opamp-server.service) and
-deploy/run_production.py start uvicorn: it serves the same Channels consumers with 40-50%
-less CPU per heartbeat and per new connection (BENCHMARKS.md, "The ASGI server, by
-measurement"). The bounds each server enforces, and how: opamp_site/daphne_server.py,
+deploy/run_production.py start uvicorn: it serves the same Channels consumers with 35-44%
+less CPU per heartbeat and a few KiB less memory per connection (BENCHMARKS.md, "The ASGI
+server, by measurement"). The bounds each server enforces, and how: opamp_site/daphne_server.py,
 opamp_site/uvicorn_server.py; tests/e2e/test_resource_bounds.py holds both to them.
 
 Only the chosen server is imported: daphne installs Twisted's reactor when imported.
