@@ -101,6 +101,7 @@ def distribution_ms(values: Sequence[float]) -> dict[str, float] | None:
         "p50": round(percentile(ordered, 50) * 1000, 3),
         "p90": round(percentile(ordered, 90) * 1000, 3),
         "p99": round(percentile(ordered, 99) * 1000, 3),
+        "p99.9": round(percentile(ordered, 99.9) * 1000, 3),
         "max": round(ordered[-1] * 1000, 3),
         "mean": round(sum(ordered) / len(ordered) * 1000, 3),
     }

@@ -3,12 +3,13 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/opamp REDIS_URL=redis://127.0.0.1:6379/0 \\
         .venv/bin/python deploy/run_production.py --listen 127.0.0.1:8443
 
-N daphne processes (one per core by default, each started as deploy/systemd/opamp-daphne.service
-starts it, on 127.0.0.1 ports from `--first-port`), nginx in front of them (TLS with optional
+N server processes (one per core by default, each started as deploy/systemd/opamp-server.service
+starts it: `python -m opamp_site.server --server uvicorn`, or daphne with `--server daphne`, on
+127.0.0.1 ports from `--first-port`), nginx in front of them (TLS with optional
 agent client certificates, rendered by `manage.py render_nginx_config --standalone`), a Celery
 worker and Celery beat, against the PostgreSQL and Redis named in the environment. Everything
 it writes (TLS files, the agents' CA unless OPAMP_CA_CERT_FILE names one, the CRL, logs, nginx's
-run directory) goes to `--workdir`. It migrates first. A daphne, worker or beat process that
+run directory) goes to `--workdir`. It migrates first. A server, worker or beat process that
 exits is started again after a second, as systemd's Restart= would; Ctrl-C stops everything.
 
 Agents connect to wss://LISTEN/v1/opamp and trust `WORKDIR/tls/server-ca.pem` (a CA made for
@@ -36,8 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# The daphne command line of deploy/systemd/opamp-daphne.service (see the comments there).
-DAPHNE_OPTIONS = ("--ping-interval", "60", "--ping-timeout", "60", "--websocket_connect_timeout", "30")
+# The server command line of deploy/systemd/opamp-server.service (see the comments there);
+# opamp_site/server.py takes the same options for daphne and uvicorn.
+SERVER_OPTIONS = ("--ping-interval", "60", "--ping-timeout", "60", "--websocket_connect_timeout", "30")
+# uvicorn: the production profile's server (BENCHMARKS.md, "The ASGI server, by measurement").
+DEFAULT_SERVER = "uvicorn"
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 RESTART_DELAY_SECONDS = 1.0
 LISTEN_TIMEOUT_SECONDS = 60.0
@@ -90,6 +94,8 @@ class ProfileOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The source tree the server processes run from (benchmarks compare a baseline's).
     server_root: Path | None = None
+    # The ASGI server (opamp_site/server.py `--server`): uvicorn or daphne.
+    server: str = DEFAULT_SERVER
 
 
 class ProductionProfile:
@@ -97,12 +103,12 @@ class ProductionProfile:
 
     def __init__(self, options: ProfileOptions) -> None:
         if options.processes < 1:
-            raise ValueError("at least one daphne process")
+            raise ValueError("at least one server process")
         self.options = options
         self.workdir = options.workdir.absolute()
         self.root = (options.server_root or REPO_ROOT).absolute()
         self.ports = [options.first_port + index for index in range(options.processes)]
-        self.daphnes: list[subprocess.Popen[bytes] | None] = [None] * options.processes
+        self.servers: list[subprocess.Popen[bytes] | None] = [None] * options.processes
         self.others: dict[str, subprocess.Popen[bytes]] = {}
         self.tls_dir = self.workdir / "tls"
         self.log_dir = self.workdir / "log"
@@ -120,7 +126,7 @@ class ProductionProfile:
             "REDIS_URL": options.redis_url,
             "DJANGO_SECRET_KEY": env.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(48),
             "DJANGO_ALLOWED_HOSTS": env.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost"),
-            # nginx reaches daphne from loopback: the only peer allowed to forward certificates.
+            # nginx reaches the servers from loopback: the only peer allowed to forward certificates.
             "OPAMP_TRUSTED_PROXIES": env.get("OPAMP_TRUSTED_PROXIES", "127.0.0.1"),
             "OPAMP_CA_CERT_FILE": ca_cert,
             "OPAMP_CA_KEY_FILE": ca_key,
@@ -138,7 +144,7 @@ class ProductionProfile:
 
     @property
     def agent_urls(self) -> list[str]:
-        """Where agents connect: nginx, or each daphne process directly."""
+        """Where agents connect: nginx, or each server process directly."""
         if self.uses_nginx:
             return [f"wss://{self.options.listen}/v1/opamp"]
         return [f"ws://127.0.0.1:{port}/v1/opamp" for port in self.ports]
@@ -251,28 +257,29 @@ class ProductionProfile:
 
     def start_server(self, index: int) -> None:
         port = self.ports[index]
-        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), *DAPHNE_OPTIONS]
-        process = self._spawn(f"daphne-{index}", [*command, "opamp_site.asgi:application"])
-        self.daphnes[index] = process
-        wait_listening(port, process, self.log_dir / f"daphne-{index}.log")
+        server = ("--server", self.options.server)
+        command = [sys.executable, "-m", "opamp_site.server", *server, "-b", "127.0.0.1", "-p", str(port)]
+        process = self._spawn(f"server-{index}", [*command, *SERVER_OPTIONS, "opamp_site.asgi:application"])
+        self.servers[index] = process
+        wait_listening(port, process, self.log_dir / f"server-{index}.log")
 
     def start_servers(self) -> None:
         for index in range(len(self.ports)):
             self.start_server(index)
 
     def kill_server(self, index: int) -> None:
-        process = self.daphnes[index]
+        process = self.servers[index]
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
-        self.daphnes[index] = None
+        self.servers[index] = None
 
     def kill_servers(self) -> None:
         for index in range(len(self.ports)):
             self.kill_server(index)
 
     def server_pids(self) -> list[int]:
-        return [process.pid for process in self.daphnes if process is not None and process.poll() is None]
+        return [process.pid for process in self.servers if process is not None and process.poll() is None]
 
     def _start_celery(self) -> None:
         celery = [sys.executable, "-m", "celery", "-A", "opamp_site"]
@@ -295,10 +302,10 @@ class ProductionProfile:
     def supervise_once(self) -> list[str]:
         """Start again whatever exited (as systemd's Restart= would); the names restarted."""
         restarted = []
-        for index, process in enumerate(self.daphnes):
+        for index, process in enumerate(self.servers):
             if process is None or process.poll() is not None:
                 self.start_server(index)
-                restarted.append(f"daphne-{index}")
+                restarted.append(f"server-{index}")
         for name in ("celery-worker", "celery-beat"):
             process = self.others.get(name)
             if process is not None and process.poll() is not None:
@@ -310,7 +317,7 @@ class ProductionProfile:
         return restarted
 
     def stop(self) -> None:
-        running = [process for process in [*self.others.values(), *self.daphnes] if process is not None]
+        running = [process for process in [*self.others.values(), *self.servers] if process is not None]
         for process in running:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -321,13 +328,19 @@ class ProductionProfile:
                 process.kill()
                 process.wait()
         self.others.clear()
-        self.daphnes = [None] * len(self.ports)
+        self.servers = [None] * len(self.ports)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="daphne processes (default: cores)")
-    parser.add_argument("--first-port", type=int, default=8001, help="the first daphne process's port")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server processes (default: cores)")
+    parser.add_argument("--first-port", type=int, default=8001, help="the first server process's port")
+    parser.add_argument(
+        "--server",
+        choices=("uvicorn", "daphne"),
+        default=os.environ.get("OPAMP_ASGI_SERVER") or DEFAULT_SERVER,
+        help="the ASGI server (default: OPAMP_ASGI_SERVER, else uvicorn)",
+    )
     parser.add_argument("--listen", default="127.0.0.1:8443", help="nginx's TLS address (default 127.0.0.1:8443)")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "var" / "production")
     parser.add_argument("--tls-cert", type=Path, help="nginx's certificate (default: one made for this machine)")
@@ -354,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             celery=not options.no_celery,
             tls_cert=options.tls_cert,
             tls_key=options.tls_key,
+            server=options.server,
         )
     )
     stopping = False
@@ -367,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     profile.prepare()
     profile.start()
     print(f"agents: {', '.join(profile.agent_urls)} (CA: {profile.agent_ca_file or 'your --tls-cert issuer'})")
-    print(f"daphne on ports {', '.join(map(str, profile.ports))}; logs in {profile.log_dir}; Ctrl-C stops")
+    print(f"{options.server} on ports {', '.join(map(str, profile.ports))}; logs in {profile.log_dir}; Ctrl-C stops")
     try:
         while not stopping:
             time.sleep(RESTART_DELAY_SECONDS)

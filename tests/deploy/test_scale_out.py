@@ -15,7 +15,6 @@ import contextlib
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,11 +111,11 @@ def kill(server: LiveOpampServer, index: int) -> None:
 
 
 def start_again(server: LiveOpampServer, index: int) -> None:
-    """The same daphne command on the same port, as systemd's Restart= would run it."""
+    """The same server command on the same port, as systemd's Restart= would run it."""
     port = server.ports[index]
     log = (server.workdir / f"restarted-{index}.log").open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "opamp_site.asgi:application"],
+        server.command(port),
         cwd=REPO_ROOT,
         env=server.env,
         stdout=log,

@@ -23,7 +23,7 @@ from fleet.consumers import CLOSE_MESSAGE_TOO_BIG, CLOSE_TIMED_OUT
 from opamp.codec import decode_server_ws_frame, encode_ws_frame
 from opamp.identifiers import new_instance_uid
 from opamp.proto import opamp_pb2
-from opamp_site.server import BODY_TIMED_OUT, HEADERS_TIMED_OUT
+from opamp_site.server_bounds import BODY_TIMED_OUT, HEADERS_TIMED_OUT
 from tests.fleet.messages import full_report, heartbeat
 from tests.support.live_server import LiveOpampServer
 

@@ -1,5 +1,8 @@
 """A real server process for end-to-end and interop tests: migrate, then the server
-(`python -m opamp_site.server`, daphne with its resource bounds) on a free port.
+(`python -m opamp_site.server`, with its resource bounds) on a free port.
+
+The ASGI server is daphne unless OPAMP_ASGI_SERVER names another (`uvicorn`): the same
+tests run under each (.ci/run runs the live tests a second time under uvicorn).
 
 Each server gets a database of its own (a fresh PostgreSQL database under the production
 profile, a SQLite file otherwise), so it never shares state with pytest-django's test
@@ -62,7 +65,7 @@ class ServerDatabase:
 
 
 class LiveOpampServer:
-    """One server (daphne) process by default; `processes=N` starts N on ports of their
+    """One server process by default (daphne, or OPAMP_ASGI_SERVER's); `processes=N` starts N on ports of their
     own, sharing the database and the channel layer, as N replicas behind a load balancer
     would (benchmarks spread agents over `ws_urls`). `port` is the first one's."""
 
@@ -99,6 +102,8 @@ class LiveOpampServer:
             self.env.setdefault(
                 "CELERY_BROKER_URL", urlunsplit(redis_base._replace(path=f"/{secrets.randbelow(12) + 3}"))
             )
+        # `daphne_args` are daphne's options; the uvicorn server takes the same ones.
+        self.asgi_server = self.env.get("OPAMP_ASGI_SERVER") or "daphne"
         self.processes: list[subprocess.Popen[bytes]] = []
         self.celery: subprocess.Popen[bytes] | None = None
         self.token = ""
@@ -141,22 +146,28 @@ class LiveOpampServer:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
+    def command(self, port: int) -> list[str]:
+        """The server command for one process (tests restarting a process run it again)."""
+        return [
+            sys.executable,
+            "-m",
+            "opamp_site.server",
+            "--server",
+            self.asgi_server,
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            *self.daphne_args,
+            "opamp_site.asgi:application",
+        ]
+
     def start(self) -> None:
         for index, port in enumerate(self.ports):
             log_path = self.log_path if index == 0 else self.workdir / f"server-{index}.log"
             log = log_path.open("ab")
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "opamp_site.server",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    *self.daphne_args,
-                    "opamp_site.asgi:application",
-                ],
+                self.command(port),
                 cwd=REPO_ROOT,
                 env={**self.env, **self.first_process_env} if index == 0 else self.env,
                 stdout=log,
