@@ -11,7 +11,7 @@ Each drill starts everything it faults itself: a PostgreSQL cluster of its own (
 a temporary directory, run as the `postgres` OS user when started by root) and a
 redis-server of its own, each on a free port, so stopping them never touches a database
 anyone else uses. On them it starts the production profile as processes through
-`deploy/run_production.py` (`--processes` daphne processes without nginx, a Celery worker,
+`deploy/run_production.py` (`--processes` server processes without nginx, a Celery worker,
 Celery beat; whatever exits is started again after a second, as run_production.py and
 systemd's Restart= do), connects `--agents` simulated agents (agent_client's simulator),
 publishes a stable version and starts a rollout 1% -> 10% -> 100% with compressed holds.
@@ -77,7 +77,7 @@ from agents_connect import raise_open_file_limit  # noqa: E402
 from agent_client.agent import Agent  # noqa: E402
 from agent_client.agent_settings import AgentSettings  # noqa: E402
 from agent_client.simulator import Fleet, FleetStats, spread_evenly  # noqa: E402
-from deploy.run_production import ProductionProfile, ProfileOptions  # noqa: E402
+from deploy.run_production import DEFAULT_SERVER, ProductionProfile, ProfileOptions  # noqa: E402
 from opamp.proto import opamp_pb2 as pb  # noqa: E402
 
 DRILLS = ("redis", "postgres", "celery", "server")
@@ -270,12 +270,12 @@ class SupervisedProfile:
                     log(f"supervisor: {error}")
 
     def kill(self, names: set[str]) -> list[str]:
-        """SIGKILL the named processes ("daphne", "celery-worker", "celery-beat") and their children."""
+        """SIGKILL the named processes ("server", "celery-worker", "celery-beat") and their children."""
         killed = []
         with self.lock:
             targets: list[tuple[str, subprocess.Popen[bytes]]] = []
-            if "daphne" in names:
-                targets += [(f"daphne-{i}", p) for i, p in enumerate(self.profile.daphnes) if p is not None]
+            if "server" in names:
+                targets += [(f"server-{i}", p) for i, p in enumerate(self.profile.servers) if p is not None]
             targets += [(name, p) for name, p in self.profile.others.items() if name in names]
             for name, process in targets:
                 if process.poll() is not None:
@@ -290,9 +290,9 @@ class SupervisedProfile:
 
     def all_running(self) -> bool:
         with self.lock:
-            daphnes = all(p is not None and p.poll() is None for p in self.profile.daphnes)
+            servers = all(p is not None and p.poll() is None for p in self.profile.servers)
             others = all(p.poll() is None for p in self.profile.others.values())
-            return daphnes and others
+            return servers and others
 
     def stop(self) -> None:
         self._stop.set()
@@ -660,6 +660,7 @@ class Drill:
                 processes=processes,
                 first_port=free_port(processes),
                 server_root=self.options.server_root,
+                server=self.options.server,
                 nginx=False,
                 celery=True,
                 extra_env={
@@ -714,7 +715,7 @@ class Drill:
             await wait_until(self.server.all_running, 120)
             mark("fault cleared: a new worker started")
         elif kind == "server":
-            killed = await asyncio.to_thread(self.server.kill, {"daphne", "celery-worker", "celery-beat"})
+            killed = await asyncio.to_thread(self.server.kill, {"server", "celery-worker", "celery-beat"})
             mark(f"fault: SIGKILL {'; '.join(killed)}")
             # Read before the restarted processes write anything (they take seconds to
             # start): what the killed ones had stored, so the acknowledged reports the kill
@@ -767,6 +768,7 @@ class Drill:
             "agents": options.agents,
             "failing_agents": len(self.failing),
             "server_processes": options.processes,
+            "asgi_server": options.server,
             "hold_seconds": options.hold,
             "heartbeat_seconds": options.heartbeat,
             "uptime_before": uptime(),
@@ -1141,7 +1143,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drill", choices=(*DRILLS, "all"), required=True)
     parser.add_argument("--agents", type=int, default=2000)
-    parser.add_argument("--processes", type=int, default=1, help="daphne processes (agents spread round robin)")
+    parser.add_argument("--processes", type=int, default=1, help="server processes (agents spread round robin)")
+    parser.add_argument(
+        "--server",
+        choices=("uvicorn", "daphne"),
+        default=os.environ.get("OPAMP_ASGI_SERVER") or DEFAULT_SERVER,
+        help="the ASGI server of the profile (default: OPAMP_ASGI_SERVER, else uvicorn)",
+    )
     parser.add_argument("--connect-rate", type=float, default=60.0, help="agents started per second")
     parser.add_argument("--heartbeat", type=float, default=30.0, help="agents' heartbeat interval, seconds")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds the 1%% and 10%% stages hold")
