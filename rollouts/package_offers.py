@@ -19,7 +19,9 @@ When it differs, the set is offered, but not twice on one connection, and to pol
 agents not again before `reoffer_after_seconds`. A version the agent reports
 InstallFailed for is held, as a failed remote config is: the failure answers the offer,
 so a set that differs from the agent's only by failed versions is not offered again until
-the desired set changes.
+the desired set changes. An empty set is offered only to an agent that reports packages
+(it has something to remove): to any other it would change nothing, and an agent that
+reads an empty offer as "remove what you have" could drop packages it installed itself.
 """
 
 from __future__ import annotations
@@ -231,6 +233,8 @@ def should_offer_packages(desired: DesiredPackages, context: PackageOfferContext
     current = desired.all_packages_hash.hex()
     if context.reported.server_provided_all_packages_hash == current:
         return False
+    if not desired.packages and not context.reported.packages:
+        return False  # nothing to install and nothing to remove
     if current == context.last_offered_on_connection:
         return False  # sent on this connection; the agent has not answered yet
     if held_by_failure(desired, context.reported):
