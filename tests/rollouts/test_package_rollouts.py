@@ -22,7 +22,15 @@ from rollouts.rollout_services.creation import (
     package_rollout_create,
 )
 from rollouts.rollout_services.gate import rollout_tick
-from rollouts.rollout_services.verbs import PACKAGE_ROLLOUT_ACTIVE, rollout_abort, rollout_retry, rollout_start
+from rollouts.rollout_services.verbs import (
+    PACKAGE_ROLLOUT_ACTIVE,
+    rollout_abort,
+    rollout_pause,
+    rollout_promote,
+    rollout_resume,
+    rollout_retry,
+    rollout_start,
+)
 from tests.rollouts.package_helpers import make_version, package_dir, signing_key  # noqa: F401
 from tests.rollouts.rollout_helpers import make_fleet
 
@@ -175,3 +183,28 @@ def test_the_api_creates_and_shows_a_package_rollout(fleet):
     assert page.status_code == 200 and b"package collector" in page.content and b"1.0.0" in page.content
     listing = client.get("/admin/rollouts/rollout/")
     assert listing.status_code == 200 and "1.0.0 → 2.0.0" in listing.content.decode()
+
+
+def test_pause_keeps_the_cohorts_and_promote_gives_every_agent_the_candidate(fleet):
+    rollout = two_stages()
+    rollout_start(rollout=rollout, actor=None)
+    started = versions_given(fleet)
+    assert rollout_pause(rollout=rollout, actor=None)
+    assert versions_given(fleet) == started
+    assert rollout_tick(rollout_id=rollout.pk) == "idle (paused)"
+    assert rollout_resume(rollout=rollout, actor=None)
+    assert rollout_promote(rollout=rollout, actor=None)
+    assert set(versions_given(fleet).values()) == {"2.0.0"}
+    assert rollout.targets.count() == AGENTS
+
+
+def test_the_admin_and_the_dashboard_list_show_a_package_rollout(fleet):
+    user = get_user_model().objects.create_superuser("admin", "a@example.com", "pw")
+    rollout = two_stages()
+    rollout_start(rollout=rollout, actor=None)
+    client = APIClient()
+    client.force_login(user)
+    change = client.get(f"/admin/rollouts/rollout/{rollout.pk}/change/")
+    assert change.status_code == 200 and "collector" in change.content.decode()
+    listing = client.get("/rollouts/")
+    assert listing.status_code == 200 and "package collector" in listing.content.decode()
