@@ -1,8 +1,8 @@
 """What a hint is on the wire: its kind, the agents it names, and how it is sent.
 
 A hint says "something about these agents changed, look again now", and its kind says
-what: a desired remote config, a certificate issued, a command or a custom message
-waiting, a certificate revoked, or a newer
+what: a desired remote config or package set, a certificate issued, a command or a
+custom message waiting, a certificate revoked, or a newer
 session of the agent on another server process. It names many agents at once (their
 instance_uids packed as 16-byte strings, at most `MAX_UIDS_PER_HINT` per message) and
 travels to one well-known group that every server process joins (fleet.hints).
@@ -34,6 +34,7 @@ class HintKind(StrEnum):
     CERTIFICATE = "certificate"  # a client certificate was issued for the agent
     COMMAND = "command"  # a command (restart) waits for the agent
     CUSTOM = "custom"  # an operator's custom message waits for the agent
+    PACKAGES = "packages"  # the agent's desired package set may have changed
     REVOKED = "revoked"  # a certificate of the agent was revoked
     TAKEOVER = "takeover"  # a newer session of the agent opened on another process
 

@@ -18,8 +18,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import transaction
+
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent
+from fleet.notify import notify_packages_changed
+from fleet.selector_queries import selector_q
 from opamp.proto import opamp_pb2
 from rollouts.models import (
     ACTIVE_ROLLOUT_STATES,
@@ -69,6 +73,21 @@ def bump_packages() -> None:
         if not created:  # another transaction inserted the row meanwhile
             DesiredStateGeneration.objects.filter(pk=1).update(packages=token)
     _definitions = None
+
+
+def hint_agents(agent_ids: Iterable[int] = (), *, selectors: Iterable[Any] = ()) -> None:
+    """Once the caller's transaction commits: hint the live sessions of these agents, and
+    of the agents `selectors` match, to look at their package sets again now."""
+    ids, chosen = list(agent_ids), [parse_selector(selector) for selector in selectors]
+
+    def send() -> None:
+        uids = list(Agent.objects.filter(pk__in=ids).values_list("instance_uid", flat=True)) if ids else []
+        for selector in chosen:
+            uids += Agent.objects.filter(selector_q(selector)).values_list("instance_uid", flat=True)
+        if uids:
+            notify_packages_changed(set(uids))
+
+    transaction.on_commit(send)
 
 
 def packages_token() -> str:

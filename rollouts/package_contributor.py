@@ -14,8 +14,10 @@ Per server process (one `PackagesContributor` per FleetRuntime) it keeps:
   is batched;
 - what was offered to whom and when, for polling agents (rollouts.package_offers decides).
 
-There is no hint for package changes: a live WebSocket agent gets a changed set with its
-next message (its heartbeat), within `CHECK_SECONDS` of the change.
+A change hints the agents it may concern (fleet.notify.notify_packages_changed: package
+assignment writes, package rollout transitions): their live sessions look again at once
+and push the changed set. A lost hint costs latency only: a live WebSocket agent gets a
+changed set with its next message (its heartbeat), within `CHECK_SECONDS` of the change.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from fleet.db import db
+from fleet.hint_messages import HintKind
 from fleet.services import AgentSnapshot
 from fleet.session_contributor import ReplyFiller, ReplyPart, ReportStep, SessionContributor
 from opamp.capabilities import AgentCapabilities, ServerCapabilities, has_capability
@@ -77,6 +80,7 @@ def _check(generation: int, token: str | None) -> _Checked:
 class PackagesContributor(SessionContributor):
     name = "packages"
     capabilities = PACKAGES_CAPABILITIES
+    hint_kinds = (HintKind.PACKAGES,)
 
     def __init__(self, runtime: FleetRuntime) -> None:
         self.definitions: PackageDefinitions | None = None
@@ -94,6 +98,12 @@ class PackagesContributor(SessionContributor):
 
     def reply_fillers(self) -> Sequence[tuple[ReplyPart, ReplyFiller]]:
         return ((ReplyPart.PACKAGES_AVAILABLE, self.offer_packages),)
+
+    async def on_hint(self, session: AgentSession, snapshot: AgentSnapshot, kind: str, generation: int | None) -> None:
+        self.checked_at = 0.0  # the definitions or the agent's facts changed: look again now
+
+    def hint_sent_here(self, kind: HintKind, generation: int | None) -> None:
+        self.checked_at = 0.0
 
     def agent_changed(self, instance_uid: uuid.UUID) -> None:
         self.facts.pop(instance_uid, None)  # its labels or platform may have changed

@@ -44,7 +44,7 @@ from rollouts.models import (
     Rollout,
     RolloutState,
 )
-from rollouts.package_assignments import agent_package_facts, bump_packages, package_definitions
+from rollouts.package_assignments import agent_package_facts, bump_packages, hint_agents, package_definitions
 from rollouts.package_offers import INSTALL_FAILED, INSTALLED
 from rollouts.packages import package_assignment_update
 from rollouts.resolver_cache import bump_definitions
@@ -99,8 +99,10 @@ class RolloutSubject(ABC):
     def reverted(self) -> Q:
         """On a RolloutTarget: the agent runs the stable version again."""
 
-    def refresh_targets(self, now: datetime) -> None:  # noqa: B027 - a no-op for configurations
-        """Record the targets of agents in started stages that have none yet."""
+    def refresh_targets(self, now: datetime) -> list[int]:
+        """Record the targets of agents in started stages that have none yet (the resolver
+        records a configuration's); the ids of the agents in started stages."""
+        return []
 
 
 class ConfigurationSubject(RolloutSubject):
@@ -220,15 +222,19 @@ class PackageSubject(RolloutSubject):
         bump_packages()
 
     def deliver(self, *, rolling_back: bool, kind: str) -> None:
-        # Every process recomputes the sets from the rollout's plan when the token moves.
+        # Every process recomputes the sets from the rollout's plan when the token moves;
+        # the agents it moves are hinted to look now.
         bump_packages()
-        if not rolling_back:
-            self.refresh_targets(timezone.now())
+        if rolling_back:
+            hint_agents(self.rollout.targets.values_list("agent_id", flat=True))
+        else:
+            hint_agents(self.refresh_targets(timezone.now()))
 
-    def refresh_targets(self, now: datetime) -> None:
+    def refresh_targets(self, now: datetime) -> list[int]:
+        """Record the targets of agents in started stages that have none; every target's id."""
         rollout = Rollout.objects.prefetch_related("stages").get(pk=self.rollout.pk)
         if rollout.state not in (RolloutState.RUNNING, RolloutState.PAUSED):
-            return
+            return []
         plan = plan_of(rollout)
         targets = []
         for agent_id, uid, labels in self.population():
@@ -236,6 +242,7 @@ class PackageSubject(RolloutSubject):
             if cohort is not None:
                 targets.append(desired_state.TargetRow(rollout.pk, agent_id, cohort, bucket, ""))
         desired_state.record_targets(targets, now)
+        return [target.agent_id for target in targets]
 
     def adopt_candidate(self) -> None:
         rollout = self.rollout

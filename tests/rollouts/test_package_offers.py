@@ -243,3 +243,17 @@ def _set_label(uid: bytes, key: str, value: str) -> bool:
 
 async def test_the_command_still_comes_last() -> None:
     assert ReplyPart.QUEUED_CUSTOM_MESSAGE < ReplyPart.PACKAGES_AVAILABLE < ReplyPart.COMMAND
+
+
+async def test_a_changed_assignment_is_pushed_to_a_live_agent_at_once(package_dir, monkeypatch):  # noqa: F811
+    # A process looks for changed assignments once a minute here: only the hint can be in time.
+    monkeypatch.setattr(package_contributor, "CHECK_SECONDS", 60.0)
+    await assign()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        offer = await agent.exchange(report(uid, 1))
+        installed = statuses(heartbeat(uid, 2, capabilities=ACCEPTS), offer, opamp_pb2.PackageStatusEnum_Installed)
+        assert not (await agent.exchange(installed)).HasField("packages_available")
+        await assign("2.0.0", V2)  # no message from the agent: the hint pushes the new set
+        pushed = await agent.receive(timeout=5)
+    assert pushed.packages_available.packages["collector"].version == "2.0.0"
