@@ -1,9 +1,9 @@
 """What a hint is on the wire: its kind, the agents it names, and how it is sent.
 
 A hint says "something about these agents changed, look again now", and its kind says
-what: a desired remote config, a certificate issued, a command or a custom message
-waiting, telemetry connection settings changed, a certificate revoked, or a newer
-session of the agent on another server process. It names many agents at once (their
+what: a desired remote config or package set, a certificate issued, a command or a
+custom message waiting, telemetry connection settings changed, a certificate revoked, or a
+newer session of the agent on another server process. It names many agents at once (their
 instance_uids packed as 16-byte strings, at most `MAX_UIDS_PER_HINT` per message) and
 travels to one well-known group that every server process joins (fleet.hints).
 """
@@ -35,6 +35,7 @@ class HintKind(StrEnum):
     COMMAND = "command"  # a command (restart) waits for the agent
     CUSTOM = "custom"  # an operator's custom message waits for the agent
     SETTINGS = "settings"  # the agent's telemetry connection settings may have changed
+    PACKAGES = "packages"  # the agent's desired package set may have changed
     REVOKED = "revoked"  # a certificate of the agent was revoked
     TAKEOVER = "takeover"  # a newer session of the agent opened on another process
 

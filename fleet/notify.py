@@ -44,6 +44,12 @@ def notify_desired_config_changed(instance_uids: Iterable[uuid.UUID], *, generat
     _notify(HintKind.CONFIG, instance_uids, generation=generation)
 
 
+def notify_packages_changed(instance_uids: Iterable[uuid.UUID]) -> None:
+    """The agents' desired package set may have changed (an assignment, a package rollout's
+    stage): their live sessions look again now rather than at the next heartbeat."""
+    _notify(HintKind.PACKAGES, instance_uids)
+
+
 def notify_certificate_issued(instance_uids: Iterable[uuid.UUID]) -> None:
     """A client certificate was issued for these agents: their live sessions offer it."""
     _notify(HintKind.CERTIFICATE, instance_uids)

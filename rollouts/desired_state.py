@@ -247,7 +247,7 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
             )
     for ids in _chunks(cleared):
         AgentDesiredConfig.objects.filter(agent_id__in=ids).delete()
-    _record_targets(targets, now)
+    record_targets(targets, now)
 
     changed = [i for ids in changed_to.values() for i in ids] + cleared
     if changed:
@@ -256,7 +256,7 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
     return changed
 
 
-def _record_targets(targets: list[TargetRow], now: datetime) -> None:
+def record_targets(targets: list[TargetRow], now: datetime) -> None:
     """Insert the rollout targets not yet recorded (an agent keeps its first assignment)."""
     for start in range(0, len(targets), BATCH):
         RolloutTarget.objects.bulk_create(
@@ -324,7 +324,7 @@ def resolve_new_agent(*, agent_id: int, instance_uid: uuid.UUID, labels: dict[st
             agent_id=agent_id, configuration_id=configuration.configuration_id, version_id=version_id, updated_at=now
         )
         if target is not None:
-            _record_targets([target], now)
+            record_targets([target], now)
     if locked_definitions_token() != definitions.token:
         transaction.on_commit(lambda: resolve_agents_in_lock_order([agent_id]))
     return version_id

@@ -218,16 +218,30 @@ ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState
 
 
 class Rollout(models.Model):
-    """Moves a configuration's agents from `stable_version` to `candidate_version` in stages.
+    """Moves agents from a stable version to a candidate version in stages. Its subject is
+    a configuration (`stable_version` -> `candidate_version`) or a package
+    (`stable_package_version` -> `candidate_package_version`), never both: the engine is
+    the same (rollouts.rollout_subjects says what differs).
 
     State changes happen only in `rollouts.rollout_services.verbs.transition`, each as a
     conditional UPDATE on (state, stage_index), so a duplicated or stale Celery task cannot
     repeat one.
     """
 
-    configuration = models.ForeignKey(Configuration, on_delete=models.CASCADE, related_name="rollouts")
-    stable_version = models.ForeignKey(ConfigVersion, on_delete=models.PROTECT, related_name="+")
-    candidate_version = models.ForeignKey(ConfigVersion, on_delete=models.PROTECT, related_name="+")
+    configuration = models.ForeignKey(
+        Configuration, null=True, blank=True, on_delete=models.CASCADE, related_name="rollouts"
+    )
+    stable_version = models.ForeignKey(ConfigVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    candidate_version = models.ForeignKey(
+        ConfigVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    package = models.ForeignKey("Package", null=True, blank=True, on_delete=models.PROTECT, related_name="rollouts")
+    stable_package_version = models.ForeignKey(
+        "PackageVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    candidate_package_version = models.ForeignKey(
+        "PackageVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     state = models.CharField(max_length=16, choices=RolloutState.choices, default=RolloutState.DRAFT)
     stage_index = models.IntegerField(default=0)
     stage_started_at = models.DateTimeField(null=True, blank=True)
@@ -256,12 +270,60 @@ class Rollout(models.Model):
                 fields=["configuration"],
                 condition=models.Q(state__in=["running", "paused", "rolling_back"]),
                 name="one_active_rollout_per_configuration",
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["package"],
+                condition=models.Q(state__in=["running", "paused", "rolling_back"]),
+                name="one_active_rollout_per_package",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(
+                        configuration__isnull=False,
+                        stable_version__isnull=False,
+                        candidate_version__isnull=False,
+                        package__isnull=True,
+                        stable_package_version__isnull=True,
+                        candidate_package_version__isnull=True,
+                    )
+                    | models.Q(
+                        configuration__isnull=True,
+                        stable_version__isnull=True,
+                        candidate_version__isnull=True,
+                        package__isnull=False,
+                        stable_package_version__isnull=False,
+                        candidate_package_version__isnull=False,
+                    )
+                ),
+                name="rollout_one_subject",
+            ),
         ]
 
+    @property
+    def is_package(self) -> bool:
+        return self.package_id is not None
+
+    @property
+    def subject_name(self) -> str:
+        """The configuration's or the package's name."""
+        subject = self.package if self.is_package else self.configuration
+        return subject.name if subject is not None else ""
+
+    @property
+    def stable_label(self) -> str:
+        if self.is_package:
+            return self.stable_package_version.version if self.stable_package_version else ""
+        return f"v{self.stable_version.number}" if self.stable_version else ""
+
+    @property
+    def candidate_label(self) -> str:
+        if self.is_package:
+            return self.candidate_package_version.version if self.candidate_package_version else ""
+        return f"v{self.candidate_version.number}" if self.candidate_version else ""
+
     def __str__(self) -> str:
-        versions = f"v{self.stable_version.number} -> v{self.candidate_version.number}"
-        return f"rollout {self.pk} of {self.configuration.name}: {versions}"
+        kind = "package " if self.is_package else ""
+        return f"rollout {self.pk} of {kind}{self.subject_name}: {self.stable_label} -> {self.candidate_label}"
 
 
 class RolloutStage(models.Model):

@@ -14,23 +14,37 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from django.db import transaction
 
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent
+from fleet.notify import notify_packages_changed
+from fleet.selector_queries import selector_q
 from opamp.proto import opamp_pb2
-from rollouts.models import DesiredStateGeneration, PackageAssignment, PackageFile, PackageType
+from rollouts.models import (
+    ACTIVE_ROLLOUT_STATES,
+    DesiredStateGeneration,
+    PackageAssignment,
+    PackageFile,
+    PackageType,
+    PackageVersion,
+    Rollout,
+)
 from rollouts.package_offers import (
     AssignedVersion,
     DesiredPackages,
     OfferedFile,
+    PackageRollout,
     PackageRule,
     ReportedPackages,
     desired_packages,
     platform_of,
 )
+from rollouts.rollout_plans import plan_of
 
 WIRE_TYPES = {
     PackageType.TOP_LEVEL: opamp_pb2.PackageType_TopLevel,
@@ -42,6 +56,8 @@ WIRE_TYPES = {
 class PackageDefinitions:
     token: str
     rules: tuple[PackageRule, ...]
+    # Active package rollouts by package name (a rollout's transitions bump the token too).
+    rollouts: Mapping[str, PackageRollout] = field(default_factory=dict)
 
 
 _definitions: PackageDefinitions | None = None
@@ -59,6 +75,21 @@ def bump_packages() -> None:
     _definitions = None
 
 
+def hint_agents(agent_ids: Iterable[int] = (), *, selectors: Iterable[Any] = ()) -> None:
+    """Once the caller's transaction commits: hint the live sessions of these agents, and
+    of the agents `selectors` match, to look at their package sets again now."""
+    ids, chosen = list(agent_ids), [parse_selector(selector) for selector in selectors]
+
+    def send() -> None:
+        uids = list(Agent.objects.filter(pk__in=ids).values_list("instance_uid", flat=True)) if ids else []
+        for selector in chosen:
+            uids += Agent.objects.filter(selector_q(selector)).values_list("instance_uid", flat=True)
+        if uids:
+            notify_packages_changed(set(uids))
+
+    transaction.on_commit(send)
+
+
 def packages_token() -> str:
     return DesiredStateGeneration.objects.filter(pk=1).values_list("packages", flat=True).first() or ""
 
@@ -69,8 +100,13 @@ def load_package_definitions(token: str) -> PackageDefinitions:
             "selector", "version_id", "version__version", "package__name", "package__type"
         )
     )
+    rollouts = list(
+        Rollout.objects.filter(state__in=ACTIVE_ROLLOUT_STATES, package__isnull=False)
+        .select_related("package", "candidate_package_version")
+        .prefetch_related("stages")
+    )
     files: dict[int, dict[tuple[str, str], OfferedFile]] = {}
-    version_ids = {row[1] for row in assignments}
+    version_ids = {row[1] for row in assignments} | {rollout.candidate_package_version_id for rollout in rollouts}
     for file in PackageFile.objects.filter(version_id__in=version_ids).values(
         "id", "version_id", "os", "arch", "sha256", "size", "signature"
     ):
@@ -95,7 +131,21 @@ def load_package_definitions(token: str) -> PackageDefinitions:
         )
         for selector, version_id, version, package, package_type in assignments
     )
-    return PackageDefinitions(token=token, rules=rules)
+    package_rollouts = {}
+    for rollout in rollouts:
+        assert rollout.package is not None and rollout.candidate_package_version is not None
+        candidate: PackageVersion = rollout.candidate_package_version
+        package_rollouts[rollout.package.name] = PackageRollout(
+            plan=plan_of(rollout),
+            candidate=AssignedVersion(
+                package=rollout.package.name,
+                wire_type=WIRE_TYPES[PackageType(rollout.package.type)],
+                version=candidate.version,
+                version_id=candidate.pk,
+                files=files.get(candidate.pk, {}),
+            ),
+        )
+    return PackageDefinitions(token=token, rules=rules, rollouts=package_rollouts)
 
 
 def package_definitions(token: str | None = None) -> PackageDefinitions:
@@ -124,8 +174,17 @@ class AgentPackageFacts:
     arch: str
     reported: ReportedPackages
 
-    def desired(self, definitions: PackageDefinitions) -> DesiredPackages:
-        return desired_packages(self.labels, self.os, self.arch, definitions.rules)
+    def desired(self, definitions: PackageDefinitions, *, with_rollouts: bool = True) -> DesiredPackages:
+        """The set the assignments give, with the active rollouts' candidates unless
+        `with_rollouts` is False (what the agent runs outside any rollout)."""
+        return desired_packages(
+            self.labels,
+            self.os,
+            self.arch,
+            definitions.rules,
+            instance_uid=self.instance_uid.bytes,
+            rollouts=definitions.rollouts if with_rollouts else None,
+        )
 
 
 def _facts(row: dict[str, Any]) -> AgentPackageFacts:

@@ -14,12 +14,15 @@ Per server process (one `PackagesContributor` per FleetRuntime) it keeps:
   is batched;
 - what was offered to whom and when, for polling agents (rollouts.package_offers decides).
 
-There is no hint for package changes: a live WebSocket agent gets a changed set with its
-next message (its heartbeat), within `CHECK_SECONDS` of the change.
+A change hints the agents it may concern (fleet.notify.notify_packages_changed: package
+assignment writes, package rollout transitions): their live sessions look again at once
+and push the changed set. A lost hint costs latency only: a live WebSocket agent gets a
+changed set with its next message (its heartbeat), within `CHECK_SECONDS` of the change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from fleet.db import db
+from fleet.hint_messages import HintKind
 from fleet.services import AgentSnapshot
 from fleet.session_contributor import ReplyFiller, ReplyPart, ReportStep, SessionContributor
 from opamp.capabilities import AgentCapabilities, ServerCapabilities, has_capability
@@ -77,11 +81,21 @@ def _check(generation: int, token: str | None) -> _Checked:
 class PackagesContributor(SessionContributor):
     name = "packages"
     capabilities = PACKAGES_CAPABILITIES
+    hint_kinds = (HintKind.PACKAGES,)
 
     def __init__(self, runtime: FleetRuntime) -> None:
         self.definitions: PackageDefinitions | None = None
         self.generation = -1  # of the desired-state change log: nothing known yet
         self.checked_at = 0.0
+        # Hints received, and how many of them the definitions in hand were read after: a
+        # check already under way when a hint arrives may have read before the change.
+        self.hints = 0
+        self.checked_hints = 0
+        self.checks_started = 0
+        self.checks_applied = 0
+        # The check under way and the hints it covers: sessions hinted together share it.
+        self.checking: asyncio.Future[None] | None = None
+        self.checking_hints = -1
         self.facts: dict[uuid.UUID, AgentPackageFacts] = {}
         self.reported: dict[uuid.UUID, ReportedPackages] = {}
         # (definitions token, facts) the set was computed from, and the set.
@@ -94,6 +108,12 @@ class PackagesContributor(SessionContributor):
 
     def reply_fillers(self) -> Sequence[tuple[ReplyPart, ReplyFiller]]:
         return ((ReplyPart.PACKAGES_AVAILABLE, self.offer_packages),)
+
+    async def on_hint(self, session: AgentSession, snapshot: AgentSnapshot, kind: str, generation: int | None) -> None:
+        self.hints += 1  # the definitions or the agent's facts changed: look again now
+
+    def hint_sent_here(self, kind: HintKind, generation: int | None) -> None:
+        self.hints += 1
 
     def agent_changed(self, instance_uid: uuid.UUID) -> None:
         self.facts.pop(instance_uid, None)  # its labels or platform may have changed
@@ -109,13 +129,29 @@ class PackagesContributor(SessionContributor):
 
     async def _current_definitions(self) -> PackageDefinitions:
         now = time.monotonic()
-        if self.definitions is not None and now - self.checked_at <= CHECK_SECONDS:
+        fresh = self.checked_hints == self.hints
+        if self.definitions is not None and fresh and now - self.checked_at <= CHECK_SECONDS:
             return self.definitions
-        self.checked_at = now
+        task = self.checking
+        if task is None or task.done() or self.checking_hints != self.hints:
+            self.checked_at = now
+            self.checking_hints = self.hints
+            task = self.checking = asyncio.ensure_future(self._check_now(self.hints))
+        await asyncio.shield(task)
+        assert self.definitions is not None
+        return self.definitions
+
+    async def _check_now(self, hints: int) -> None:
+        self.checks_started += 1
+        started = self.checks_started
         token = self.definitions.token if self.definitions is not None else None
         checked = await db(_check)(self.generation, token)
-        if checked.definitions is not None:
-            self.definitions = checked.definitions
+        if started > self.checks_applied:
+            # Concurrent checks finish in any order: only a later-started one replaces what is held.
+            self.checks_applied = started
+            self.checked_hints = hints
+            if checked.definitions is not None:
+                self.definitions = checked.definitions
         changed = checked.changes.agent_ids
         if changed is None:
             self.facts.clear()
@@ -123,8 +159,6 @@ class PackagesContributor(SessionContributor):
             for uid in [uid for uid, facts in self.facts.items() if facts.agent_id in changed]:
                 del self.facts[uid]
         self.generation = max(self.generation, checked.changes.generation)
-        assert self.definitions is not None
-        return self.definitions
 
     async def desired_for(self, snapshot: AgentSnapshot) -> tuple[DesiredPackages, ReportedPackages] | None:
         """The agent's desired set and what it last reported; None when its row is gone."""

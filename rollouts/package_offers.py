@@ -19,7 +19,9 @@ When it differs, the set is offered, but not twice on one connection, and to pol
 agents not again before `reoffer_after_seconds`. A version the agent reports
 InstallFailed for is held, as a failed remote config is: the failure answers the offer,
 so a set that differs from the agent's only by failed versions is not offered again until
-the desired set changes.
+the desired set changes. An empty set is offered only to an agent that reports packages
+(it has something to remove): to any other it would change nothing, and an agent that
+reads an empty offer as "remove what you have" could drop packages it installed itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fleet.label_selectors.selector import LabelSelector
 from opamp.proto import opamp_pb2
@@ -63,6 +65,30 @@ class AssignedVersion:
 
     def file_for(self, os: str, arch: str) -> OfferedFile | None:
         return self.files.get((os, arch)) or self.files.get(("", ""))
+
+
+class CohortPlan(Protocol):
+    """An active rollout's cohorts (rollouts.rollout_plans.RolloutPlan): which version an agent runs."""
+
+    @property
+    def stable_version_id(self) -> int: ...
+
+    def version_for(self, instance_uid: bytes, labels: Mapping[str, str]) -> tuple[int, int | None, int]: ...
+
+
+@dataclass(frozen=True)
+class PackageRollout:
+    """An active rollout of a package: agents its plan puts in a started stage get
+    `candidate` where an assignment gives them the rollout's stable version."""
+
+    plan: CohortPlan
+    candidate: AssignedVersion
+
+    def version_for(self, assigned: AssignedVersion, instance_uid: bytes, labels: Mapping[str, str]) -> AssignedVersion:
+        if assigned.version_id != self.plan.stable_version_id or not instance_uid:
+            return assigned
+        version_id, _, _ = self.plan.version_for(instance_uid, labels)
+        return self.candidate if version_id == self.candidate.version_id else assigned
 
 
 @dataclass(frozen=True)
@@ -117,7 +143,17 @@ def all_packages_hash(packages: Mapping[str, DesiredPackage]) -> bytes:
     return digest.digest()
 
 
-def desired_packages(labels: Mapping[str, str], os: str, arch: str, rules: Sequence[PackageRule]) -> DesiredPackages:
+def desired_packages(
+    labels: Mapping[str, str],
+    os: str,
+    arch: str,
+    rules: Sequence[PackageRule],
+    *,
+    instance_uid: bytes = b"",
+    rollouts: Mapping[str, PackageRollout] | None = None,
+) -> DesiredPackages:
+    """`rollouts` (package name -> its active rollout) move the agent `instance_uid` to a
+    candidate when its cohort has started."""
     chosen: dict[str, DesiredPackage] = {}
     decided: set[str] = set()
     for rule in rules:
@@ -125,10 +161,13 @@ def desired_packages(labels: Mapping[str, str], os: str, arch: str, rules: Seque
         if name in decided or not rule.selector.matches(labels):
             continue
         decided.add(name)  # the highest-priority match decides, even without a file here
-        file = rule.version.file_for(os, arch)
+        assigned = rule.version
+        rollout = (rollouts or {}).get(name)
+        if rollout is not None:
+            assigned = rollout.version_for(assigned, instance_uid, labels)
+        file = assigned.file_for(os, arch)
         if file is None:
             continue
-        assigned = rule.version
         chosen[name] = DesiredPackage(
             name=name,
             wire_type=assigned.wire_type,
@@ -231,6 +270,8 @@ def should_offer_packages(desired: DesiredPackages, context: PackageOfferContext
     current = desired.all_packages_hash.hex()
     if context.reported.server_provided_all_packages_hash == current:
         return False
+    if not desired.packages and not context.reported.packages:
+        return False  # nothing to install and nothing to remove
     if current == context.last_offered_on_connection:
         return False  # sent on this connection; the agent has not answered yet
     if held_by_failure(desired, context.reported):

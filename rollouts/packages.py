@@ -19,7 +19,7 @@ from fleet.label_selectors.parsing import parse_selector
 from fleet.label_selectors.selector import SelectorError
 from fleet.safe_text import text_problem
 from rollouts.models import Package, PackageAssignment, PackageFile, PackageVersion
-from rollouts.package_assignments import bump_packages
+from rollouts.package_assignments import bump_packages, hint_agents
 from rollouts.package_files import Readable, delete_stored_file, sign_package, store_package_file
 
 PACKAGE_NAME_TAKEN = "a package named {name!r} already exists"
@@ -170,6 +170,7 @@ def package_assignment_create(
     assignment.full_clean()
     assignment.save()
     bump_packages()
+    hint_agents(selectors=[assignment.selector])
     audit_record(
         actor=actor,
         action="package.assignment.create",
@@ -199,6 +200,7 @@ def package_assignment_update(
         PackageAssignment.objects.select_for_update().select_related("package", "version").get(pk=assignment.pk)
     )
     changes: dict[str, Any] = {}
+    selected_before = assignment.selector
     if version is not None and version != assignment.version.version:
         assignment.version = _assignable_version(assignment.package, version)
         changes["version"] = version
@@ -213,6 +215,7 @@ def package_assignment_update(
     assignment.full_clean()
     assignment.save()
     bump_packages()
+    hint_agents(selectors=[selected_before] + ([assignment.selector] if "selector" in changes else []))
     audit_record(actor=actor, action="package.assignment.update", target=assignment, details=changes)
     return assignment
 
@@ -220,5 +223,6 @@ def package_assignment_update(
 @transaction.atomic
 def package_assignment_delete(*, assignment: PackageAssignment, actor: Actor) -> None:
     audit_record(actor=actor, action="package.assignment.delete", target=assignment, details={"name": assignment.name})
+    hint_agents(selectors=[assignment.selector])
     assignment.delete()
     bump_packages()

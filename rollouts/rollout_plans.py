@@ -35,6 +35,7 @@ class RolloutPlan:
 
 
 def plan_of(rollout: Rollout) -> RolloutPlan:
+    """The plan of a configuration's or a package's rollout (the versions are the subject's)."""
     stages = tuple(
         StagePlan(threshold=stage.bucket_threshold, selector=parse_selector(stage.selector) if stage.selector else None)
         for stage in rollout.stages.all()
@@ -45,17 +46,17 @@ def plan_of(rollout: Rollout) -> RolloutPlan:
         stage_index=rollout.stage_index,
         salt=rollout.salt,
         stages=stages,
-        stable_version_id=rollout.stable_version_id,
-        candidate_version_id=rollout.candidate_version_id,
-        candidate_hash=rollout.candidate_version.config_hash,
+        stable_version_id=int(rollout.stable_package_version_id or rollout.stable_version_id or 0),
+        candidate_version_id=int(rollout.candidate_package_version_id or rollout.candidate_version_id or 0),
+        candidate_hash=rollout.candidate_version.config_hash if rollout.candidate_version is not None else "",
     )
 
 
 def active_rollout_plans() -> dict[int, RolloutPlan]:
     """configuration id -> plan of its active rollout (at most one, by constraint)."""
     rollouts = (
-        Rollout.objects.filter(state__in=ACTIVE_ROLLOUT_STATES)
+        Rollout.objects.filter(state__in=ACTIVE_ROLLOUT_STATES, configuration__isnull=False)
         .select_related("candidate_version")
         .prefetch_related("stages")
     )
-    return {rollout.configuration_id: plan_of(rollout) for rollout in rollouts}
+    return {int(rollout.configuration_id or 0): plan_of(rollout) for rollout in rollouts}

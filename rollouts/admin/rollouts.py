@@ -197,7 +197,15 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
         return (
             super()
             .get_queryset(request)
-            .select_related("configuration", "stable_version", "candidate_version", "created_by")
+            .select_related(
+                "configuration",
+                "stable_version",
+                "candidate_version",
+                "package",
+                "stable_package_version",
+                "candidate_package_version",
+                "created_by",
+            )
             .annotate(stage_total=Count("stages"))
         )
 
@@ -234,7 +242,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
 
     @admin.display(description="stable → candidate")
     def versions(self, rollout: Rollout) -> str:
-        return f"v{rollout.stable_version.number} → v{rollout.candidate_version.number}"
+        return f"{rollout.stable_label} → {rollout.candidate_label}"
 
     @admin.display(description="stage")
     def stage(self, rollout: Rollout) -> str:

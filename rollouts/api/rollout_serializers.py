@@ -18,9 +18,36 @@ class StageInputSerializer(StrictSerializer):
     requires_approval = serializers.BooleanField(default=False)
 
 
+CANDIDATE_VERSION_INVALID = "a configuration's version number (>= 1), or a package's version name"
+ONE_SUBJECT = "give exactly one of configuration or package"
+
+
+class CandidateVersionField(serializers.Field):
+    """A configuration's version number or a package's version name."""
+
+    default_error_messages = {"invalid": CANDIDATE_VERSION_INVALID}
+
+    def to_internal_value(self, data: Any) -> int | str:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        if isinstance(data, int):
+            if data < 1:
+                self.fail("invalid")
+            return data
+        if isinstance(data, str) and data.strip() and len(data) <= 200:
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
 class RolloutInputSerializer(StrictSerializer):
-    configuration = serializers.CharField(help_text="configuration name")
-    candidate_version = serializers.IntegerField(min_value=1, help_text="version number to roll out")
+    configuration = serializers.CharField(required=False, help_text="configuration name (a configuration rollout)")
+    package = serializers.CharField(required=False, help_text="package name (a package rollout)")
+    candidate_version = CandidateVersionField(
+        help_text="a configuration's version number, or the package version to roll out"
+    )
     stages = StageInputSerializer(many=True)
     max_failure_rate = serializers.FloatField(default=0.001, min_value=0, max_value=1)
     apply_timeout_seconds = serializers.FloatField(default=300, min_value=1)
@@ -29,6 +56,11 @@ class RolloutInputSerializer(StrictSerializer):
     salt = serializers.CharField(required=False, allow_blank=False, max_length=64)
     note = serializers.CharField(default="", allow_blank=True)
     dry_run = serializers.BooleanField(default=False, help_text="show each stage's agents; create nothing")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("configuration" in attrs) == ("package" in attrs):
+            raise serializers.ValidationError(ONE_SUBJECT)
+        return attrs
 
 
 class ApproveSerializer(serializers.Serializer):
@@ -61,11 +93,20 @@ class StageSerializer(serializers.ModelSerializer):
 
 
 class RolloutSerializer(serializers.ModelSerializer):
-    configuration = serializers.CharField(source="configuration.name", read_only=True)
-    stable_version = serializers.IntegerField(source="stable_version.number", read_only=True)
-    candidate_version = serializers.IntegerField(source="candidate_version.number", read_only=True)
-    stable_hash = serializers.CharField(source="stable_version.config_hash", read_only=True)
-    candidate_hash = serializers.CharField(source="candidate_version.config_hash", read_only=True)
+    """A configuration rollout names its configuration and version numbers; a package
+    rollout its package and version names (`configuration` and the hashes are null)."""
+
+    kind = serializers.SerializerMethodField()
+    configuration = serializers.CharField(source="configuration.name", read_only=True, allow_null=True, default=None)
+    package = serializers.CharField(source="package.name", read_only=True, allow_null=True, default=None)
+    stable_version = serializers.SerializerMethodField()
+    candidate_version = serializers.SerializerMethodField()
+    stable_hash = serializers.CharField(
+        source="stable_version.config_hash", read_only=True, allow_null=True, default=None
+    )
+    candidate_hash = serializers.CharField(
+        source="candidate_version.config_hash", read_only=True, allow_null=True, default=None
+    )
     created_by = serializers.CharField(source="created_by.username", read_only=True, allow_null=True)
     stages = serializers.SerializerMethodField()
     rollback = serializers.SerializerMethodField()
@@ -74,7 +115,9 @@ class RolloutSerializer(serializers.ModelSerializer):
         model = Rollout
         fields = [
             "id",
+            "kind",
             "configuration",
+            "package",
             "state",
             "stage_index",
             "stage_started_at",
@@ -96,6 +139,19 @@ class RolloutSerializer(serializers.ModelSerializer):
             "rollback",
         ]
         read_only_fields = fields
+
+    def get_kind(self, rollout: Rollout) -> str:
+        return "package" if rollout.is_package else "configuration"
+
+    def get_stable_version(self, rollout: Rollout) -> int | str | None:
+        if rollout.is_package:
+            return rollout.stable_package_version.version if rollout.stable_package_version else None
+        return rollout.stable_version.number if rollout.stable_version else None
+
+    def get_candidate_version(self, rollout: Rollout) -> int | str | None:
+        if rollout.is_package:
+            return rollout.candidate_package_version.version if rollout.candidate_package_version else None
+        return rollout.candidate_version.number if rollout.candidate_version else None
 
     def get_stages(self, rollout: Rollout) -> list[dict[str, Any]]:
         return list(StageSerializer(rollout.stages.all(), many=True, context=self.context).data)

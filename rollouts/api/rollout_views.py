@@ -15,9 +15,12 @@ from rest_framework.response import Response
 from fleet.api.validation import validated
 from fleet.errors import DomainError
 from rollouts.api import rollout_serializers as rs
+from rollouts.api.packages import package_or_404
 from rollouts.api.views import RolloutsAPIMixin, configuration_or_404, version_or_400
 from rollouts.models import Rollout, RolloutState
 from rollouts.rollout_services import answers, creation, verbs
+
+NO_SUCH_PACKAGE_VERSION = "package {name!r} has no version {version!r}"
 
 
 def _stage_specs(stages: list[dict[str, Any]]) -> list[creation.StageSpec]:
@@ -25,7 +28,7 @@ def _stage_specs(stages: list[dict[str, Any]]) -> list[creation.StageSpec]:
 
 
 class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
-    """Timed canary rollouts of a configuration's candidate version."""
+    """Timed canary rollouts of a configuration's candidate version or of a package version."""
 
     serializer_class = rs.RolloutSerializer
     # Ids are integers: anything else is no rollout (404), never a failed int() (a 500).
@@ -36,7 +39,13 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
 
     def get_queryset(self) -> QuerySet[Rollout]:
         return Rollout.objects.select_related(
-            "configuration", "stable_version", "candidate_version", "created_by"
+            "configuration",
+            "stable_version",
+            "candidate_version",
+            "package",
+            "stable_package_version",
+            "candidate_package_version",
+            "created_by",
         ).prefetch_related("stages__approved_by")
 
     def _encode(self, rollout: Rollout, *, code: int = status.HTTP_200_OK) -> Response:
@@ -56,19 +65,54 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     @extend_schema(
         request=rs.RolloutInputSerializer,
         responses={201: rs.RolloutSerializer, 200: rs.DryRunSerializer},
-        description="Create a draft rollout, or with dry_run=true show which agents each stage would take and "
+        description="Create a draft rollout of a configuration's version or of a package's version (from the "
+        "version its assignments give), or with dry_run=true show which agents each stage would take and "
         "the salt that drew them (create with that salt for the same cohorts).",
     )
     def create(self, request: Request) -> Response:
         data = validated(rs.RolloutInputSerializer, request.data)
-        configuration = configuration_or_404(data["configuration"])
         stages = _stage_specs(data["stages"])
+        if "package" in data:
+            return self._create_package_rollout(request, data, stages)
+        configuration = configuration_or_404(data["configuration"])
+        number = data["candidate_version"]
+        if not isinstance(number, int):
+            if not number.isdigit() or int(number) < 1:
+                raise DomainError(rs.CANDIDATE_VERSION_INVALID, field="candidate_version")
+            number = int(number)
         if data["dry_run"]:
             result = creation.rollout_dry_run(configuration=configuration, stages=stages, salt=data.get("salt"))
             return Response(rs.DryRunSerializer(result).data)
         rollout = creation.rollout_create(
             configuration=configuration,
-            candidate=version_or_400(configuration, data["candidate_version"], field="candidate_version"),
+            candidate=version_or_400(configuration, number, field="candidate_version"),
+            stages=stages,
+            actor=request.user,
+            max_failure_rate=data["max_failure_rate"],
+            apply_timeout_seconds=data["apply_timeout_seconds"],
+            min_reporting=data["min_reporting"],
+            auto_rollback=data["auto_rollback"],
+            salt=data.get("salt"),
+            note=data["note"],
+        )
+        return self._encode(rollout, code=status.HTTP_201_CREATED)
+
+    def _create_package_rollout(
+        self, request: Request, data: dict[str, Any], stages: list[creation.StageSpec]
+    ) -> Response:
+        package = package_or_404(data["package"])
+        if data["dry_run"]:
+            result = creation.rollout_dry_run(package=package, stages=stages, salt=data.get("salt"))
+            return Response(rs.DryRunSerializer(result).data)
+        candidate = package.versions.filter(version=str(data["candidate_version"])).first()
+        if candidate is None:
+            raise DomainError(
+                NO_SUCH_PACKAGE_VERSION.format(name=package.name, version=data["candidate_version"]),
+                field="candidate_version",
+            )
+        rollout = creation.package_rollout_create(
+            package=package,
+            candidate=candidate,
             stages=stages,
             actor=request.user,
             max_failure_rate=data["max_failure_rate"],

@@ -13,9 +13,9 @@ from typing import Any
 
 from django.utils import timezone
 
-from fleet.models import Agent
 from rollouts.models import Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
 from rollouts.rollout_services import answers
+from rollouts.rollout_subjects import subject_of
 
 FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
 FAILED_AGENTS_SHOWN = 50
@@ -111,9 +111,15 @@ class RolloutProgress:
 def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: int = EVENTS_SHOWN) -> RolloutProgress:
     """Everything the progress views show, in a fixed handful of queries (raises DoesNotExist)."""
     now = now or timezone.now()
-    rollout = Rollout.objects.select_related("configuration", "stable_version", "candidate_version", "created_by").get(
-        pk=rollout_id
-    )
+    rollout = Rollout.objects.select_related(
+        "configuration",
+        "stable_version",
+        "candidate_version",
+        "package",
+        "stable_package_version",
+        "candidate_package_version",
+        "created_by",
+    ).get(pk=rollout_id)
     counts = answers.stage_counts(rollout, now=now)
     failed = RolloutTarget.objects.filter(rollout=rollout, answer="failed")
     failed_by_stage: dict[int, int] = {}
@@ -157,7 +163,7 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
         rollout=rollout,
         stages=stages,
         cumulative=cumulative,
-        population=Agent.objects.filter(desired_config__configuration=rollout.configuration).count(),
+        population=subject_of(rollout).population_size(),
         rollback=rollback,
         failed_agents=failed_agents,
         failed_total=sum(failed_by_stage.values()),

@@ -17,6 +17,7 @@ from fleet.models import RemoteConfigState
 from fleet.selectors import presence_q
 from fleet.services import RemoteConfigAnswer
 from rollouts.models import ACTIVE_ROLLOUT_STATES, Rollout, RolloutTarget
+from rollouts.rollout_subjects import subject_of
 
 ANSWERS = {
     RemoteConfigState.APPLYING: "applying",
@@ -132,12 +133,9 @@ def stage_counts(rollout: Rollout, *, now: datetime | None = None) -> dict[int, 
     Offline agents that have not answered count as offline, not in any denominator.
     """
     now = now or timezone.now()
-    candidate_hash = rollout.candidate_version.config_hash
-    on_candidate = Q(agent__remote_config_hash=candidate_hash)
-    applied = on_candidate & Q(agent__remote_config_state=RemoteConfigState.APPLIED)
-    healthy_applied = applied & ~Q(agent__healthy=False)
-    unhealthy_applied = applied & Q(agent__healthy=False)
-    failed = on_candidate & Q(agent__remote_config_state=RemoteConfigState.FAILED)
+    # What a success and a failure are depends on the subject (a config's remote config
+    # status, a package's PackageStatus).
+    healthy_applied, unhealthy_applied, failed = subject_of(rollout).outcomes()
     answered = healthy_applied | unhealthy_applied | failed
     present = presence_q(now, prefix="agent__")
     overdue = Q(assigned_at__lt=now - timedelta(seconds=rollout.apply_timeout_seconds))
@@ -169,9 +167,7 @@ def cumulative_counts(rollout: Rollout, *, through_stage: int, now: datetime | N
 def rollback_progress(rollout: Rollout, *, now: datetime | None = None) -> dict[str, int]:
     """During a rollback: of the agents that got the candidate, how many run stable again."""
     now = now or timezone.now()
-    stable = Q(agent__remote_config_hash=rollout.stable_version.config_hash) & Q(
-        agent__remote_config_state=RemoteConfigState.APPLIED
-    )
+    stable = subject_of(rollout).reverted()
     present = presence_q(now, prefix="agent__")
     overdue = Q(reverted_at__lt=now - timedelta(seconds=rollout.apply_timeout_seconds))
     return RolloutTarget.objects.filter(rollout=rollout).aggregate(

@@ -1,5 +1,6 @@
-"""Creating a rollout: the stage rules, `rollout_create`, and the dry run that previews which
-agents each stage would take (cohort thresholds from the population).
+"""Creating a rollout: the stage rules, `rollout_create` (a configuration's) and
+`package_rollout_create` (a package's), and the dry run that previews which agents each
+stage would take (cohort thresholds from the population).
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
 from fleet.label_selectors.parsing import parse_selector
 from fleet.label_selectors.selector import SelectorError
-from fleet.models import Agent
 from rollouts.cohorts import BUCKETS, StagePlan, bucket_of, cohort_of, count_threshold, percent_threshold
-from rollouts.models import Configuration, ConfigVersion, Rollout, RolloutEvent, RolloutStage, RolloutState
-from rollouts.resolver_cache import bump_definitions
+from rollouts.models import (
+    Configuration,
+    ConfigVersion,
+    Package,
+    PackageAssignment,
+    PackageVersion,
+    Rollout,
+    RolloutEvent,
+    RolloutStage,
+    RolloutState,
+)
+from rollouts.rollout_subjects import subject_of
 
 Kind = RolloutEvent.Kind
 
@@ -31,6 +41,13 @@ NO_STAGES = "a rollout needs at least one stage"
 STAGE_SIZE = "stage {index}: give exactly one of percent (0-100] or count (>= 1)"
 STAGES_NOT_NESTED = "stage {index}: stages are cumulative, so each must be at least as large as the one before"
 BAD_FAILURE_RATE = "max_failure_rate must be between 0 and 1"
+CANDIDATE_NOT_OF_PACKAGE = "version {version!r} does not belong to package {name!r}"
+PACKAGE_NOT_ASSIGNED = "package {name!r} is not assigned to any agent: nothing to roll out from"
+PACKAGE_STABLE_AMBIGUOUS = (
+    "package {name!r} is assigned at several versions ({versions}): a rollout moves agents from one version"
+)
+PACKAGE_CANDIDATE_IS_STABLE = "version {version!r} is already the version package {name!r} is assigned at"
+PACKAGE_CANDIDATE_NO_FILE = "version {version!r} of package {name!r} has no file to install"
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,50 @@ def _check_stages(stages: Sequence[StageSpec]) -> list[dict[str, Any]]:
     return checked
 
 
+def _create(
+    *,
+    subject: dict[str, Any],
+    stages: Sequence[StageSpec],
+    actor: Actor,
+    max_failure_rate: float,
+    apply_timeout_seconds: float,
+    min_reporting: int,
+    auto_rollback: bool,
+    salt: str | None,
+    note: str,
+) -> Rollout:
+    """The draft rollout of either subject (`subject`: its Rollout fields)."""
+    if not 0 <= max_failure_rate <= 1:
+        raise DomainError(BAD_FAILURE_RATE, field="max_failure_rate")
+    checked = _check_stages(stages)
+    rollout = Rollout.objects.create(
+        **subject,
+        max_failure_rate=max_failure_rate,
+        apply_timeout_seconds=apply_timeout_seconds,
+        min_reporting=min_reporting,
+        auto_rollback=auto_rollback,
+        salt=salt or secrets.token_hex(16),
+        note=note,
+        created_by=actor_user(actor),
+    )
+    RolloutStage.objects.bulk_create([RolloutStage(rollout=rollout, **stage) for stage in checked])
+    subject_of(rollout).bump()
+    RolloutEvent.objects.create(
+        rollout=rollout, kind=Kind.CREATED, to_state=RolloutState.DRAFT, actor=actor_user(actor)
+    )
+    named = {"package": rollout.subject_name} if rollout.is_package else {"configuration": rollout.subject_name}
+    candidate: Any = (
+        rollout.candidate_package_version.version if rollout.is_package else rollout.candidate_version.number
+    )
+    audit_record(
+        actor=actor,
+        action="rollout.create",
+        target=rollout,
+        details={**named, "candidate": candidate, "stages": checked},
+    )
+    return rollout
+
+
 @transaction.atomic
 def rollout_create(
     *,
@@ -100,46 +161,75 @@ def rollout_create(
         raise DomainError(NO_STABLE_VERSION.format(name=configuration.name))
     if configuration.current_version.config_hash == candidate.config_hash:
         raise DomainError(CANDIDATE_IS_STABLE.format(number=candidate.number, name=configuration.name))
-    if not 0 <= max_failure_rate <= 1:
-        raise DomainError(BAD_FAILURE_RATE, field="max_failure_rate")
-    checked = _check_stages(stages)
-    rollout = Rollout.objects.create(
-        configuration=configuration,
-        stable_version=configuration.current_version,
-        candidate_version=candidate,
+    return _create(
+        subject={
+            "configuration": configuration,
+            "stable_version": configuration.current_version,
+            "candidate_version": candidate,
+        },
+        stages=stages,
+        actor=actor,
         max_failure_rate=max_failure_rate,
         apply_timeout_seconds=apply_timeout_seconds,
         min_reporting=min_reporting,
         auto_rollback=auto_rollback,
-        salt=salt or secrets.token_hex(16),
+        salt=salt,
         note=note,
-        created_by=actor_user(actor),
     )
-    RolloutStage.objects.bulk_create([RolloutStage(rollout=rollout, **stage) for stage in checked])
-    bump_definitions()
-    RolloutEvent.objects.create(
-        rollout=rollout, kind=Kind.CREATED, to_state=RolloutState.DRAFT, actor=actor_user(actor)
+
+
+def package_stable_version(package: Package) -> PackageVersion:
+    """The version the package's assignments give: the one a rollout moves agents from."""
+    versions = list(
+        PackageVersion.objects.filter(
+            pk__in=PackageAssignment.objects.filter(package=package).values("version_id")
+        ).order_by("version")
     )
-    audit_record(
+    if not versions:
+        raise DomainError(PACKAGE_NOT_ASSIGNED.format(name=package.name), field="package")
+    if len(versions) > 1:
+        listed = ", ".join(version.version for version in versions)
+        raise DomainError(PACKAGE_STABLE_AMBIGUOUS.format(name=package.name, versions=listed), field="package")
+    return versions[0]
+
+
+@transaction.atomic
+def package_rollout_create(
+    *,
+    package: Package,
+    candidate: PackageVersion,
+    stages: Sequence[StageSpec],
+    actor: Actor,
+    max_failure_rate: float = 0.001,
+    apply_timeout_seconds: float = 300.0,
+    min_reporting: int = 1,
+    auto_rollback: bool = True,
+    salt: str | None = None,
+    note: str = "",
+) -> Rollout:
+    """A draft rollout of a package from the version its assignments give to `candidate`."""
+    package = Package.objects.select_for_update().get(pk=package.pk)
+    if candidate.package_id != package.pk:
+        raise DomainError(CANDIDATE_NOT_OF_PACKAGE.format(version=candidate.version, name=package.name))
+    stable = package_stable_version(package)
+    if stable.pk == candidate.pk:
+        raise DomainError(PACKAGE_CANDIDATE_IS_STABLE.format(version=candidate.version, name=package.name))
+    if not candidate.files.exists():
+        raise DomainError(PACKAGE_CANDIDATE_NO_FILE.format(version=candidate.version, name=package.name))
+    return _create(
+        subject={"package": package, "stable_package_version": stable, "candidate_package_version": candidate},
+        stages=stages,
         actor=actor,
-        action="rollout.create",
-        target=rollout,
-        details={"configuration": configuration.name, "candidate": candidate.number, "stages": checked},
+        max_failure_rate=max_failure_rate,
+        apply_timeout_seconds=apply_timeout_seconds,
+        min_reporting=min_reporting,
+        auto_rollback=auto_rollback,
+        salt=salt,
+        note=note,
     )
-    return rollout
 
 
 # --- cohorts -------------------------------------------------------------------------------
-
-
-def rollout_population(configuration: Configuration) -> list[tuple[int, bytes, dict[str, str]]]:
-    """(id, uid bytes, labels) of the agents the configuration selects now."""
-    rows = (
-        Agent.objects.filter(desired_config__configuration=configuration)
-        .values_list("id", "instance_uid", "labels")
-        .order_by("id")
-    )
-    return [(agent_id, uid.bytes, labels or {}) for agent_id, uid, labels in rows]
 
 
 def stage_thresholds(
@@ -186,13 +276,23 @@ class DryRun:
 
 
 def rollout_dry_run(
-    *, configuration: Configuration, stages: Sequence[StageSpec], salt: str | None = None, sample: int = 20
+    *,
+    configuration: Configuration | None = None,
+    package: Package | None = None,
+    stages: Sequence[StageSpec],
+    salt: str | None = None,
+    sample: int = 20,
 ) -> DryRun:
-    """Which agents each stage would take if the rollout started now (nothing is saved)."""
+    """Which agents each stage would take if the rollout of the configuration or the
+    package started now (nothing is saved)."""
     checked = _check_stages(stages)
     salt = salt or secrets.token_hex(16)
     unsaved = [RolloutStage(**{k: v for k, v in stage.items()}) for stage in checked]
-    population = rollout_population(configuration)
+    if package is not None:
+        subject = Rollout(package=package, stable_package_version=package_stable_version(package))
+    else:
+        subject = Rollout(configuration=configuration)
+    population = subject_of(subject).population()
     plans = _stage_plans(unsaved, stage_thresholds(unsaved, salt, population))
     members: list[list[str]] = [[] for _ in unsaved]
     for _, uid, labels in population:

@@ -14,11 +14,11 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from rollouts import desired_state, rollout_samples
-from rollouts.models import Configuration, Rollout, RolloutEvent, RolloutState
-from rollouts.resolver_cache import bump_definitions
+from rollouts import rollout_samples
+from rollouts.models import Rollout, RolloutEvent, RolloutState
 from rollouts.rollout_services.answers import cumulative_counts, rollback_progress
-from rollouts.rollout_services.verbs import sign_for_delivery, start_rollback, transition
+from rollouts.rollout_services.verbs import start_rollback, transition
+from rollouts.rollout_subjects import subject_of
 
 Kind = RolloutEvent.Kind
 
@@ -32,7 +32,14 @@ def running_rollout_ids() -> list[int]:
 def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
     """Advance one rollout if its gate allows; safe to call any number of times, concurrently."""
     rollout = (
-        Rollout.objects.select_related("configuration", "candidate_version", "stable_version")
+        Rollout.objects.select_related(
+            "configuration",
+            "candidate_version",
+            "stable_version",
+            "package",
+            "stable_package_version",
+            "candidate_package_version",
+        )
         .filter(pk=rollout_id)
         .first()
     )
@@ -49,6 +56,8 @@ def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
 def _tick_running(rollout: Rollout, now: datetime) -> str:
     stages = list(rollout.stages.all())
     index = rollout.stage_index
+    # Agents that joined the started stages since the last transition (package rollouts).
+    subject_of(rollout).refresh_targets(now)
     counts = cumulative_counts(rollout, through_stage=index, now=now)
     rollout_samples.rollout_sample_record(rollout=rollout, stage=index, counts=counts, now=now)
     snapshot = {"stage": index, **counts.as_dict()}
@@ -129,12 +138,7 @@ def _succeed(rollout: Rollout, snapshot: Mapping[str, Any]) -> str:
         )
         if done:
             # The candidate becomes what every matching agent runs from now on.
-            sign_for_delivery(rollout, rollout.candidate_version_id, Kind.SUCCEEDED)
-            Configuration.objects.filter(pk=rollout.configuration_id).update(
-                current_version=rollout.candidate_version_id, updated_at=timezone.now()
-            )
-            bump_definitions()
-            desired_state.resolve_for_configuration(rollout.configuration)
+            subject_of(rollout).adopt_candidate()
     return "succeeded" if done else "raced"
 
 

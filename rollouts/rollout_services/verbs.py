@@ -5,7 +5,8 @@ Every transition is one conditional UPDATE on (state, stage_index) inside a tran
 that also writes its RolloutEvent, signs anew the version it makes desired when another
 signing is newer (signed agents refuse older sequences), and re-resolves the
 configuration's agents, so a duplicated, stale or concurrent call changes nothing
-(`False` is returned).
+(`False` is returned). What depends on the subject (a configuration or a package) is
+asked of rollouts.rollout_subjects.
 """
 
 from __future__ import annotations
@@ -18,24 +19,21 @@ from django.utils import timezone
 
 from fleet.audit import Actor, actor_user, audit_record
 from fleet.errors import DomainError
-from rollouts import desired_state
-from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import (
-    ACTIVE_ROLLOUT_STATES,
-    Configuration,
     Rollout,
     RolloutEvent,
     RolloutStage,
     RolloutState,
     RolloutTarget,
 )
-from rollouts.resolver_cache import bump_definitions
-from rollouts.rollout_services.creation import rollout_population, stage_thresholds
+from rollouts.rollout_services.creation import stage_thresholds
+from rollouts.rollout_subjects import subject_of
 
 Kind = RolloutEvent.Kind
 
 # Error messages (tests assert on these).
 ROLLOUT_ACTIVE = "configuration {name!r} already has an active rollout ({rollout_id})"
+PACKAGE_ROLLOUT_ACTIVE = "package {name!r} already has an active rollout ({rollout_id})"
 NOT_IN_STATE = "rollout {rollout_id} is {state}; {verb} needs it {wanted}"
 NO_SUCH_STAGE = "rollout {rollout_id} has no stage {index}"
 STAGE_NEEDS_NO_APPROVAL = "stage {index} does not require approval"
@@ -61,8 +59,9 @@ def transition(
     `audit` names the audit action of an operator's verb; it is written in the same
     transaction as the transition, and only when the transition happened.
     """
+    subject = subject_of(rollout)
     with transaction.atomic():
-        _lock_configuration(rollout)
+        subject.lock()
         guard = Rollout.objects.filter(pk=rollout.pk, state__in=list(from_states))
         if from_stage is not None:
             guard = guard.filter(stage_index=from_stage)
@@ -77,8 +76,8 @@ def transition(
             return False  # another rollout of the configuration became active meanwhile
         if not moved:
             return False
-        # The resolver caches active rollouts' plans (state, stage) under this token.
-        bump_definitions()
+        # The resolvers cache active rollouts' plans (state, stage) under this token.
+        subject.bump()
         RolloutEvent.objects.create(
             rollout=rollout,
             kind=kind,
@@ -92,25 +91,8 @@ def transition(
         if audit:
             audit_record(actor=actor, action=audit, target=rollout)
         if resolve:
-            rolling_back = to_state == RolloutState.ROLLING_BACK
-            sign_for_delivery(
-                rollout, rollout.stable_version_id if rolling_back else rollout.candidate_version_id, kind
-            )
-            desired_state.resolve_for_configuration(rollout.configuration)
+            subject.deliver(rolling_back=to_state == RolloutState.ROLLING_BACK, kind=kind)
     return True
-
-
-def _lock_configuration(rollout: Rollout) -> None:
-    """The configuration's row lock, taken first by every transition: the signing sequence
-    is allocated under it, and taking it before anything else keeps the lock order of
-    configuration_publish (configuration, then the desired-state generation)."""
-    Configuration.objects.select_for_update().filter(pk=rollout.configuration_id).values_list("pk").first()
-
-
-def sign_for_delivery(rollout: Rollout, version_id: int, kind: str) -> None:
-    """Before agents are moved to `version_id`: its delivered signing must be newer than any
-    they run, or signing agents refuse going back to the stable content as a replay."""
-    config_version_sign_for_delivery(version_id=version_id, detail=f"rollout {rollout.pk}: {kind}")
 
 
 def _require(rollout: Rollout, verb: str, states: Sequence[str]) -> None:
@@ -125,22 +107,20 @@ def _require(rollout: Rollout, verb: str, states: Sequence[str]) -> None:
 def _fix_thresholds(rollout: Rollout) -> None:
     """Cohort thresholds from the population now (count stages depend on it)."""
     stages = list(rollout.stages.all())
-    thresholds = stage_thresholds(stages, rollout.salt, rollout_population(rollout.configuration))
+    subject = subject_of(rollout)
+    thresholds = stage_thresholds(stages, rollout.salt, subject.population())
     for stage, threshold in zip(stages, thresholds, strict=True):
         RolloutStage.objects.filter(pk=stage.pk).update(bucket_threshold=threshold)
-    bump_definitions()
+    subject.bump()
 
 
 def rollout_start(*, rollout: Rollout, actor: Actor) -> bool:
     """draft -> running at stage 0; cohort thresholds are fixed from the population now."""
     _require(rollout, "start", [RolloutState.DRAFT])
-    other = (
-        Rollout.objects.filter(configuration_id=rollout.configuration_id, state__in=ACTIVE_ROLLOUT_STATES)
-        .exclude(pk=rollout.pk)
-        .first()
-    )
+    other = subject_of(rollout).other_active()
     if other is not None:
-        raise DomainError(ROLLOUT_ACTIVE.format(name=rollout.configuration.name, rollout_id=other.pk), status=409)
+        message = PACKAGE_ROLLOUT_ACTIVE if rollout.is_package else ROLLOUT_ACTIVE
+        raise DomainError(message.format(name=rollout.subject_name, rollout_id=other.pk), status=409)
     return _run_from_first_stage(rollout, actor=actor, retry=False)
 
 
@@ -149,7 +129,7 @@ def _run_from_first_stage(rollout: Rollout, *, actor: Actor, retry: bool) -> boo
     start, or a retry of a rolled-back or aborted rollout (its targets dropped first). All of
     it is undone when another request moved the rollout first."""
     with transaction.atomic():
-        _lock_configuration(rollout)
+        subject_of(rollout).lock()
         if retry:
             RolloutTarget.objects.filter(rollout=rollout).delete()
         # A draft aborted before it started never had its thresholds fixed, so a retry fixes them too.
@@ -272,11 +252,9 @@ def rollout_abort(*, rollout: Rollout, actor: Actor, message: str = "") -> bool:
 def rollout_retry(*, rollout: Rollout, actor: Actor) -> bool:
     """Start a rolled-back or aborted rollout again from its first stage, with fresh targets."""
     _require(rollout, "retry", [RolloutState.ROLLED_BACK, RolloutState.ABORTED])
-    configuration = rollout.configuration
-    if configuration.current_version_id != rollout.stable_version_id:
-        raise DomainError(
-            f"configuration {configuration.name!r} moved on since this rollout; create a new one", status=409
-        )
+    if subject_of(rollout).moved_on():
+        kind = "package" if rollout.is_package else "configuration"
+        raise DomainError(f"{kind} {rollout.subject_name!r} moved on since this rollout; create a new one", status=409)
     return _run_from_first_stage(rollout, actor=actor, retry=True)
 
 

@@ -107,13 +107,31 @@ async def test_agents_that_do_not_accept_packages_get_none(package_dir):  # noqa
     assert reply.capabilities & ServerCapabilities.OFFERS_PACKAGES  # the server still offers packages
 
 
-async def test_an_agent_no_assignment_matches_gets_the_empty_set_with_its_hash(package_dir):  # noqa: F811
+async def test_an_agent_no_assignment_matches_gets_no_offer(package_dir):  # noqa: F811
     await assign(selector="env=nowhere")
     async with WsAgent() as agent:
         reply = await agent.exchange(report(uuid7().bytes))
-    assert reply.HasField("packages_available")
-    assert dict(reply.packages_available.packages) == {}
-    assert len(reply.packages_available.all_packages_hash) == 32
+    assert not reply.HasField("packages_available")
+
+
+async def test_an_agent_left_out_by_a_changed_assignment_gets_the_empty_set_with_its_hash(package_dir):  # noqa: F811
+    await assign()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        offer = await agent.exchange(report(uid, 1))
+        installed = statuses(heartbeat(uid, 2, capabilities=ACCEPTS), offer, opamp_pb2.PackageStatusEnum_Installed)
+        assert not (await agent.exchange(installed)).HasField("packages_available")
+        await database_sync_to_async(_select_nobody)()
+        # It has the collector installed: the empty set tells it to remove it.
+        emptied = await agent.exchange(heartbeat(uid, 3, capabilities=ACCEPTS))
+    assert emptied.HasField("packages_available")
+    assert dict(emptied.packages_available.packages) == {}
+    assert len(emptied.packages_available.all_packages_hash) == 32
+
+
+def _select_nobody() -> None:
+    assignment = PackageAssignment.objects.get(name="collectors")
+    packages.package_assignment_update(assignment=assignment, selector="env=nowhere", actor=None)
 
 
 async def test_other_platforms_get_the_file_for_every_platform(package_dir):  # noqa: F811
@@ -211,7 +229,7 @@ async def test_an_operator_label_change_moves_the_agent_to_its_new_set(package_d
     uid = uuid7().bytes
     async with WsAgent() as agent:
         first = await agent.exchange(report(uid, 1))
-        assert dict(first.packages_available.packages) == {}
+        assert not first.HasField("packages_available")
         agent_row = await database_sync_to_async(_set_label)(uid, "env", "prod")
         assert agent_row
         moved = await agent.exchange(heartbeat(uid, 2, capabilities=ACCEPTS))
@@ -225,3 +243,17 @@ def _set_label(uid: bytes, key: str, value: str) -> bool:
 
 async def test_the_command_still_comes_last() -> None:
     assert ReplyPart.QUEUED_CUSTOM_MESSAGE < ReplyPart.PACKAGES_AVAILABLE < ReplyPart.COMMAND
+
+
+async def test_a_changed_assignment_is_pushed_to_a_live_agent_at_once(package_dir, monkeypatch):  # noqa: F811
+    # A process looks for changed assignments once a minute here: only the hint can be in time.
+    monkeypatch.setattr(package_contributor, "CHECK_SECONDS", 60.0)
+    await assign()
+    uid = uuid7().bytes
+    async with WsAgent() as agent:
+        offer = await agent.exchange(report(uid, 1))
+        installed = statuses(heartbeat(uid, 2, capabilities=ACCEPTS), offer, opamp_pb2.PackageStatusEnum_Installed)
+        assert not (await agent.exchange(installed)).HasField("packages_available")
+        await assign("2.0.0", V2)  # no message from the agent: the hint pushes the new set
+        pushed = await agent.receive(timeout=5)
+    assert pushed.packages_available.packages["collector"].version == "2.0.0"

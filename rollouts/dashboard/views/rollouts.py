@@ -28,7 +28,14 @@ BAD_STAGE_ROW = "stage {index}: the size must be a number"
 
 @page
 def rollout_list(request: HttpRequest) -> HttpResponse:
-    rollouts = Rollout.objects.select_related("configuration", "stable_version", "candidate_version")[:100]
+    rollouts = Rollout.objects.select_related(
+        "configuration",
+        "stable_version",
+        "candidate_version",
+        "package",
+        "stable_package_version",
+        "candidate_package_version",
+    )[:100]
     return render(request, "dashboard/rollouts.html", page_context(request, rollouts=rollouts))
 
 

@@ -37,8 +37,7 @@ def headline(progress: RolloutProgress) -> str:
     rollout = progress.rollout
     stage = f"stage {rollout.stage_index + 1}/{len(progress.stages)}"
     return (
-        f"rollout {rollout.pk} of {rollout.configuration.name}: v{rollout.stable_version.number} -> "
-        f"v{rollout.candidate_version.number} | {rollout.get_state_display()} | {stage} | "
+        f"{rollout} | {rollout.get_state_display()} | {stage} | "
         f"failure rate {progress.failure_rate:.2%} of a {progress.budget:.2%} budget | "
         f"{progress.population} agents"
     )
