@@ -8,7 +8,7 @@ decision stick once.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -30,6 +30,18 @@ def running_rollout_ids() -> list[int]:
     )
 
 
+def gate_stale(rollout: Rollout, now: datetime | None = None) -> bool:
+    """A running or rolling back rollout the gate has not checked for
+    OPAMP_ROLLOUT_GATE_STALE_TICKS tick intervals (since it started, if never)."""
+    if rollout.state not in (RolloutState.RUNNING, RolloutState.ROLLING_BACK):
+        return False
+    last = rollout.gate_checked_at or rollout.started_at
+    if last is None:
+        return False
+    limit = timedelta(seconds=settings.OPAMP_ROLLOUT_TICK_SECONDS * settings.OPAMP_ROLLOUT_GATE_STALE_TICKS)
+    return (now or timezone.now()) - last > limit
+
+
 def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
     """Advance one rollout if its gate allows; safe to call any number of times, concurrently."""
     rollout = (
@@ -47,6 +59,9 @@ def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
     if rollout is None:
         return "gone"
     now = now or timezone.now()
+    if rollout.state in (RolloutState.RUNNING, RolloutState.ROLLING_BACK):
+        # Outside the transition's guarded UPDATE, which changes no column this writes.
+        Rollout.objects.filter(pk=rollout.pk).update(gate_checked_at=now)
     if rollout.state == RolloutState.ROLLING_BACK:
         return _tick_rollback(rollout, now)
     if rollout.state != RolloutState.RUNNING:
