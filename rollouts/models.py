@@ -245,6 +245,9 @@ class Rollout(models.Model):
     state = models.CharField(max_length=16, choices=RolloutState.choices, default=RolloutState.DRAFT)
     stage_index = models.IntegerField(default=0)
     stage_started_at = models.DateTimeField(null=True, blank=True)
+    # When a gate tick last read this rollout while it ran or rolled back: no tick runs while
+    # the Celery broker (Redis) is down, and only this tells the operator so.
+    gate_checked_at = models.DateTimeField(null=True, blank=True)
     # Failed (or unhealthy after applying) / reported agents above this rolls back.
     max_failure_rate = models.FloatField(default=0.001)
     # An agent that has not answered this long after the offer no longer holds the stage.

@@ -26,8 +26,9 @@ import operator
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from django.db.models import Q
+from django.db.models import Q, TextField, Value
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Coalesce
 from django.db.models.lookups import Exact
 from django.utils import timezone
 
@@ -174,10 +175,16 @@ class ConfigurationSubject(RolloutSubject):
         )
 
 
-def _reported(name: str, field: str, prefix: str) -> KeyTextTransform:
+def _reported(name: str, field: str, prefix: str) -> Coalesce:
     """The text of `field` in the agent's last PackageStatus for package `name` (any name:
-    a key transform, never a lookup path split on '__')."""
-    return KeyTextTransform(field, KeyTransform(name, KeyTransform("packages", f"{prefix}package_statuses")))
+    a key transform, never a lookup path split on '__'), '' when the agent reported none:
+    a NULL would make both a condition and its negation false, so the gate would count an
+    agent with no status neither answered nor pending."""
+    return Coalesce(
+        KeyTextTransform(field, KeyTransform(name, KeyTransform("packages", f"{prefix}package_statuses"))),
+        Value(""),
+        output_field=TextField(),
+    )
 
 
 class PackageSubject(RolloutSubject):

@@ -202,6 +202,21 @@ OPAMP_ADMISSION_FULL_COST = env_float("OPAMP_ADMISSION_FULL_COST", 4.0)
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
 # How often Celery beat checks the gates of running rollouts.
 OPAMP_ROLLOUT_TICK_SECONDS = env_int("OPAMP_ROLLOUT_TICK_SECONDS", 5)
+# A running (or rolling back) rollout whose gate has not checked it for this many tick
+# intervals is shown as stale by the API and the rollout page: beat, the worker or the
+# broker is not running.
+OPAMP_ROLLOUT_GATE_STALE_TICKS = env_float("OPAMP_ROLLOUT_GATE_STALE_TICKS", 4.0)
+# The rollout gate counts an agent that has not answered as pending (its stage waits) while
+# it was heard from within this many seconds, even if its socket closed since; after that
+# it is offline and leaves the denominator. Default: the offline timeout (heartbeat interval
+# times missed heartbeats, plus a flush: 92 s with the defaults).
+OPAMP_ROLLOUT_OFFLINE_GRACE_SECONDS = env_float(
+    "OPAMP_ROLLOUT_OFFLINE_GRACE_SECONDS",
+    OPAMP_HEARTBEAT_INTERVAL_SECONDS * OPAMP_OFFLINE_AFTER_MISSED_HEARTBEATS + OPAMP_HEARTBEAT_FLUSH_SECONDS,
+)
+# A stage holds (never succeeds or advances) while more than this share of its targets is
+# offline: the answers of the rest are too small a part of it to promote on.
+OPAMP_ROLLOUT_MAX_OFFLINE_SHARE = env_float("OPAMP_ROLLOUT_MAX_OFFLINE_SHARE", 0.5)
 # A restart is not asked again while one is pending or was asked within this many seconds.
 OPAMP_RESTART_MIN_INTERVAL_SECONDS = env_int("OPAMP_RESTART_MIN_INTERVAL_SECONDS", 300)
 # A restart not delivered within this many seconds of its request expires: never delivered,

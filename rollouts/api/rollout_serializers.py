@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from fleet.api.validation import StrictSerializer
 from rollouts.models import Rollout, RolloutEvent, RolloutStage
+from rollouts.rollout_services.gate import gate_stale
 
 
 class StageInputSerializer(StrictSerializer):
@@ -22,6 +24,7 @@ CANDIDATE_VERSION_INVALID = "a configuration's version number (>= 1), or a packa
 ONE_SUBJECT = "give exactly one of configuration or package"
 
 
+@extend_schema_field({"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "maxLength": 200}]})
 class CandidateVersionField(serializers.Field):
     """A configuration's version number or a package's version name."""
 
@@ -110,6 +113,9 @@ class RolloutSerializer(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", read_only=True, allow_null=True)
     stages = serializers.SerializerMethodField()
     rollback = serializers.SerializerMethodField()
+    gate_stale = serializers.SerializerMethodField(
+        help_text="running or rolling back, and the gate has not checked it for a few tick intervals"
+    )
 
     class Meta:
         model = Rollout
@@ -121,6 +127,8 @@ class RolloutSerializer(serializers.ModelSerializer):
             "state",
             "stage_index",
             "stage_started_at",
+            "gate_checked_at",
+            "gate_stale",
             "stable_version",
             "candidate_version",
             "stable_hash",
@@ -155,6 +163,9 @@ class RolloutSerializer(serializers.ModelSerializer):
 
     def get_stages(self, rollout: Rollout) -> list[dict[str, Any]]:
         return list(StageSerializer(rollout.stages.all(), many=True, context=self.context).data)
+
+    def get_gate_stale(self, rollout: Rollout) -> bool:
+        return gate_stale(rollout)
 
     def get_rollback(self, rollout: Rollout) -> dict[str, int] | None:
         return self.context.get("rollback")

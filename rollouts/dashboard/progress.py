@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from rollouts.models import Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
 from rollouts.rollout_services import answers
+from rollouts.rollout_services.gate import gate_stale
 from rollouts.rollout_subjects import subject_of
 
 FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
@@ -67,6 +68,7 @@ class RolloutProgress:
     failed_total: int
     events: list[RolloutEvent] = field(default_factory=list)
     samples: list[RolloutSample] = field(default_factory=list)
+    gate_stale: bool = False
 
     @property
     def state(self) -> str:
@@ -169,4 +171,5 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
         failed_total=sum(failed_by_stage.values()),
         events=recent,
         samples=list(rollout.samples.order_by("at", "id")),
+        gate_stale=gate_stale(rollout, now),
     )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -81,6 +82,24 @@ def _record_answers_orm(rows: Sequence[tuple[RemoteConfigAnswer, str]]) -> int:
     return noted
 
 
+def offline_grace() -> timedelta:
+    """How long an agent that went away still counts as reachable for the gate.
+
+    A closed socket marks the row disconnected at once, and an agent refused while the
+    server cannot reach its database stays away its retry_info (5 to 10 s): leaving it out
+    of the denominator at once let a stage succeed on the few agents that stayed. The
+    setting defaults to the fleet's offline timeout, after which a silent connected agent
+    is offline as well.
+    """
+    return timedelta(seconds=settings.OPAMP_ROLLOUT_OFFLINE_GRACE_SECONDS)
+
+
+def reachable_q(now: datetime, *, prefix: str = "agent__") -> Q:
+    """Heard from within the offline grace, connected or not: `last_seen` is the last
+    message or the disconnect (agent_mark_disconnected writes both)."""
+    return Q(**{f"{prefix}last_seen__gte": now - offline_grace()})
+
+
 @dataclass(frozen=True)
 class StageCounts:
     targeted: int = 0
@@ -103,6 +122,11 @@ class StageCounts:
     def reachable(self) -> int:
         """Agents that count: offline and timed-out agents are left out of the denominator."""
         return self.targeted - self.offline - self.timed_out
+
+    def too_many_offline(self, max_share: float) -> bool:
+        """More than `max_share` of the targets offline: what answered is too small a part
+        of the stage to promote on ("No data -> hold, never promote")."""
+        return self.targeted > 0 and self.offline > max_share * self.targeted
 
     @property
     def failure_rate(self) -> float:
@@ -130,14 +154,16 @@ class StageCounts:
 def stage_counts(rollout: Rollout, *, now: datetime | None = None) -> dict[int, StageCounts]:
     """Per stage: how the agents that got the candidate are doing, in one grouped query.
 
-    Offline agents that have not answered count as offline, not in any denominator.
+    Agents that have not answered count as pending while reachable (heard from within
+    the offline grace, even if their socket closed since), as offline after it: offline
+    agents are in no denominator.
     """
     now = now or timezone.now()
     # What a success and a failure are depends on the subject (a config's remote config
     # status, a package's PackageStatus).
     healthy_applied, unhealthy_applied, failed = subject_of(rollout).outcomes()
     answered = healthy_applied | unhealthy_applied | failed
-    present = presence_q(now, prefix="agent__")
+    present = reachable_q(now)
     overdue = Q(assigned_at__lt=now - timedelta(seconds=rollout.apply_timeout_seconds))
     rows = (
         RolloutTarget.objects.filter(rollout=rollout)
@@ -157,8 +183,12 @@ def stage_counts(rollout: Rollout, *, now: datetime | None = None) -> dict[int, 
 
 
 def cumulative_counts(rollout: Rollout, *, through_stage: int, now: datetime | None = None) -> StageCounts:
+    return counts_through(stage_counts(rollout, now=now), through_stage)
+
+
+def counts_through(by_stage: dict[int, StageCounts], through_stage: int) -> StageCounts:
     total = StageCounts()
-    for index, counts in stage_counts(rollout, now=now).items():
+    for index, counts in by_stage.items():
         if index <= through_stage:
             total = total + counts
     return total

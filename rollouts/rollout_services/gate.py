@@ -8,15 +8,16 @@ decision stick once.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from rollouts import rollout_samples
 from rollouts.models import Rollout, RolloutEvent, RolloutState
-from rollouts.rollout_services.answers import cumulative_counts, rollback_progress
+from rollouts.rollout_services.answers import StageCounts, counts_through, rollback_progress, stage_counts
 from rollouts.rollout_services.verbs import start_rollback, transition
 from rollouts.rollout_subjects import subject_of
 
@@ -27,6 +28,18 @@ def running_rollout_ids() -> list[int]:
     return list(
         Rollout.objects.filter(state__in=[RolloutState.RUNNING, RolloutState.ROLLING_BACK]).values_list("pk", flat=True)
     )
+
+
+def gate_stale(rollout: Rollout, now: datetime | None = None) -> bool:
+    """A running or rolling back rollout the gate has not checked for
+    OPAMP_ROLLOUT_GATE_STALE_TICKS tick intervals (since it started, if never)."""
+    if rollout.state not in (RolloutState.RUNNING, RolloutState.ROLLING_BACK):
+        return False
+    last = rollout.gate_checked_at or rollout.started_at
+    if last is None:
+        return False
+    limit = timedelta(seconds=settings.OPAMP_ROLLOUT_TICK_SECONDS * settings.OPAMP_ROLLOUT_GATE_STALE_TICKS)
+    return (now or timezone.now()) - last > limit
 
 
 def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
@@ -46,6 +59,9 @@ def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
     if rollout is None:
         return "gone"
     now = now or timezone.now()
+    if rollout.state in (RolloutState.RUNNING, RolloutState.ROLLING_BACK):
+        # Outside the transition's guarded UPDATE, which changes no column this writes.
+        Rollout.objects.filter(pk=rollout.pk).update(gate_checked_at=now)
     if rollout.state == RolloutState.ROLLING_BACK:
         return _tick_rollback(rollout, now)
     if rollout.state != RolloutState.RUNNING:
@@ -58,7 +74,8 @@ def _tick_running(rollout: Rollout, now: datetime) -> str:
     index = rollout.stage_index
     # Agents that joined the started stages since the last transition (package rollouts).
     subject_of(rollout).refresh_targets(now)
-    counts = cumulative_counts(rollout, through_stage=index, now=now)
+    by_stage = stage_counts(rollout, now=now)
+    counts = counts_through(by_stage, index)
     rollout_samples.rollout_sample_record(rollout=rollout, stage=index, counts=counts, now=now)
     snapshot = {"stage": index, **counts.as_dict()}
     if counts.bad and counts.failure_rate > rollout.max_failure_rate:
@@ -94,6 +111,12 @@ def _tick_running(rollout: Rollout, now: datetime) -> str:
         return "holding: not enough reports"
     if counts.pending:
         return "holding: waiting for answers"
+    # Offline agents leave the denominator, but a stage (or the stages so far) answered by
+    # a minority of its agents has not been seen to work: hold until they return (or an
+    # operator promotes or aborts) rather than promote on what little answered.
+    max_share = settings.OPAMP_ROLLOUT_MAX_OFFLINE_SHARE
+    if counts.too_many_offline(max_share) or by_stage.get(index, StageCounts()).too_many_offline(max_share):
+        return "holding: too many agents offline"
     assert rollout.stage_started_at is not None
     if (now - rollout.stage_started_at).total_seconds() < stages[index].hold_seconds:
         return "holding: hold time"

@@ -5,13 +5,16 @@ as reverted), success moves the assignments; the API creates and shows package r
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from fleet.models import Agent
+from fleet.services import agent_mark_disconnected
 from rollouts import packages
 from rollouts.models import Package, PackageAssignment, Rollout, RolloutState
 from rollouts.package_assignments import desired_packages_for_agents
@@ -108,6 +111,26 @@ def test_started_stages_get_the_candidate_and_installs_promote_to_success(fleet)
     # The assignment now names the candidate: agents keep it without the rollout.
     assert PackageAssignment.objects.get().version.version == "2.0.0"
     assert set(versions_given(fleet).values()) == {"2.0.0"}
+
+
+def test_a_package_stage_whose_agents_just_disconnected_does_not_succeed(fleet):
+    """The gate's offline grace holds for package rollouts too (test_gate_offline.py has the
+    configuration cases): the last stage's agents closed their sockets moments ago."""
+    rollout = two_stages()
+    assert rollout_start(rollout=rollout, actor=None)
+    given = versions_given(fleet)
+    first = [agent for agent in fleet if given[agent.pk] == "2.0.0"]
+    for agent in first:
+        report(agent, "Installed", has="2.0.0", offered="2.0.0")
+    assert rollout_tick(rollout_id=rollout.pk) == "stage 1 started"
+    rest = [agent for agent in fleet if agent not in first]
+    for agent in rest:
+        assert agent_mark_disconnected(instance_uid=agent.instance_uid, at=timezone.now(), sequence_num=None)
+    assert rollout_tick(rollout_id=rollout.pk) == "holding: waiting for answers"
+    later = timezone.now() + answers.offline_grace() + timedelta(seconds=1)
+    assert rollout_tick(rollout_id=rollout.pk, now=later) == "holding: too many agents offline"
+    rollout.refresh_from_db()
+    assert rollout.state == RolloutState.RUNNING
 
 
 def test_install_failures_over_the_budget_roll_every_agent_back(fleet):
