@@ -29,7 +29,6 @@ def test_a_forced_collection_is_recorded_as_generation_2(monitor):
     assert gen2["collections"] >= 1
     assert gen2["total_ms"] >= 0
     assert pauses.generations[2].total_seconds > 0
-    assert pauses.generations[2].over_threshold == 0  # a collection of this small heap is not 100 ms
 
 
 def test_a_young_collection_is_recorded_by_its_generation(monitor):
