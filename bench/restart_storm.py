@@ -91,6 +91,21 @@ class RestartStats(FleetStats):
                 self.failed_while_listening += 1
 
 
+def gc_pauses_from_logs(log_dir: Path) -> dict[str, Any]:
+    """The server processes' GC figures, from their logs (opamp/runtime.py's GcPauseMonitor):
+    the last summary of each process (by pid) and every pause logged over the threshold."""
+    summaries: dict[int, dict[str, Any]] = {}
+    long_pauses: list[str] = []
+    for log in sorted(log_dir.glob("server-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if " opamp.gc gc pauses {" in line:
+                summary = json.loads(line.partition(" gc pauses ")[2])
+                summaries[summary["pid"]] = summary
+            elif " opamp.gc gc pause of " in line:
+                long_pauses.append(f"{log.name}: {line.partition(' opamp.gc ')[2]}")
+    return {"per_process": list(summaries.values()), "long_pauses": long_pauses}
+
+
 def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
     """py-spy on the restarted process, until SIGINT (raw collapsed stacks: bench/profile_layers.py)."""
     py_spy = Path(sys.executable).with_name("py-spy")
@@ -131,7 +146,13 @@ async def run_storm(
     fleet.stats = stats
     gc.collect()
     gc.freeze()
-    result: dict[str, Any] = {"agents": agents, "processes": profile.options.processes, "nginx": profile.uses_nginx}
+    result: dict[str, Any] = {
+        "agents": agents,
+        "processes": profile.options.processes,
+        "nginx": profile.uses_nginx,
+        "server": profile.options.server,
+        "load_average_at_start": os.getloadavg(),
+    }
     try:
         await fleet.start()
         connected = await fleet.wait_connected(max(180.0, agents / max(connect_rate, 1.0) * 3))
@@ -141,6 +162,7 @@ async def run_storm(
             return result
         await asyncio.sleep(heartbeat)  # a heartbeat round, so every row is flushed
         pids = profile.server_pids()
+        result["load_average_before_kill"] = os.getloadavg()
         result["rss_mb_before"] = round(sum(process_rss_bytes(pid) for pid in pids) / 2**20, 1)
         stats.mark()
         killed_at = time.monotonic()
@@ -177,6 +199,7 @@ async def run_storm(
             cpu_ms_per_reconnect=round((cpu_total - cpu_at_listen) / back * 1000, 2) if back else None,
             rss_mb_after=round(sum(process_rss_bytes(pid) for pid in pids) / 2**20, 1),
             measured_seconds=round(done_at - killed_at, 2),
+            load_average_at_end=os.getloadavg(),
         )
         return result
     finally:
@@ -218,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             nginx=options.processes > 1,
             celery=False,
             server_root=options.server_root,
-            extra_env={"OPAMP_AGENT_AUTH": "open", "OPAMP_LOG_LEVEL": "WARNING"},
+            # A GC summary every 10 s, so the last one before the kill is recent.
+            extra_env={"OPAMP_AGENT_AUTH": "open", "OPAMP_LOG_LEVEL": "WARNING", "OPAMP_GC_REPORT_SECONDS": "10"},
         )
     )
     for url in profile.agent_urls:
@@ -239,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         profile.stop()
+    summary["gc_pauses"] = gc_pauses_from_logs(profile.log_dir)
     print(json.dumps(summary, indent=2))
     return 0 if summary.get("all_back") else 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -93,7 +94,7 @@ class OpampConsumer(AsyncWebsocketConsumer):
     def _close_superseded(self) -> None:
         # Called synchronously from the session of the newer connection, in another
         # consumer's task; scheduling the close keeps that call non-blocking.
-        self._close_task = asyncio.ensure_future(self.close(code=1000))
+        self._close_task = asyncio.ensure_future(self.close_unless_gone())
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if bytes_data is None:
@@ -132,8 +133,16 @@ class OpampConsumer(AsyncWebsocketConsumer):
         if pending is None:
             delay = reply.error_response.retry_info.retry_after_nanoseconds / 1e9
             self._unavailable_close = asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.ensure_future(self.close(code=1000))
+                delay, lambda: asyncio.ensure_future(self.close_unless_gone())
             )
+
+    async def close_unless_gone(self) -> None:
+        """A close scheduled outside the consumer's own turn (a takeover, a refused agent's
+        delay) can find the agent already gone: its disconnect is still queued behind.
+        Servers answer a send on a closed connection with an OSError (ASGI; uvicorn's
+        ClientDisconnected; daphne drops it), and nobody awaits this task to see it."""
+        with contextlib.suppress(OSError):
+            await self.close(code=1000)
 
     async def hinted(self, kind: str, generation: int | None) -> None:
         """Hint: something of the agent changed (`kind` says what); push what is due now."""

@@ -22,7 +22,7 @@ from django.urls import path, re_path  # noqa: E402
 
 from fleet.consumers import OpampConsumer  # noqa: E402
 from fleet.http_transport import opamp_http_app  # noqa: E402
-from opamp.runtime import tune_gc_for_connections  # noqa: E402
+from opamp.runtime import GcPauseMonitor, tune_gc_for_connections  # noqa: E402
 from opamp_site.body_limit import BodyLimit, web_body_limit  # noqa: E402
 
 OPAMP_PATH = "v1/opamp"
@@ -50,3 +50,7 @@ application = ProtocolTypeRouter(
 )
 
 tune_gc_for_connections(tuple(settings.OPAMP_GC_THRESHOLD))
+gc_pauses = GcPauseMonitor(
+    log_over_seconds=settings.OPAMP_GC_PAUSE_LOG_MS / 1000, report_every_seconds=settings.OPAMP_GC_REPORT_SECONDS
+)
+gc_pauses.install()

@@ -158,7 +158,12 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("OPAMP_LOG_LEVEL", "INFO")},
-    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "daphne": {"level": "WARNING"},
+        "django.channels.server": {"level": "WARNING"},
+        # The GC summary is one line a minute at most; kept at INFO under a quieter root.
+        "opamp.gc": {"level": "INFO"},
+    },
 }
 
 # --- Celery -----------------------------------------------------------------------------
@@ -263,6 +268,11 @@ OPAMP_SERVE_STATIC = env_bool("OPAMP_SERVE_STATIC", True)
 OPAMP_REQUIRE_UPB = env_bool("OPAMP_REQUIRE_UPB", True)
 # Server-process garbage collector thresholds for many long-lived connections.
 OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["100000", "50", "1000"]))
+# Every collection is timed (opamp/runtime.py); one longer than this is logged (opamp.gc),
+# and a summary per generation (count, total, longest) every OPAMP_GC_REPORT_SECONDS when
+# there were collections (0: no log lines, the counters only).
+OPAMP_GC_PAUSE_LOG_MS = env_float("OPAMP_GC_PAUSE_LOG_MS", 100.0)
+OPAMP_GC_REPORT_SECONDS = env_float("OPAMP_GC_REPORT_SECONDS", 60.0)
 
 # --- Signing and identity ---------------------------------------------------------------
 # Private keys live only in these files (0600), never in the database or API output.
