@@ -216,6 +216,17 @@ class RolloutState(models.TextChoices):
 # States in which a rollout decides what its configuration's agents run.
 ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
 
+# The relations that name a rollout's subject and its two versions (configuration or
+# package): what every view of a rollout reads with it.
+ROLLOUT_SUBJECT_RELATIONS = (
+    "configuration",
+    "stable_version",
+    "candidate_version",
+    "package",
+    "stable_package_version",
+    "candidate_package_version",
+)
+
 
 class Rollout(models.Model):
     """Moves agents from a stable version to a candidate version in stages. Its subject is

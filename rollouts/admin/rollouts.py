@@ -23,7 +23,7 @@ from rollouts import selectors
 from rollouts.admin.saved_rows import become
 from rollouts.api import rollout_serializers
 from rollouts.errors import NO_SUCH_VERSION
-from rollouts.models import Rollout, RolloutEvent, RolloutState
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutState
 from rollouts.rollout_services import answers, creation, verbs
 
 STAGES_HELP = (
@@ -197,15 +197,7 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
         return (
             super()
             .get_queryset(request)
-            .select_related(
-                "configuration",
-                "stable_version",
-                "candidate_version",
-                "package",
-                "stable_package_version",
-                "candidate_package_version",
-                "created_by",
-            )
+            .select_related(*ROLLOUT_SUBJECT_RELATIONS, "created_by")
             .annotate(stage_total=Count("stages"))
         )
 

@@ -17,7 +17,7 @@ from fleet.errors import DomainError
 from rollouts.api import rollout_serializers as rs
 from rollouts.api.packages import package_or_404
 from rollouts.api.views import RolloutsAPIMixin, configuration_or_404, version_or_400
-from rollouts.models import Rollout, RolloutState
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutState
 from rollouts.rollout_services import answers, creation, verbs
 
 NO_SUCH_PACKAGE_VERSION = "package {name!r} has no version {version!r}"
@@ -25,6 +25,18 @@ NO_SUCH_PACKAGE_VERSION = "package {name!r} has no version {version!r}"
 
 def _stage_specs(stages: list[dict[str, Any]]) -> list[creation.StageSpec]:
     return [creation.StageSpec(**stage) for stage in stages]
+
+
+def rollout_policy(data: dict[str, Any]) -> dict[str, Any]:
+    """The gate's settings of a validated rollout body, as both kinds of rollout take them."""
+    return {
+        "max_failure_rate": data["max_failure_rate"],
+        "apply_timeout_seconds": data["apply_timeout_seconds"],
+        "min_reporting": data["min_reporting"],
+        "auto_rollback": data["auto_rollback"],
+        "salt": data.get("salt"),
+        "note": data["note"],
+    }
 
 
 class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
@@ -38,15 +50,9 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
     ordering = ["-created_at", "-id"]
 
     def get_queryset(self) -> QuerySet[Rollout]:
-        return Rollout.objects.select_related(
-            "configuration",
-            "stable_version",
-            "candidate_version",
-            "package",
-            "stable_package_version",
-            "candidate_package_version",
-            "created_by",
-        ).prefetch_related("stages__approved_by")
+        return Rollout.objects.select_related(*ROLLOUT_SUBJECT_RELATIONS, "created_by").prefetch_related(
+            "stages__approved_by"
+        )
 
     def _encode(self, rollout: Rollout, *, code: int = status.HTTP_200_OK) -> Response:
         rollout = self.get_queryset().get(pk=rollout.pk)
@@ -88,12 +94,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
             candidate=version_or_400(configuration, number, field="candidate_version"),
             stages=stages,
             actor=request.user,
-            max_failure_rate=data["max_failure_rate"],
-            apply_timeout_seconds=data["apply_timeout_seconds"],
-            min_reporting=data["min_reporting"],
-            auto_rollback=data["auto_rollback"],
-            salt=data.get("salt"),
-            note=data["note"],
+            **rollout_policy(data),
         )
         return self._encode(rollout, code=status.HTTP_201_CREATED)
 
@@ -115,12 +116,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
             candidate=candidate,
             stages=stages,
             actor=request.user,
-            max_failure_rate=data["max_failure_rate"],
-            apply_timeout_seconds=data["apply_timeout_seconds"],
-            min_reporting=data["min_reporting"],
-            auto_rollback=data["auto_rollback"],
-            salt=data.get("salt"),
-            note=data["note"],
+            **rollout_policy(data),
         )
         return self._encode(rollout, code=status.HTTP_201_CREATED)
 

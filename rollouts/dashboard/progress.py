@@ -13,7 +13,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from rollouts.models import Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
 from rollouts.rollout_services import answers
 from rollouts.rollout_services.gate import gate_stale
 from rollouts.rollout_subjects import subject_of
@@ -113,15 +113,7 @@ class RolloutProgress:
 def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: int = EVENTS_SHOWN) -> RolloutProgress:
     """Everything the progress views show, in a fixed handful of queries (raises DoesNotExist)."""
     now = now or timezone.now()
-    rollout = Rollout.objects.select_related(
-        "configuration",
-        "stable_version",
-        "candidate_version",
-        "package",
-        "stable_package_version",
-        "candidate_package_version",
-        "created_by",
-    ).get(pk=rollout_id)
+    rollout = Rollout.objects.select_related(*ROLLOUT_SUBJECT_RELATIONS, "created_by").get(pk=rollout_id)
     counts = answers.stage_counts(rollout, now=now)
     failed = RolloutTarget.objects.filter(rollout=rollout, answer="failed")
     failed_by_stage: dict[int, int] = {}

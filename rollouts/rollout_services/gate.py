@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from rollouts import rollout_samples
-from rollouts.models import Rollout, RolloutEvent, RolloutState
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutState
 from rollouts.rollout_services.answers import StageCounts, counts_through, rollback_progress, stage_counts
 from rollouts.rollout_services.verbs import start_rollback, transition
 from rollouts.rollout_subjects import subject_of
@@ -44,18 +44,7 @@ def gate_stale(rollout: Rollout, now: datetime | None = None) -> bool:
 
 def rollout_tick(*, rollout_id: int, now: datetime | None = None) -> str:
     """Advance one rollout if its gate allows; safe to call any number of times, concurrently."""
-    rollout = (
-        Rollout.objects.select_related(
-            "configuration",
-            "candidate_version",
-            "stable_version",
-            "package",
-            "stable_package_version",
-            "candidate_package_version",
-        )
-        .filter(pk=rollout_id)
-        .first()
-    )
+    rollout = Rollout.objects.select_related(*ROLLOUT_SUBJECT_RELATIONS).filter(pk=rollout_id).first()
     if rollout is None:
         return "gone"
     now = now or timezone.now()

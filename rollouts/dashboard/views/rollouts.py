@@ -14,7 +14,7 @@ from fleet.errors import DomainError
 from rollouts import selectors
 from rollouts.dashboard.progress import rollout_progress
 from rollouts.dashboard.views.shared import number_or, page, page_context
-from rollouts.models import ConfigVersion, Rollout, RolloutState
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, ConfigVersion, Rollout, RolloutState
 from rollouts.rollout_services import creation, verbs
 
 VERBS = ("start", "pause", "resume", "promote", "abort", "retry")
@@ -28,14 +28,7 @@ BAD_STAGE_ROW = "stage {index}: the size must be a number"
 
 @page
 def rollout_list(request: HttpRequest) -> HttpResponse:
-    rollouts = Rollout.objects.select_related(
-        "configuration",
-        "stable_version",
-        "candidate_version",
-        "package",
-        "stable_package_version",
-        "candidate_package_version",
-    )[:100]
+    rollouts = Rollout.objects.select_related(*ROLLOUT_SUBJECT_RELATIONS)[:100]
     return render(request, "dashboard/rollouts.html", page_context(request, rollouts=rollouts))
 
 
