@@ -206,6 +206,17 @@ def canonical_envelope_bytes(envelope: SignedEnvelope) -> bytes:
     return envelope.domain + body.encode("ascii")
 
 
+def load_signature_document(raw: bytes, malformed: str) -> Any:
+    """The JSON of a signature document, refused (`malformed` names what) when it is far
+    larger than one of ours, before json.loads spends memory on it, or not JSON at all."""
+    if len(raw) > MAX_SIGNATURE_DOCUMENT_BYTES:
+        raise MalformedSignature(malformed.format(problem="larger than expected"))
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedSignature(malformed.format(problem="not JSON")) from None
+
+
 @dataclass(frozen=True)
 class SignedConfig:
     """An envelope and its Ed25519 signature (standard base64)."""
@@ -223,13 +234,7 @@ class SignedConfig:
     @classmethod
     def from_json_bytes(cls, data: bytes | str) -> SignedConfig:
         raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-        if len(raw) > MAX_SIGNATURE_DOCUMENT_BYTES:
-            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="larger than expected"))
-        try:
-            document = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MalformedSignature(MALFORMED_DOCUMENT.format(problem="not JSON")) from None
-        return cls.from_dict(document)
+        return cls.from_dict(load_signature_document(raw, MALFORMED_DOCUMENT))
 
     @classmethod
     def from_dict(cls, document: Any) -> SignedConfig:

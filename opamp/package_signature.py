@@ -29,12 +29,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from opamp.config_signature import (
-    MAX_SIGNATURE_DOCUMENT_BYTES,
     SHA256_HEX,
     BadSignature,
     MalformedSignature,
     SignatureError,
     UnknownSigningKey,
+    load_signature_document,
 )
 
 SIGNED_PACKAGE_DOMAIN = b"opamp-package-file/v1\n"
@@ -92,13 +92,7 @@ class SignedPackageFile:
         raw = bytes(data)
         if not raw:
             raise MalformedSignature(MALFORMED.format(problem="the file carries no signature"))
-        if len(raw) > MAX_SIGNATURE_DOCUMENT_BYTES:
-            raise MalformedSignature(MALFORMED.format(problem="larger than expected"))
-        try:
-            document = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MalformedSignature(MALFORMED.format(problem="not JSON")) from None
-        return cls.from_dict(document)
+        return cls.from_dict(load_signature_document(raw, MALFORMED))
 
     @classmethod
     def from_dict(cls, document: Any) -> SignedPackageFile:
