@@ -251,12 +251,14 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, Connecti
         if enrollment is not None and reply.capabilities:
             self._note_server_capabilities(enrollment, reply.capabilities)
         if reply.HasField("connection_settings"):
-            await self._on_telemetry_settings(reply.connection_settings)
-        if reply.HasField("connection_settings") and reply.connection_settings.HasField("opamp"):
-            if enrollment is not None:
-                await self._on_connection_settings(reply.connection_settings)
-            else:
-                self._adopt_heartbeat(reply.connection_settings.opamp.heartbeat_interval_seconds)
+            offers = reply.connection_settings
+            if enrollment is None and offers.HasField("opamp"):
+                # Adopted before the offer is reported applied: whoever reads the status (the
+                # server, an operator) then finds the whole offer in effect, not part of it.
+                self._adopt_heartbeat(offers.opamp.heartbeat_interval_seconds)
+            await self._on_telemetry_settings(offers)
+            if enrollment is not None and offers.HasField("opamp"):
+                await self._on_connection_settings(offers)
         if enrollment is not None and reply.HasField("custom_message"):
             self._on_custom_message(enrollment, reply.custom_message)
         if reply.flags & ServerToAgentFlags.REPORT_FULL_STATE:

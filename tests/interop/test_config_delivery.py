@@ -85,14 +85,23 @@ def config_states(server: LiveOpampServer, names: list[str]) -> dict[str, dict[s
 
 
 def wait_for_state(server: LiveOpampServer, names: list[str], *, version: int, state: str) -> dict[str, dict[str, Any]]:
+    last_seen: dict[str, dict[str, Any]] = {}
+
     def reached() -> dict[str, dict[str, Any]] | None:
         states = config_states(server, names)
+        last_seen.clear()
+        last_seen.update(states)
         done = len(states) == len(names) and all(
             s["desired_version"] == version and s["state"] == state for s in states.values()
         )
         return states if done else None
 
-    return server.wait_for(reached, timeout=90, what=f"every agent {state} on version {version}")
+    try:
+        return server.wait_for(reached, timeout=90, what=f"every agent {state} on version {version}")
+    except AssertionError as timeout:
+        # Which agent lagged, and where it stood, is what a failure here needs to show.
+        lagging = {name: last_seen.get(name) for name in names}
+        raise AssertionError(f"{timeout}\n--- last states ---\n{lagging}") from None
 
 
 def test_every_client_applies_fails_and_rolls_back_a_configuration(
