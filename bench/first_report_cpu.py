@@ -66,7 +66,7 @@ def measure(options: argparse.Namespace) -> None:
         )
         desired = desired_config_for_agent(snapshot.agent_id)
         assert desired is not None
-        offers[snapshot.agent_id] = Offer(desired.config_hash, timezone.now())
+        offers[snapshot.agent_id] = Offer(desired.config_hash, timezone.now(), desired.version_id)
         if len(offers) >= 100:
             record_offers(offers)
             offers.clear()

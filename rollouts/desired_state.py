@@ -236,14 +236,22 @@ def resolve_agents(agents: QuerySet[Agent]) -> list[int]:
         for ids in _chunks(agent_ids):
             AgentDesiredConfig.objects.bulk_create(
                 [
+                    # A new desired version is a new offer: the record of the previous
+                    # version's offer does not carry over (a rollback to the same content
+                    # would otherwise wait out the re-offer delay of a polling agent).
                     AgentDesiredConfig(
-                        agent_id=i, configuration_id=configuration_id, version_id=version_id, updated_at=now
+                        agent_id=i,
+                        configuration_id=configuration_id,
+                        version_id=version_id,
+                        updated_at=now,
+                        offered_hash="",
+                        offered_at=None,
                     )
                     for i in ids
                 ],
                 update_conflicts=True,
                 unique_fields=["agent"],
-                update_fields=["configuration", "version", "updated_at"],
+                update_fields=["configuration", "version", "updated_at", "offered_hash", "offered_at"],
             )
     for ids in _chunks(cleared):
         AgentDesiredConfig.objects.filter(agent_id__in=ids).delete()
@@ -431,19 +439,26 @@ def desired_config_for_agent(agent_id: int) -> DesiredConfig | None:
 
 @dataclass(frozen=True)
 class Offer:
+    """What was offered to an agent, when, and as which desired version.
+
+    The record belongs to that version: one that reaches the row after the agent's desired
+    version changed (offers are written in batches, seconds later) is dropped, or a rollback
+    to the same content would pass for offered and wait out the re-offer delay."""
+
     config_hash: str
     at: datetime
+    version_id: int
 
 
 _OFFERS_SQL = """
     UPDATE {desired} AS d SET offered_hash = v.hash, offered_at = v.at
-    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS v(agent_id, hash, at)
-    WHERE d.agent_id = v.agent_id
+    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bigint[]) AS v(agent_id, hash, at, version_id)
+    WHERE d.agent_id = v.agent_id AND d.version_id = v.version_id
 """
 # A rollout target notes when its candidate actually went out (first offer only).
 _TARGETS_OFFERED_SQL = """
     UPDATE {targets} AS t SET offered_at = v.at
-    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[]) AS v(agent_id, hash, at)
+    FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bigint[]) AS v(agent_id, hash, at, version_id)
     WHERE t.agent_id = v.agent_id AND t.offered_hash = v.hash AND t.offered_at IS NULL
 """
 
@@ -454,7 +469,12 @@ def record_offers(offers: dict[int, Offer]) -> int:
     if not offers:
         return 0
     ids = list(offers)
-    columns = [ids, [offers[i].config_hash for i in ids], [offers[i].at for i in ids]]
+    columns = [
+        ids,
+        [offers[i].config_hash for i in ids],
+        [offers[i].at for i in ids],
+        [offers[i].version_id for i in ids],
+    ]
     statements = [
         _OFFERS_SQL.format(desired=AgentDesiredConfig._meta.db_table),
         _TARGETS_OFFERED_SQL.format(targets=RolloutTarget._meta.db_table),
@@ -465,7 +485,7 @@ def record_offers(offers: dict[int, Offer]) -> int:
 def _record_offers_orm(offers: dict[int, Offer]) -> int:
     noted = 0
     for agent_id, offer in offers.items():
-        noted += AgentDesiredConfig.objects.filter(agent_id=agent_id).update(
+        noted += AgentDesiredConfig.objects.filter(agent_id=agent_id, version_id=offer.version_id).update(
             offered_hash=offer.config_hash, offered_at=offer.at
         )
         RolloutTarget.objects.filter(agent_id=agent_id, offered_hash=offer.config_hash, offered_at__isnull=True).update(

@@ -142,7 +142,7 @@ class RemoteConfigContributor(SessionContributor):
             return False
         fill_remote_config(reply, desired, with_signature=wants_signature(snapshot.custom_capabilities))
         session.remember(self, desired.config_hash)
-        self.offers.note(snapshot.agent_id, Offer(desired.config_hash, timezone.now()))
+        self.offers.note(snapshot.agent_id, Offer(desired.config_hash, timezone.now(), desired.version_id))
         cached = self.desired.get(snapshot.instance_uid)
         if cached is not None and cached.desired is desired:  # unless a change overtook it
             cached.desired = replace(

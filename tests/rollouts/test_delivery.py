@@ -115,6 +115,29 @@ async def test_a_rollback_offers_the_earlier_content_again():
     assert pushed.remote_config.config_hash.hex() == first_hash
 
 
+async def test_a_rollback_reaches_a_polling_agent_offered_that_content_moments_ago():
+    """A rollback's version is a new offer even when its content was offered recently: the
+    record of the earlier version's offer must not hold it back for the re-offer delay."""
+    first_hash = await publish()
+    uid = uuid7().bytes
+    offers = runtime().contributor(RemoteConfigContributor).offers
+    first = await http_exchange(full_report(uid, 1, service="checkout"))
+    assert first.remote_config.config_hash.hex() == first_hash
+    await offers.flush()  # the first version's offer is on record
+    await http_exchange(status(uid, 2, first_hash, APPLIED))
+    broken_hash = await publish(files={"collector.yaml": {"body": "broken: true\n", "content_type": "text/yaml"}})
+    broken = await http_exchange(heartbeat(uid, 3))
+    assert broken.remote_config.config_hash.hex() == broken_hash
+    assert offers.pending_count == 1  # that offer's record is still on its way to the row
+    await http_exchange(status(uid, 4, broken_hash, FAILED, "bad config"))
+    assert await rollback("edge", 1) == first_hash
+    restored = await http_exchange(heartbeat(uid, 5))
+    assert restored.remote_config.config_hash.hex() == first_hash
+    await offers.flush()  # the broken version's late record does not pass for the rollback's
+    desired = await AgentDesiredConfig.objects.select_related("version").aget(agent__instance_uid=uuid.UUID(bytes=uid))
+    assert desired.version.number == 3 and desired.offered_hash == first_hash
+
+
 async def test_a_polling_agent_gets_the_offer_on_its_next_poll_and_not_on_every_poll():
     uid = uuid7().bytes
     first = await http_exchange(full_report(uid, 1, service="checkout"))

@@ -199,13 +199,31 @@ def test_recorded_offers_note_the_first_offer_of_a_rollout_target():
     first, later = timezone.now(), timezone.now() + timedelta(seconds=5)
 
     offers = {
-        canary.agent_id: Offer(candidate.config_hash, first),
-        bystander.agent_id: Offer(stable.config_hash, first),
+        canary.agent_id: Offer(candidate.config_hash, first, candidate.pk),
+        bystander.agent_id: Offer(stable.config_hash, first, stable.pk),
     }
     assert record_offers(offers) == 2
-    assert record_offers({canary.agent_id: Offer(candidate.config_hash, later)}) == 1
+    assert record_offers({canary.agent_id: Offer(candidate.config_hash, later, candidate.pk)}) == 1
 
     canary.refresh_from_db()
     assert canary.offered_at == first
     assert AgentDesiredConfig.objects.get(agent_id=canary.agent_id).offered_at == later
     assert AgentDesiredConfig.objects.get(agent_id=bystander.agent_id).offered_hash == stable.config_hash
+
+
+def test_a_new_desired_version_starts_without_an_offer_on_record_and_late_records_of_the_old_one_are_dropped():
+    (agent,) = make_agents(1, env="prod")
+    configuration = services.configuration_create(name="prod", selector="env=prod", actor=None)
+    first, _ = services.configuration_publish(configuration=configuration, files=files("a: 1\n"), author=None)
+    assert record_offers({agent.pk: Offer(first.config_hash, timezone.now(), first.pk)}) == 1
+    services.configuration_publish(configuration=configuration, files=files("a: 2\n"), author=None)
+    restored = services.configuration_rollback(configuration=configuration, to_number=first.number, author=None)
+    assert restored.config_hash == first.config_hash
+
+    row = AgentDesiredConfig.objects.get(agent=agent)
+    assert (row.version_id, row.offered_hash, row.offered_at) == (restored.pk, "", None)
+    # A batch written late still names the first version: it is not the rollback's offer.
+    assert record_offers({agent.pk: Offer(first.config_hash, timezone.now(), first.pk)}) == 0
+    assert AgentDesiredConfig.objects.get(agent=agent).offered_hash == ""
+    assert record_offers({agent.pk: Offer(restored.config_hash, timezone.now(), restored.pk)}) == 1
+    assert AgentDesiredConfig.objects.get(agent=agent).offered_hash == restored.config_hash
