@@ -28,10 +28,33 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, from below the kernel's ephemeral range.
+
+    A port the kernel hands out for `bind(0)` comes from the ephemeral range, where every
+    outgoing connection (thousands of them in a load test running beside) takes its source
+    port: between this check and the server's own bind one of them can take it ("address
+    already in use"). Below that range only listeners bind, and the check sees them.
+    """
+    top = _ephemeral_range_start()
+    bottom = max(1024, top - 12000)
+    for _ in range(200):
+        # Not `random`: test runs seed it alike, and two runs side by side would collide.
+        port = bottom + secrets.randbelow(top - bottom)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {bottom} and {top}")
 
 
 def production_profile() -> bool:
