@@ -14,7 +14,9 @@ exits is started again after a second, as systemd's Restart= would; Ctrl-C stops
 
 Agents connect to wss://LISTEN/v1/opamp and trust `WORKDIR/tls/server-ca.pem` (a CA made for
 this machine, unless `--tls-cert`/`--tls-key` are given). The API and admin are at
-https://LISTEN/ (`manage.py ensure_admin` with the same environment gives a login).
+https://LISTEN/ (`manage.py ensure_admin` with the same environment gives a login). Package
+files are sent by nginx once a server has checked the download URL's token
+(OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX, set here; deploy/README.md).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ SERVER_OPTIONS = ("--ping-interval", "60", "--ping-timeout", "60", "--websocket_
 DEFAULT_SERVER = "uvicorn"
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 RESTART_DELAY_SECONDS = 1.0
+# Where nginx serves package files the servers authorised (X-Accel-Redirect; the same value
+# renders nginx's internal location). Without nginx the servers stream them themselves.
+PACKAGE_ACCEL_PREFIX = "/_internal/package-files/"
 LISTEN_TIMEOUT_SECONDS = 60.0
 
 
@@ -119,6 +124,7 @@ class ProductionProfile:
         env = {key: value for key, value in os.environ.items() if not key.startswith("DJANGO_SETTINGS")}
         ca_cert = env.get("OPAMP_CA_CERT_FILE") or str(self.tls_dir / "agents-ca.pem")
         ca_key = env.get("OPAMP_CA_KEY_FILE") or str(self.tls_dir / "agents-ca.key")
+        var_dir = env.get("OPAMP_VAR_DIR") or str(self.workdir / "var")
         self.env = {
             **env,
             "DJANGO_SETTINGS_MODULE": "opamp_site.settings.production",
@@ -131,7 +137,11 @@ class ProductionProfile:
             "OPAMP_CA_CERT_FILE": ca_cert,
             "OPAMP_CA_KEY_FILE": ca_key,
             "OPAMP_CRL_FILE": env.get("OPAMP_CRL_FILE") or str(self.tls_dir / "agents-ca.crl"),
-            "OPAMP_VAR_DIR": env.get("OPAMP_VAR_DIR") or str(self.workdir / "var"),
+            "OPAMP_VAR_DIR": var_dir,
+            "OPAMP_PACKAGE_DIR": env.get("OPAMP_PACKAGE_DIR") or str(Path(var_dir) / "packages"),
+            "OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX": (
+                env.get("OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX", PACKAGE_ACCEL_PREFIX) if options.nginx else ""
+            ),
             "PYTHONUNBUFFERED": "1",
             **options.extra_env,
         }
@@ -170,7 +180,9 @@ class ProductionProfile:
         return result.stdout
 
     def prepare(self) -> None:
-        for directory in (self.workdir, self.tls_dir, self.log_dir, Path(self.env["OPAMP_VAR_DIR"])):
+        directories = (self.workdir, self.tls_dir, self.log_dir, Path(self.env["OPAMP_VAR_DIR"]))
+        # The packages directory exists before nginx's configuration aliases it.
+        for directory in (*directories, Path(self.env["OPAMP_PACKAGE_DIR"])):
             directory.mkdir(parents=True, exist_ok=True)
         self.manage("migrate", "--noinput", "-v0")
         if self.options.celery:

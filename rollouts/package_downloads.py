@@ -10,6 +10,12 @@ nothing is listable and nothing tells what exists.
 Served from the storage in chunks (never read whole), with one-range Range requests
 (206 / 416), HEAD, an exact Content-Length and the file's SHA-256 as its ETag, so an agent
 resumes a cut download where it stopped.
+
+Behind nginx (the production profile), OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX names an
+`internal` nginx location aliasing the packages directory: the view checks the token as
+above, then answers with X-Accel-Redirect to the file under that prefix and nginx sends
+the bytes itself (Range, HEAD, sendfile), so no server process holds a connection, a
+thread or a file for a download's duration.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -31,7 +37,7 @@ from django.views.decorators.http import require_http_methods
 
 from rollouts.models import PackageFile
 from rollouts.package_assignments import agent_package_facts_by_uid, package_definitions
-from rollouts.package_files import CHUNK_BYTES, open_package_file
+from rollouts.package_files import CHUNK_BYTES, open_package_file, package_storage_directory
 
 SALT = "rollouts.package-download"
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -123,12 +129,40 @@ async def _chunks(handle: IO[bytes], start: int, length: int) -> AsyncIterator[b
         await sync_to_async(handle.close, thread_sensitive=False)()
 
 
+def _describe(response: HttpResponseBase, file: PackageFile) -> HttpResponseBase:
+    """The headers an agent needs whoever sends the bytes: its If-Range repeats the ETag."""
+    response["Content-Type"] = "application/octet-stream"
+    response["ETag"] = f'"{file.sha256}"'
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+def _accel_redirect(file: PackageFile) -> HttpResponse | None:
+    """The hand-over to nginx, when it serves package files (None: the app streams them).
+
+    Only a local directory can be aliased by nginx. Another storage backend (an object
+    store) has no path nginx could open, and reaching it from nginx would need that
+    store's credentials and signing in nginx: its files keep streaming through the app.
+    """
+    prefix = settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX
+    if not prefix or package_storage_directory() is None:
+        return None
+    response = HttpResponse()
+    # nginx unescapes the URI and refuses one with `..` segments; stored names are
+    # `<package>/<hex>` anyway (rollouts.package_files).
+    response["X-Accel-Redirect"] = prefix + quote(file.storage_name, safe="/")
+    _describe(response, file)
+    return response
+
+
 @require_http_methods(["GET", "HEAD"])
 def package_download(request: HttpRequest, token: str) -> HttpResponseBase:
     grant = read_download_token(token)
     file = granted_file(grant) if grant is not None else None
     if file is None:
         raise Http404
+    if (handed_over := _accel_redirect(file)) is not None:
+        return handed_over
     etag = f'"{file.sha256}"'
     wanted = byte_range(request.headers.get("Range", ""), file.size)
     if_range = request.headers.get("If-Range")
@@ -152,11 +186,9 @@ def package_download(request: HttpRequest, token: str) -> HttpResponseBase:
         # transaction (a test's) the connection is the transaction's and stays.
         if not connection.in_atomic_block:
             connection.close()
-    response["Content-Type"] = "application/octet-stream"
+    _describe(response, file)
     response["Content-Length"] = str(length)
     response["Accept-Ranges"] = "bytes"
-    response["ETag"] = etag
-    response["Cache-Control"] = "private, no-store"
     if status == 206:
         response["Content-Range"] = f"bytes {start}-{last}/{file.size}"
     return response

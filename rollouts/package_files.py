@@ -14,11 +14,12 @@ import hashlib
 import io
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Protocol
 
 from django.conf import settings
 from django.core.files import File
-from django.core.files.storage import Storage, storages
+from django.core.files.storage import FileSystemStorage, Storage, storages
 
 from fleet.errors import DomainError
 from opamp.package_signature import PackageEnvelope, SignedPackageFile, sign_package_file
@@ -37,6 +38,13 @@ class Readable(Protocol):
 
 def package_storage() -> Storage:
     return storages[PACKAGE_STORAGE]
+
+
+def package_storage_directory() -> Path | None:
+    """The local directory the packages storage keeps its files in (a stored name is a path
+    under it); None for any other backend."""
+    storage = package_storage()
+    return Path(storage.location) if isinstance(storage, FileSystemStorage) else None
 
 
 class _CountingReader(io.RawIOBase):

@@ -34,6 +34,26 @@ SIGNING_PUBLIC_KEYS = (
     dsa.DSAPublicKey,
 )
 USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
+# An absolute URI path of plain segments ending in `/`: nginx's location, the application's
+# X-Accel-Redirect prefix (OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX).
+ACCEL_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+/$")
+# The routes of the application nginx must leave to it; an internal location over one of
+# them would answer its requests with 404.
+APPLICATION_PREFIXES = ("/v1/", "/api/", "/admin/", "/static/")
+
+
+@dataclass(frozen=True)
+class PackageFiles:
+    """Package bytes nginx serves once the application has authorised the download.
+
+    The application answers a valid download URL with `X-Accel-Redirect: PREFIX<stored
+    name>`; the `internal` location at `accel_prefix` aliases `directory`, the packages
+    storage's, so nginx sends the file (Range, HEAD, sendfile) and no server process holds
+    the download. A request from outside to the prefix gets 404.
+    """
+
+    accel_prefix: str
+    directory: Path
 
 
 @dataclass(frozen=True)
@@ -50,7 +70,10 @@ class Site:
     crl: Path
     max_body_bytes: int
     websocket_timeout_seconds: int
+    # OPAMP_PACKAGE_MAX_BYTES: client_max_body_size of the package upload route alone.
+    package_max_bytes: int
     static_root: Path | None = None
+    package_files: PackageFiles | None = None
     # OPAMP_HTTP_HEADER_TIMEOUT_SECONDS and OPAMP_HTTP_BODY_TIMEOUT_SECONDS by default.
     header_timeout_seconds: int = 15
     body_timeout_seconds: int = 60
@@ -134,11 +157,16 @@ def value_problems(site: Site, standalone: Standalone | None = None) -> list[str
     ]
     if site.static_root is not None:
         paths.append(("--static-root", site.static_root))
+    if site.package_files is not None:
+        paths.append(("--package-dir", site.package_files.directory))
+        problems += _accel_prefix_problems(site.package_files.accel_prefix)
     if standalone is not None:
         paths.append(("--standalone", standalone.run_dir))
     problems += [problem for option, path in paths if (problem := _path_problem(option, path))]
     if site.max_body_bytes < 1:
         problems.append(f"--max-body-bytes {site.max_body_bytes}: must be at least 1")
+    if site.package_max_bytes < 1:
+        problems.append(f"--package-max-bytes {site.package_max_bytes}: must be at least 1")
     if site.websocket_timeout_seconds < 1:
         problems.append(f"--websocket-timeout {site.websocket_timeout_seconds}: must be at least 1 second")
     if standalone is not None:
@@ -150,6 +178,16 @@ def value_problems(site: Site, standalone: Standalone | None = None) -> list[str
         if standalone.error_log_level not in ERROR_LOG_LEVELS:
             problems.append(f"--error-log-level {standalone.error_log_level!r}: one of {', '.join(ERROR_LOG_LEVELS)}")
     return problems
+
+
+def _accel_prefix_problems(prefix: str) -> list[str]:
+    option = "--package-accel-prefix"
+    if not ACCEL_PREFIX.match(prefix) or any(segment in (".", "..") for segment in prefix.split("/")):
+        expected = "a path like /_internal/package-files/ (letters, digits, ._~-; ends in /)"
+        return [f"{option} {prefix!r}: expected {expected}"]
+    if prefix.startswith(APPLICATION_PREFIXES):
+        return [f"{option} {prefix!r}: under one of the application's routes ({', '.join(APPLICATION_PREFIXES)})"]
+    return []
 
 
 # --- validation of the files ------------------------------------------------------------
@@ -230,6 +268,11 @@ def file_problems(site: Site, *, now: datetime | None = None) -> list[str]:
                 )
     if site.static_root is not None and not site.static_root.is_dir():
         problems.append(f"--static-root {site.static_root}: no such directory (run manage.py collectstatic)")
+    if site.package_files is not None and not site.package_files.directory.is_dir():
+        problems.append(
+            f"--package-dir {site.package_files.directory}: no such directory (the packages storage's, "
+            "OPAMP_PACKAGE_DIR; create it, owned by the server's user and readable by nginx's workers)"
+        )
     return problems
 
 
@@ -265,6 +308,29 @@ def upstream_servers(upstreams: tuple[str, ...]) -> str:
     return "\n".join(f"    server {upstream} max_fails=0;" for upstream in upstreams)
 
 
+def package_files_location(package_files: PackageFiles | None) -> str:
+    """The `internal` location X-Accel-Redirect hands authorised downloads to; empty without one."""
+    if package_files is None:
+        return ""
+    return (
+        "    # Package file bytes, once the application has checked the download URL's token\n"
+        "    # (its X-Accel-Redirect; rollouts/package_downloads.py). `internal`: a request from\n"
+        "    # outside gets 404. try_files answers only regular files: no directory, no listing.\n"
+        "    # The application's ETag (the SHA-256) replaces nginx's, so an agent's If-Range\n"
+        "    # matches; Content-Type and Cache-Control are kept from its answer.\n"
+        f"    location ^~ {package_files.accel_prefix} {{\n"
+        "        internal;\n"
+        f"        alias {package_files.directory}/;\n"
+        "        try_files $uri =404;\n"
+        "        autoindex off;\n"
+        "        sendfile on;\n"
+        "        tcp_nopush on;\n"
+        "        etag off;\n"
+        "        add_header ETag $upstream_http_etag;\n"
+        "    }\n"
+    )
+
+
 def render_site(site: Site, template: str) -> str:
     static_location = ""
     if site.static_root is not None:
@@ -288,10 +354,12 @@ def render_site(site: Site, template: str) -> str:
             "ca_cert": str(site.ca_cert),
             "crl": str(site.crl),
             "max_body_bytes": str(site.max_body_bytes),
+            "package_max_bytes": str(site.package_max_bytes),
             "websocket_timeout": str(site.websocket_timeout_seconds),
             "header_timeout": str(site.header_timeout_seconds),
             "body_timeout": str(site.body_timeout_seconds),
             "static_location": static_location,
+            "package_files_location": package_files_location(site.package_files),
         },
     )
 

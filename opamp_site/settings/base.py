@@ -257,6 +257,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("OPAMP_API_MAX_BODY_BYTES", 2 * OPAMP_CONF
 OPAMP_PACKAGE_MAX_BYTES = env_int("OPAMP_PACKAGE_MAX_BYTES", 512 * 1024 * 1024)
 OPAMP_PACKAGE_URL_SECONDS = env_int("OPAMP_PACKAGE_URL_SECONDS", 3600)
 OPAMP_PACKAGE_DOWNLOAD_BASE_URL = env_str("OPAMP_PACKAGE_DOWNLOAD_BASE_URL", "")
+# Behind nginx: the `internal` location (e.g. /_internal/package-files/) that aliases the
+# packages directory; a download the app authorised is handed to nginx there with
+# X-Accel-Redirect (rollouts.package_downloads). Empty: the app streams the bytes itself.
+# render_nginx_config renders the location from the same value.
+OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX = env_str("OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX", "")
 # Caps applied to what agents report before it is stored.
 OPAMP_MAX_ATTRIBUTE_VALUE_CHARS = env_int("OPAMP_MAX_ATTRIBUTE_VALUE_CHARS", 4096)
 OPAMP_MAX_ATTRIBUTES = env_int("OPAMP_MAX_ATTRIBUTES", 256)

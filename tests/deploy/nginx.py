@@ -14,9 +14,11 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from django.core.management import call_command
 
+from tests.deploy.pki import FrontFiles
 from tests.support.live_server import free_port
 
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
@@ -60,7 +62,10 @@ class Nginx:
         ca_cert: Path,
         crl: Path,
         max_body_bytes: int | None = None,
+        package_files: tuple[str, Path] | None = None,
     ) -> None:
+        """`package_files`: (OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX, the packages directory) the
+        server hands authorised downloads to nginx with; None renders no such location."""
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
@@ -80,10 +85,28 @@ class Nginx:
             options += ["--upstream", address]
         if max_body_bytes is not None:
             options += ["--max-body-bytes", str(max_body_bytes)]
+        if package_files is not None:
+            prefix, directory = package_files
+            options += ["--package-accel-prefix", prefix, "--package-dir", str(directory)]
+        else:
+            options += ["--package-accel-prefix", ""]
         if user := worker_user():
             options += ["--user", user]
         call_command("render_nginx_config", *options, stdout=io.StringIO(), stderr=io.StringIO())
         self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def in_front(cls, binary: str, workdir: Path, files: FrontFiles, **options: Any) -> Nginx:
+        """nginx with `files`' server certificate, agents' CA and CRL; `options` as above."""
+        return cls(
+            binary,
+            workdir,
+            tls_cert=files.server_cert,
+            tls_key=files.server_key,
+            ca_cert=files.ca_cert,
+            crl=files.crl,
+            **options,
+        )
 
     @property
     def base_url(self) -> str:

@@ -13,7 +13,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from signing.ca import LoadedCa, RevokedEntry, build_crl, certificate_pem, check_csr, create_ca, issue_certificate
+from signing.ca import (
+    LoadedCa,
+    RevokedEntry,
+    build_crl,
+    certificate_pem,
+    check_csr,
+    create_ca,
+    issue_certificate,
+    write_ca,
+)
 
 
 @dataclass(frozen=True)
@@ -104,3 +113,44 @@ def write_crl(ca: LoadedCa, path: Path, revoked: list[ClientCert]) -> Path:
 
 def new_ca(common_name: str) -> LoadedCa:
     return create_ca(common_name=common_name, days=30)
+
+
+@dataclass(frozen=True)
+class FrontFiles:
+    """What a server behind nginx needs: the agents' CA (the project's, key and certificate)
+    with the path of its CRL, and a separate CA with nginx's server certificate for 127.0.0.1."""
+
+    agents_ca: LoadedCa
+    ca_key: Path
+    ca_cert: Path
+    crl: Path  # written by the server's `manage.py write_crl`; nginx will not start without it
+    server_cert: Path
+    server_key: Path
+    server_ca: Path  # what clients verify nginx with
+
+    def server_env(self) -> dict[str, str]:
+        """The server's settings for these files, nginx on loopback being its trusted proxy."""
+        return {
+            "OPAMP_TRUSTED_PROXIES": "127.0.0.1",
+            "OPAMP_CA_KEY_FILE": str(self.ca_key),
+            "OPAMP_CA_CERT_FILE": str(self.ca_cert),
+            "OPAMP_CRL_FILE": str(self.crl),
+        }
+
+
+def front_files(directory: Path, name: str) -> FrontFiles:
+    agents_ca = new_ca(f"{name} agents CA")
+    write_ca(agents_ca, key_file=directory / "ca.key", cert_file=directory / "ca.pem")
+    tls_ca = new_ca(f"{name} TLS CA")
+    (directory / "tls").mkdir()
+    (directory / "crl").mkdir()
+    server_cert, server_key = issue_server(tls_ca, directory / "tls")
+    return FrontFiles(
+        agents_ca=agents_ca,
+        ca_key=directory / "ca.key",
+        ca_cert=directory / "ca.pem",
+        crl=directory / "crl" / "agents.crl.pem",
+        server_cert=server_cert,
+        server_key=server_key,
+        server_ca=write_ca_cert(tls_ca, directory / "tls" / "server-ca.pem"),
+    )

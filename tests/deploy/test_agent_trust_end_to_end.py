@@ -22,10 +22,9 @@ import pytest
 
 from opamp.identifiers import uuid7
 from signing.agent_credentials import CERTIFICATE_NOT_CURRENT, CREDENTIAL_REQUIRED
-from signing.ca import create_ca, write_ca
 from signing.config_signing import generate_signing_key
 from tests.deploy.nginx import Nginx
-from tests.deploy.pki import issue_server, new_ca, write_ca_cert
+from tests.deploy.pki import front_files
 from tests.fleet.messages import full_report
 from tests.support.live_server import LiveOpampServer
 from tests.support.processes import AgentProcess
@@ -57,25 +56,16 @@ def agent_command(*args: str) -> list[str]:
 def test_enroll_over_tls_then_mtls_signed_config_and_revocation(tmp_path: Path, nginx_binary: str) -> None:
     # The agents' CA (the project's), a separate CA for nginx's server certificate, a
     # config-signing key and the CRL file the app keeps current.
-    agents_ca = create_ca(common_name="End-to-end agents CA", days=30)
-    write_ca(agents_ca, key_file=tmp_path / "ca.key", cert_file=tmp_path / "ca.pem")
-    tls_ca = new_ca("End-to-end TLS CA")
-    (tmp_path / "tls").mkdir()
-    server_cert, server_key = issue_server(tls_ca, tmp_path / "tls")
-    server_ca = write_ca_cert(tls_ca, tmp_path / "tls" / "server-ca.pem")
+    files = front_files(tmp_path, "End-to-end")
+    server_ca = files.server_ca
     signing_pair = generate_signing_key(tmp_path / "signing-key.pem")
     (tmp_path / "trusted.pem").write_text(signing_pair.public_key_pem)
-    crl = tmp_path / "crl" / "agents.crl.pem"
-    crl.parent.mkdir()
 
     server = LiveOpampServer(
         tmp_path / "server",
         extra_env={
             "OPAMP_AGENT_AUTH": "required",
-            "OPAMP_TRUSTED_PROXIES": "127.0.0.1",
-            "OPAMP_CA_KEY_FILE": str(tmp_path / "ca.key"),
-            "OPAMP_CA_CERT_FILE": str(tmp_path / "ca.pem"),
-            "OPAMP_CRL_FILE": str(crl),
+            **files.server_env(),
             "OPAMP_SIGNING_KEY_FILE": str(tmp_path / "signing-key.pem"),
         },
     )
@@ -85,15 +75,7 @@ def test_enroll_over_tls_then_mtls_signed_config_and_revocation(tmp_path: Path, 
     state = tmp_path / "agent"
     try:
         server.start()
-        nginx = Nginx(
-            nginx_binary,
-            tmp_path / "nginx",
-            upstream=f"127.0.0.1:{server.port}",
-            tls_cert=server_cert,
-            tls_key=server_key,
-            ca_cert=tmp_path / "ca.pem",
-            crl=crl,
-        )
+        nginx = Nginx.in_front(nginx_binary, tmp_path / "nginx", files, upstream=f"127.0.0.1:{server.port}")
         nginx.start()
         wss_url = f"wss://127.0.0.1:{nginx.port}/v1/opamp"
         https_url = f"{nginx.base_url}/v1/opamp"

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from signing.ca import create_ca, write_ca
 from tests.deploy.nginx import Nginx
-from tests.deploy.pki import issue_server, new_ca, write_ca_cert
+from tests.deploy.pki import front_files
 from tests.support.live_server import LiveOpampServer
 
 pytestmark = [pytest.mark.live_server]
@@ -27,39 +26,15 @@ MIB = 1024 * 1024
 def test_a_post_without_a_credential_is_refused_from_its_headers_through_nginx(
     tmp_path: Path, nginx_binary: str
 ) -> None:
-    agents_ca = create_ca(common_name="Bounds agents CA", days=30)
-    write_ca(agents_ca, key_file=tmp_path / "ca.key", cert_file=tmp_path / "ca.pem")
-    tls_ca = new_ca("Bounds TLS CA")
-    (tmp_path / "tls").mkdir()
-    server_cert, server_key = issue_server(tls_ca, tmp_path / "tls")
-    server_ca = write_ca_cert(tls_ca, tmp_path / "tls" / "server-ca.pem")
-    crl = tmp_path / "crl" / "agents.crl.pem"
-    crl.parent.mkdir()
-    server = LiveOpampServer(
-        tmp_path / "server",
-        extra_env={
-            "OPAMP_AGENT_AUTH": "required",
-            "OPAMP_TRUSTED_PROXIES": "127.0.0.1",
-            "OPAMP_CA_KEY_FILE": str(tmp_path / "ca.key"),
-            "OPAMP_CA_CERT_FILE": str(tmp_path / "ca.pem"),
-            "OPAMP_CRL_FILE": str(crl),
-        },
-    )
+    files = front_files(tmp_path, "Bounds")
+    server = LiveOpampServer(tmp_path / "server", extra_env={"OPAMP_AGENT_AUTH": "required", **files.server_env()})
     server.manage("write_crl")
     nginx: Nginx | None = None
     try:
         server.start()
-        nginx = Nginx(
-            nginx_binary,
-            tmp_path / "nginx",
-            upstream=f"127.0.0.1:{server.port}",
-            tls_cert=server_cert,
-            tls_key=server_key,
-            ca_cert=tmp_path / "ca.pem",
-            crl=crl,
-        )
+        nginx = Nginx.in_front(nginx_binary, tmp_path / "nginx", files, upstream=f"127.0.0.1:{server.port}")
         nginx.start()
-        context = ssl.create_default_context(cafile=str(server_ca))
+        context = ssl.create_default_context(cafile=str(files.server_ca))
         with (
             socket.create_connection(("127.0.0.1", nginx.port), timeout=10) as raw,
             context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,

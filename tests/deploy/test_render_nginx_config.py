@@ -274,3 +274,69 @@ def test_the_timeouts_come_from_the_servers_settings(files: Files, settings: Any
     assert "client_body_timeout 20s;" in config
     # Bodies stream to the server, which refuses from the headers.
     assert directives(location(config, "= /v1/opamp"), "proxy_request_buffering") == ["proxy_request_buffering off"]
+
+
+def test_the_package_upload_route_alone_takes_the_package_limit(files: Files, settings: Any) -> None:
+    settings.OPAMP_MAX_MESSAGE_BYTES = 1000
+    settings.OPAMP_PACKAGE_MAX_BYTES = 5000
+    config = render(*base_args(files))
+    # The server's, then the one inside the upload route's location: nowhere else.
+    assert directives(config, "client_max_body_size") == ["client_max_body_size 1000", "client_max_body_size 5000"]
+    upload = location(config, "/")
+    assert "location ~ ^/api/v1/packages/[^/]+/versions/[^/]+/files/$ {" in upload
+    assert "client_max_body_size 5000;" in upload.split("location ~ ^/api/v1/packages/")[1]
+    assert "client_max_body_size 77;" in render(*base_args(files), "--package-max-bytes", "77")
+
+
+def test_package_downloads_are_handed_to_an_internal_location_over_the_package_directory(
+    files: Files, settings: Any
+) -> None:
+    package_dir = files.directory / "packages"
+    package_dir.mkdir()
+    local = {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(package_dir)}}
+    settings.STORAGES = {**settings.STORAGES, "packages": local}
+    assert "_internal" not in render(*base_args(files))  # OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX empty: none
+    settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX = "/_internal/package-files/"
+    block = location(render(*base_args(files)), "^~ /_internal/package-files/")
+    assert "\n        internal;\n" in block
+    assert directives(block, "alias") == [f"alias {package_dir}/"]
+    assert directives(block, "try_files") == ["try_files $uri =404"]
+    assert directives(block, "autoindex") == ["autoindex off"]
+    assert directives(block, "add_header") == ["add_header ETag $upstream_http_etag"]
+    other = files.directory / "elsewhere"
+    other.mkdir()
+    given = render(*base_args(files), "--package-accel-prefix", "/_bytes/", "--package-dir", str(other))
+    assert directives(location(given, "^~ /_bytes/"), "alias") == [f"alias {other}/"]
+
+
+def test_a_package_storage_that_is_not_a_directory_gets_no_location(files: Files, settings: Any) -> None:
+    settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX = "/_internal/package-files/"
+    settings.STORAGES = {**settings.STORAGES, "packages": {"BACKEND": "django.core.files.storage.InMemoryStorage"}}
+    out, err = io.StringIO(), io.StringIO()
+    call_command("render_nginx_config", *base_args(files), stdout=out, stderr=err)
+    assert "_internal" not in out.getvalue()
+    assert "the server streams package files itself" in err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        ("_internal/", "expected a path like"),
+        ("/_internal", "expected a path like"),
+        ("/", "expected a path like"),
+        ("/a b/", "expected a path like"),
+        ("/a/../b/", "expected a path like"),
+        ("/v1/package-files/", "under one of the application's routes"),
+        ("/api/bytes/", "under one of the application's routes"),
+    ],
+)
+def test_a_bad_accel_prefix_is_refused(files: Files, prefix: str, problem: str) -> None:
+    package_dir = files.directory / "packages"
+    package_dir.mkdir()
+    with pytest.raises(CommandError, match=re.escape(problem)):
+        render(*base_args(files), "--package-accel-prefix", prefix, "--package-dir", str(package_dir))
+
+
+def test_a_missing_package_directory_is_refused(files: Files) -> None:
+    with pytest.raises(CommandError, match=r"--package-dir .*: no such directory"):
+        render(*base_args(files), "--package-accel-prefix", "/_bytes/", "--package-dir", str(files.directory / "none"))

@@ -26,9 +26,8 @@ from agent_client.agent import Agent
 from agent_client.agent_settings import AgentSettings
 from agent_client.simulator import Fleet, FleetStats
 from opamp.proto import opamp_pb2 as pb
-from signing.ca import create_ca, write_ca
 from tests.deploy.nginx import Nginx
-from tests.deploy.pki import issue_server, new_ca, write_ca_cert
+from tests.deploy.pki import front_files
 from tests.support.live_server import REPO_ROOT, LiveOpampServer
 
 pytestmark = [pytest.mark.live_server]
@@ -68,37 +67,15 @@ class Reconnects(FleetStats):
 
 @pytest.fixture
 def two_processes_behind_nginx(tmp_path: Path, nginx_binary: str) -> Iterator[tuple[LiveOpampServer, Nginx, Path]]:
-    agents_ca = create_ca(common_name="Scale-out agents CA", days=30)
-    write_ca(agents_ca, key_file=tmp_path / "ca.key", cert_file=tmp_path / "ca.pem")
-    tls_ca = new_ca("Scale-out TLS CA")
-    (tmp_path / "tls").mkdir()
-    server_cert, server_key = issue_server(tls_ca, tmp_path / "tls")
-    server_ca = write_ca_cert(tls_ca, tmp_path / "tls" / "server-ca.pem")
-    crl = tmp_path / "agents.crl.pem"
-    server = LiveOpampServer(
-        tmp_path / "server",
-        processes=2,
-        extra_env={
-            "OPAMP_TRUSTED_PROXIES": "127.0.0.1",
-            "OPAMP_CA_KEY_FILE": str(tmp_path / "ca.key"),
-            "OPAMP_CA_CERT_FILE": str(tmp_path / "ca.pem"),
-            "OPAMP_CRL_FILE": str(crl),
-        },
-    )
+    files = front_files(tmp_path, "Scale-out")
+    server = LiveOpampServer(tmp_path / "server", processes=2, extra_env=files.server_env())
     server.manage("write_crl")
-    nginx = Nginx(
-        nginx_binary,
-        tmp_path / "nginx",
-        upstream=[f"127.0.0.1:{port}" for port in server.ports],
-        tls_cert=server_cert,
-        tls_key=server_key,
-        ca_cert=tmp_path / "ca.pem",
-        crl=crl,
-    )
+    upstreams = [f"127.0.0.1:{port}" for port in server.ports]
+    nginx = Nginx.in_front(nginx_binary, tmp_path / "nginx", files, upstream=upstreams)
     try:
         server.start()
         nginx.start()
-        yield server, nginx, server_ca
+        yield server, nginx, files.server_ca
     finally:
         nginx.stop()
         server.close()

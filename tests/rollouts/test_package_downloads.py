@@ -171,3 +171,33 @@ def test_byte_range_parsing() -> None:
     assert byte_range("bytes=-20", 10) == (0, 9)
     assert byte_range("bytes=10-", 10) is False
     assert byte_range("bytes=-", 10) is None
+
+
+def test_behind_nginx_the_file_is_handed_over_after_the_token_is_checked(
+    offered: tuple[Agent, PackageFile], settings: Any
+) -> None:
+    agent, file = offered
+    settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX = "/_internal/package-files/"
+    for method in ("get", "head"):
+        response = getattr(Client(), method)(url_for(agent, file), HTTP_RANGE="bytes=10-19")
+        assert response.status_code == 200  # nginx answers the Range from the file
+        assert response["X-Accel-Redirect"] == f"/_internal/package-files/{file.storage_name}"
+        assert response.content == b""
+        assert response["ETag"] == f'"{hashlib.sha256(DATA).hexdigest()}"'
+        assert response["Content-Type"] == "application/octet-stream"
+        assert response["Cache-Control"] == "private, no-store"
+    windows = factories.AgentFactory(non_identifying_attributes={"os.type": "windows", "host.arch": "amd64"})
+    refused = Client().get(url_for(windows, file))
+    assert refused.status_code == 404 and "X-Accel-Redirect" not in refused
+
+
+def test_a_storage_that_is_not_a_directory_keeps_streaming_through_the_app(settings: Any) -> None:
+    settings.STORAGES = {**settings.STORAGES, "packages": {"BACKEND": "django.core.files.storage.InMemoryStorage"}}
+    settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX = "/_internal/package-files/"
+    version = make_version(files={("", ""): DATA})
+    packages.package_assignment_create(
+        name="everyone", package=Package.objects.get(), version="1.0.0", selector="", actor=None
+    )
+    response = Client().get(url_for(factories.AgentFactory(), file_of(version)), HTTP_RANGE="bytes=100-")
+    assert "X-Accel-Redirect" not in response
+    assert (response.status_code, body(response)) == (206, DATA[100:])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.core.files.storage import FileSystemStorage, storages
 from django.core.management.base import BaseCommand, CommandError
 
 from signing import nginx_config
@@ -18,10 +19,18 @@ from signing.errors import SigningError
 TEMPLATE_DIR = Path(settings.BASE_DIR) / "deploy" / "nginx"
 SITE_TEMPLATE = TEMPLATE_DIR / "opamp.conf.template"
 STANDALONE_TEMPLATE = TEMPLATE_DIR / "nginx-standalone.conf.template"
+# The storage rollouts.package_files keeps package bytes in (named here: signing sits below
+# rollouts and does not import it).
+PACKAGE_STORAGE = "packages"
 
 
 def _absolute(value: str) -> Path:
     return Path(value).expanduser().absolute()
+
+
+def _package_storage_directory() -> Path | None:
+    storage = storages[PACKAGE_STORAGE]
+    return Path(storage.location).absolute() if isinstance(storage, FileSystemStorage) else None
 
 
 class Command(BaseCommand):
@@ -62,6 +71,20 @@ class Command(BaseCommand):
             "--max-body-bytes",
             type=int,
             help="client_max_body_size in bytes; default: the OPAMP_MAX_MESSAGE_BYTES setting",
+        )
+        parser.add_argument(
+            "--package-max-bytes",
+            type=int,
+            help="client_max_body_size of the package upload route; default: the OPAMP_PACKAGE_MAX_BYTES setting",
+        )
+        parser.add_argument(
+            "--package-accel-prefix",
+            help="the internal location nginx serves authorised package downloads from (X-Accel-Redirect); "
+            "default: the OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX setting (empty: none, the server streams them)",
+        )
+        parser.add_argument(
+            "--package-dir",
+            help="the directory that location aliases; default: the packages storage's (OPAMP_PACKAGE_DIR)",
         )
         parser.add_argument(
             "--websocket-timeout",
@@ -114,7 +137,13 @@ class Command(BaseCommand):
             websocket_timeout_seconds=options["websocket_timeout"],
             header_timeout_seconds=math.ceil(settings.OPAMP_HTTP_HEADER_TIMEOUT_SECONDS),
             body_timeout_seconds=math.ceil(settings.OPAMP_HTTP_BODY_TIMEOUT_SECONDS),
+            package_max_bytes=(
+                int(settings.OPAMP_PACKAGE_MAX_BYTES)
+                if options["package_max_bytes"] is None
+                else options["package_max_bytes"]
+            ),
             static_root=_absolute(options["static_root"]) if options["static_root"] else None,
+            package_files=self._package_files(options),
         )
         standalone = None
         if options["standalone"]:
@@ -171,6 +200,22 @@ class Command(BaseCommand):
         except OSError as error:
             raise CommandError(f"--output {target}: {error}") from None
         self.stderr.write(f"wrote {target}; check it with: nginx -t -c {target}" if standalone else f"wrote {target}")
+
+    def _package_files(self, options: dict[str, Any]) -> nginx_config.PackageFiles | None:
+        prefix = options["package_accel_prefix"]
+        if prefix is None:
+            prefix = str(settings.OPAMP_PACKAGE_DOWNLOAD_ACCEL_PREFIX)
+        if not prefix:
+            return None
+        directory = _absolute(options["package_dir"]) if options["package_dir"] else _package_storage_directory()
+        if directory is None:
+            # The application hands nothing to nginx then (rollouts/package_downloads.py).
+            self.stderr.write(
+                "the packages storage is not a local directory: the server streams package files itself, "
+                "and no internal location is rendered for them"
+            )
+            return None
+        return nginx_config.PackageFiles(accel_prefix=prefix, directory=directory)
 
     def _write_crl(self, path: Path) -> None:
         if not path.parent.is_dir():
