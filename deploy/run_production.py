@@ -395,9 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"agents: {', '.join(profile.agent_urls)} (CA: {profile.agent_ca_file or 'your --tls-cert issuer'})")
     print(f"{options.server} on ports {', '.join(map(str, profile.ports))}; logs in {profile.log_dir}; Ctrl-C stops")
     try:
-        while not stopping:
+        while True:
             time.sleep(RESTART_DELAY_SECONDS)
-            for name in profile.supervise_once():
+            # Ctrl-C in a terminal (or a SIGTERM to the process group) reaches the children
+            # too: once it arrived, a child that exited is stopping, not crashed. The sleep
+            # goes on after the handler ran, so the flag is read after it, not only before.
+            if stopping:
+                break
+            try:
+                restarted = profile.supervise_once()
+            except RuntimeError:
+                if stopping:
+                    break  # nginx took the same signal while the children were checked
+                raise
+            for name in restarted:
                 print(f"{name} exited; started it again", flush=True)
     finally:
         profile.stop()
