@@ -88,7 +88,7 @@ def _configuration_subject(chosen: str) -> Subject:
     subject = Subject(CONFIGURATION, [c.name for c in configurations], configuration)
     if configuration is not None:
         subject.candidates = [
-            (str(v.number), f"v{v.number} {v.note}")
+            (str(v.number), f"v{v.number} {v.note}".strip())
             for v in selectors.version_list(configuration)
             if v.pk != configuration.current_version_id
         ]
@@ -111,7 +111,7 @@ def _package_subject(chosen: str) -> Subject:
         )
         subject.stable = ", ".join(sorted(stable)) or "no assigned version"
         subject.candidates = [
-            (v.version, f"{v.version} {v.note}") for v in package.versions.all() if v.version not in stable
+            (v.version, f"{v.version} {v.note}".strip()) for v in package.versions.all() if v.version not in stable
         ]
     return subject
 
