@@ -144,10 +144,16 @@ def _record_file(*, version: PackageVersion, os: str, arch: str, stored: Any, ac
     return row
 
 
-def _assignable_version(package: Package, version: str) -> PackageVersion:
+def package_version_named(package: Package, version: str, *, field: str = "version") -> PackageVersion:
+    """The package's version of that name; refused, naming `field`, when there is none."""
     row = PackageVersion.objects.filter(package=package, version=version).first()
     if row is None:
-        raise DomainError(NO_SUCH_PACKAGE_VERSION.format(name=package.name, version=version), field="version")
+        raise DomainError(NO_SUCH_PACKAGE_VERSION.format(name=package.name, version=version), field=field)
+    return row
+
+
+def _assignable_version(package: Package, version: str) -> PackageVersion:
+    row = package_version_named(package, version)
     if not row.files.exists():
         raise DomainError(VERSION_HAS_NO_FILES.format(name=package.name, version=version), field="version")
     return row

@@ -26,7 +26,7 @@ import operator
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from django.db.models import Q, TextField, Value
+from django.db.models import F, Q, QuerySet, TextField, Value
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Coalesce
 from django.db.models.lookups import Exact
@@ -44,6 +44,7 @@ from rollouts.models import (
     PackageAssignment,
     Rollout,
     RolloutState,
+    RolloutTarget,
 )
 from rollouts.package_assignments import agent_package_facts, bump_packages, hint_agents, package_definitions
 from rollouts.package_offers import INSTALL_FAILED, INSTALLED
@@ -99,6 +100,11 @@ class RolloutSubject(ABC):
     @abstractmethod
     def reverted(self) -> Q:
         """On a RolloutTarget: the agent runs the stable version again."""
+
+    @abstractmethod
+    def failed_targets(self) -> QuerySet[RolloutTarget]:
+        """The rollout's targets whose agent failed on the candidate, each annotated with
+        `failure`: the error the agent gave."""
 
     def refresh_targets(self, now: datetime) -> list[int]:
         """Record the targets of agents in started stages that have none yet (the resolver
@@ -173,6 +179,11 @@ class ConfigurationSubject(RolloutSubject):
         return Q(agent__remote_config_hash=self.rollout.stable_version.config_hash) & Q(
             agent__remote_config_state=RemoteConfigState.APPLIED
         )
+
+    def failed_targets(self) -> QuerySet[RolloutTarget]:
+        # The answer recorded on the target, not the agent's current state: it stays after
+        # an automatic rollback has moved the agent back to the stable version.
+        return RolloutTarget.objects.filter(rollout=self.rollout, answer="failed").annotate(failure=F("error"))
 
 
 def _reported(name: str, field: str, prefix: str) -> Coalesce:
@@ -284,6 +295,15 @@ class PackageSubject(RolloutSubject):
         stable = self.rollout.stable_package_version
         assert stable is not None
         return self._status(INSTALLED, "agent_has_version", stable.version)
+
+    def failed_targets(self) -> QuerySet[RolloutTarget]:
+        # Nothing is recorded on a package target: the agent's last PackageStatus says it
+        # (InstallFailed for the candidate, the failure counted by `outcomes`), with its
+        # error_message. An agent that reports the stable version installed again after a
+        # rollback is no longer listed.
+        _, _, failed = self.outcomes()
+        error = _reported(self.package.name, "error_message", "agent__")
+        return RolloutTarget.objects.filter(failed, rollout=self.rollout).annotate(failure=error)
 
 
 def subject_of(rollout: Rollout) -> RolloutSubject:

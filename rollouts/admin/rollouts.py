@@ -1,5 +1,6 @@
-"""Admin for rollouts: the add form (a draft through `rollout_create`), the timeline inline,
-per-stage counts, and the verbs as actions.
+"""Admin for rollouts: the add form (a draft of a configuration's or a package's version
+through the services the API calls), the timeline inline, per-stage counts, a package
+rollout's package statuses, and the verbs as actions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from rollouts.admin.saved_rows import become
 from rollouts.api import rollout_serializers
 from rollouts.errors import NO_SUCH_VERSION
 from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutState
+from rollouts.package_statuses import rollout_package_statuses
+from rollouts.packages import package_version_named
 from rollouts.rollout_services import answers, creation, verbs
 
 STAGES_HELP = (
@@ -50,15 +53,22 @@ STAGE_COLUMNS = (
     "offline",
     "failure rate",
 )
+# The first column is the version; the others are package_statuses' counts.
+PACKAGE_STATUS_COLUMNS = ("version", "installed", "installing", "downloading", "pending", "failed")
 STAGES_NOT_A_LIST = "the stages must be a JSON list of objects"
 STAGE_UNKNOWN_FIELD = "stage {index}: unknown field {name!r}; a stage has {known}"
 
 
 class RolloutAddForm(forms.ModelForm):
-    """Input for `rollout_create`, which applies the stage rules itself (its refusals come
-    back as messages)."""
+    """Input for `rollout_create` (a configuration's) or `package_rollout_create` (a
+    package's), the services the API calls: they apply the stage and gate rules themselves
+    (their refusals come back as messages)."""
 
-    candidate_version = forms.IntegerField(min_value=1, help_text="the version number to roll out")
+    candidate_version = forms.CharField(
+        max_length=200,
+        help_text="a configuration's version number to roll out, or the package's version "
+        "(a package rolls out from the version its assignments give)",
+    )
     stages = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 6, "cols": 100, "style": "font-family: monospace"}), help_text=STAGES_HELP
     )
@@ -70,6 +80,7 @@ class RolloutAddForm(forms.ModelForm):
         model = Rollout
         fields = [
             "configuration",
+            "package",
             "candidate_version",
             "stages",
             "max_failure_rate",
@@ -113,14 +124,28 @@ class RolloutAddForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
-        configuration, number = data.get("configuration"), data.get("candidate_version")
-        if configuration is not None and number is not None:
-            version = selectors.version_list(configuration).filter(number=number).first()
-            if version is None:
-                self.add_error("candidate_version", NO_SUCH_VERSION.format(name=configuration.name, number=number))
-            else:
-                # The model field of the same name: the instance the form builds gets the version.
-                data["candidate_version"] = version
+        # The text given; the model field of that name (a configuration's version) gets the
+        # version found, or nothing (the instance the form builds must not get the text).
+        given = data.pop("candidate_version", None)
+        configuration, package = data.get("configuration"), data.get("package")
+        if (configuration is None) == (package is None):
+            raise ValidationError(rollout_serializers.ONE_SUBJECT)
+        if given is None:
+            return data
+        if package is not None:
+            try:
+                data["candidate_package_version"] = package_version_named(package, given, field="candidate_version")
+            except DomainError as error:
+                self.add_error("candidate_version", error.message)
+            return data
+        version = None
+        if given.isdigit():
+            version = selectors.version_list(configuration).filter(number=int(given)).first()
+        if version is None:
+            self.add_error("candidate_version", NO_SUCH_VERSION.format(name=configuration.name, number=given))
+        else:
+            # The model field of the same name: the instance the form builds gets the version.
+            data["candidate_version"] = version
         return data
 
 
@@ -157,17 +182,16 @@ def _verb_action(verb: str, done: str, description: str) -> Callable[..., None]:
 class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin.ModelAdmin):
     """Rollouts are read here and moved by the verbs of `rollout_services.verbs` (the
     actions); nothing is edited through a form. The add form only creates a draft through
-    `rollout_create`."""
+    `rollout_create` or `package_rollout_create`."""
 
-    list_display = ["id", "configuration", "versions", "state", "stage", "stage_count", "created_at"]
+    list_display = ["id", "subject", "versions", "state", "stage", "stage_count", "created_at"]
     list_display_links = ["id"]
-    list_filter = ["state", "configuration"]
-    search_fields = ["configuration__name", "note"]
+    list_filter = ["state", "configuration", "package"]
+    search_fields = ["configuration__name", "package__name", "note"]
     date_hierarchy = "created_at"
+    configuration_fields = ["configuration", "stable_version", "candidate_version"]
+    package_fields = ["package", "stable_package_version", "candidate_package_version"]
     detail_fields = [
-        "configuration",
-        "stable_version",
-        "candidate_version",
         "state",
         "stage_index",
         "stage_started_at",
@@ -216,10 +240,13 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
     def get_fieldsets(self, request: HttpRequest, obj: Rollout | None = None) -> list[Any]:
         if obj is None:
             return [(None, {"fields": RolloutAddForm.Meta.fields})]
+        subject = self.package_fields if obj.is_package else self.configuration_fields
         fieldsets: list[Any] = [
-            (None, {"fields": self.detail_fields}),
+            (None, {"fields": [*subject, *self.detail_fields]}),
             ("Stages", {"fields": ["stages_display"]}),
         ]
+        if obj.is_package:
+            fieldsets.append(("Package statuses", {"fields": ["package_statuses_display"]}))
         if obj.state in (RolloutState.ROLLING_BACK, RolloutState.ROLLED_BACK):
             fieldsets.append(("Rollback", {"fields": ["rollback_display"]}))
         return fieldsets
@@ -227,10 +254,21 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
     def get_readonly_fields(self, request: HttpRequest, obj: Rollout | None = None) -> list[str]:
         if obj is None:
             return []
-        return [*self.detail_fields, "stages_display", "rollback_display"]
+        return [
+            *self.configuration_fields,
+            *self.package_fields,
+            *self.detail_fields,
+            "stages_display",
+            "rollback_display",
+            "package_statuses_display",
+        ]
 
     def get_inlines(self, request: HttpRequest, obj: Rollout | None = None) -> list[Any]:
         return [] if obj is None else self.inlines
+
+    @admin.display(description="subject")
+    def subject(self, rollout: Rollout) -> str:
+        return f"package {rollout.subject_name}" if rollout.is_package else rollout.subject_name
 
     @admin.display(description="stable → candidate")
     def versions(self, rollout: Rollout) -> str:
@@ -285,20 +323,43 @@ class RolloutAdmin(ServiceErrorsAsMessagesMixin, CreateOnlyRoleAdminMixin, admin
             return "—"
         return format_html_join(", ", "{}: {}", answers.rollback_progress(rollout).items())
 
+    @admin.display(description="of the agents given the candidate")
+    def package_statuses_display(self, rollout: Rollout) -> str:
+        if not rollout.is_package:
+            return "—"
+        header = format_html_join("", "<th>{}</th>", ((name,) for name in PACKAGE_STATUS_COLUMNS))
+        body = format_html_join(
+            "",
+            "<tr>" + "<td>{}</td>" * len(PACKAGE_STATUS_COLUMNS) + "</tr>",
+            (
+                (version, *(counts[name] for name in PACKAGE_STATUS_COLUMNS[1:]))
+                for version, counts in rollout_package_statuses(rollout).items()
+            ),
+        )
+        return format_html(
+            '<table id="package-statuses"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>', header, body
+        )
+
     def save_model(self, request: HttpRequest, obj: Rollout, form: RolloutAddForm, change: bool) -> None:
         data = form.cleaned_data
-        rollout = creation.rollout_create(
-            configuration=data["configuration"],
-            candidate=data["candidate_version"],
-            stages=data["stages"],
-            actor=request.user,
-            max_failure_rate=data["max_failure_rate"],
-            apply_timeout_seconds=data["apply_timeout_seconds"],
-            min_reporting=data["min_reporting"],
-            auto_rollback=data["auto_rollback"],
-            salt=data["salt"] or None,
-            note=data["note"],
-        )
+        policy = {
+            "stages": data["stages"],
+            "actor": request.user,
+            "max_failure_rate": data["max_failure_rate"],
+            "apply_timeout_seconds": data["apply_timeout_seconds"],
+            "min_reporting": data["min_reporting"],
+            "auto_rollback": data["auto_rollback"],
+            "salt": data["salt"] or None,
+            "note": data["note"],
+        }
+        if data["package"] is not None:
+            rollout = creation.package_rollout_create(
+                package=data["package"], candidate=data["candidate_package_version"], **policy
+            )
+        else:
+            rollout = creation.rollout_create(
+                configuration=data["configuration"], candidate=data["candidate_version"], **policy
+            )
         become(obj, rollout)
 
     # Actions: each runs the verb per rollout, so one refusal does not stop the rest.

@@ -18,9 +18,8 @@ from rollouts.api import rollout_serializers as rs
 from rollouts.api.packages import package_or_404
 from rollouts.api.views import RolloutsAPIMixin, configuration_or_404, version_or_400
 from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutState
+from rollouts.packages import package_version_named
 from rollouts.rollout_services import answers, creation, verbs
-
-NO_SUCH_PACKAGE_VERSION = "package {name!r} has no version {version!r}"
 
 
 def _stage_specs(stages: list[dict[str, Any]]) -> list[creation.StageSpec]:
@@ -105,12 +104,7 @@ class RolloutViewSet(RolloutsAPIMixin, viewsets.GenericViewSet):
         if data["dry_run"]:
             result = creation.rollout_dry_run(package=package, stages=stages, salt=data.get("salt"))
             return Response(rs.DryRunSerializer(result).data)
-        candidate = package.versions.filter(version=str(data["candidate_version"])).first()
-        if candidate is None:
-            raise DomainError(
-                NO_SUCH_PACKAGE_VERSION.format(name=package.name, version=data["candidate_version"]),
-                field="candidate_version",
-            )
+        candidate = package_version_named(package, str(data["candidate_version"]), field="candidate_version")
         rollout = creation.package_rollout_create(
             package=package,
             candidate=candidate,

@@ -1,8 +1,11 @@
 """One rollout's progress as the rollout page and `manage.py rollout_watch` show it.
 
 A read model only: the counts come from the grouped queries of `rollout_services.answers`
-(`stage_counts`, `rollback_progress`), the failed agents from the targets' recorded answers,
-which stay after an automatic rollback has moved those agents back to the stable version.
+(`stage_counts`, `rollback_progress`), the failed agents from the subject's
+`failed_targets` (a configuration's: the targets' recorded answers, which stay after an
+automatic rollback has moved those agents back; a package's: the agents' InstallFailed
+status for the candidate, with its error), a package rollout's targets' PackageStatuses
+counted per version (`package_statuses.rollout_package_statuses`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 from django.utils import timezone
 
-from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutSample, RolloutState, RolloutTarget
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Rollout, RolloutEvent, RolloutSample, RolloutState
+from rollouts.package_statuses import rollout_package_statuses
 from rollouts.rollout_services import answers
 from rollouts.rollout_services.gate import gate_stale
 from rollouts.rollout_subjects import subject_of
@@ -69,6 +73,8 @@ class RolloutProgress:
     events: list[RolloutEvent] = field(default_factory=list)
     samples: list[RolloutSample] = field(default_factory=list)
     gate_stale: bool = False
+    # A package rollout's targets: version -> {installed, pending, downloading, installing, failed}.
+    package_statuses: dict[str, dict[str, int]] | None = None
 
     @property
     def state(self) -> str:
@@ -115,7 +121,8 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
     now = now or timezone.now()
     rollout = Rollout.objects.select_related(*ROLLOUT_SUBJECT_RELATIONS, "created_by").get(pk=rollout_id)
     counts = answers.stage_counts(rollout, now=now)
-    failed = RolloutTarget.objects.filter(rollout=rollout, answer="failed")
+    subject = subject_of(rollout)
+    failed = subject.failed_targets()
     failed_by_stage: dict[int, int] = {}
     for index in failed.values_list("stage_index", flat=True):
         failed_by_stage[index] = failed_by_stage.get(index, 0) + 1
@@ -146,7 +153,7 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
             instance_uid=str(target.agent.instance_uid),
             name=target.agent.display_name,
             stage_index=target.stage_index,
-            error=target.error,
+            error=target.failure,
             answered_at=target.answered_at,
         )
         for target in failed.select_related("agent").order_by("stage_index", "answered_at", "pk")[:FAILED_AGENTS_SHOWN]
@@ -157,11 +164,12 @@ def rollout_progress(rollout_id: int, *, now: datetime | None = None, events: in
         rollout=rollout,
         stages=stages,
         cumulative=cumulative,
-        population=subject_of(rollout).population_size(),
+        population=subject.population_size(),
         rollback=rollback,
         failed_agents=failed_agents,
         failed_total=sum(failed_by_stage.values()),
         events=recent,
         samples=list(rollout.samples.order_by("at", "id")),
         gate_stale=gate_stale(rollout, now),
+        package_statuses=rollout_package_statuses(rollout) if rollout.is_package else None,
     )

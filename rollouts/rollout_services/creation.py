@@ -41,6 +41,8 @@ NO_STAGES = "a rollout needs at least one stage"
 STAGE_SIZE = "stage {index}: give exactly one of percent (0-100] or count (>= 1)"
 STAGES_NOT_NESTED = "stage {index}: stages are cumulative, so each must be at least as large as the one before"
 BAD_FAILURE_RATE = "max_failure_rate must be between 0 and 1"
+BAD_APPLY_TIMEOUT = "apply_timeout_seconds must be at least 1"
+BAD_MIN_REPORTING = "min_reporting must be at least 1"
 CANDIDATE_NOT_OF_PACKAGE = "version {version!r} does not belong to package {name!r}"
 PACKAGE_NOT_ASSIGNED = "package {name!r} is not assigned to any agent: nothing to roll out from"
 PACKAGE_STABLE_AMBIGUOUS = (
@@ -108,8 +110,13 @@ def _create(
     note: str,
 ) -> Rollout:
     """The draft rollout of either subject (`subject`: its Rollout fields)."""
+    # The gate's settings, refused here so that every way in (API, admin, dashboard) refuses alike.
     if not 0 <= max_failure_rate <= 1:
         raise DomainError(BAD_FAILURE_RATE, field="max_failure_rate")
+    if not apply_timeout_seconds >= 1:
+        raise DomainError(BAD_APPLY_TIMEOUT, field="apply_timeout_seconds")
+    if min_reporting < 1:
+        raise DomainError(BAD_MIN_REPORTING, field="min_reporting")
     checked = _check_stages(stages)
     rollout = Rollout.objects.create(
         **subject,

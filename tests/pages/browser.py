@@ -1,12 +1,19 @@
-"""Debian's chromium for the browser tests: found, or skipped (failed where it must be there)."""
+"""Debian's chromium for the browser tests: found, or skipped (failed where it must be there);
+the simulated agents they look at."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.support.live_server import REPO_ROOT
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -40,3 +47,20 @@ def chromium_or_skip() -> str:
     if chromium_required():
         pytest.fail(CHROMIUM_MISSING, pytrace=False)
     pytest.skip(CHROMIUM_MISSING)
+
+
+@contextmanager
+def simulating(server_url: str, agents: int, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`agent_client simulate` of `agents` agents against the live server, with `options`,
+    stopped (the agents say goodbye) on leaving."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent_client", "simulate", "--server", server_url, "--agents", str(agents), *options],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

@@ -10,8 +10,6 @@ a viewer sees none and is refused when trying anyway.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.pages.browser import CHROMIUM_ARGS, chromium_or_skip
-from tests.support.live_server import REPO_ROOT, LiveOpampServer
+from tests.pages.browser import CHROMIUM_ARGS, chromium_or_skip, simulating
+from tests.support.live_server import LiveOpampServer
 
 # A live server, Celery beat and 10 agents on a 2-core machine shared with other work.
 pytestmark = [pytest.mark.live_server, pytest.mark.timeout(600)]
@@ -48,44 +46,24 @@ def server(tmp_path_factory: pytest.TempPathFactory, chromium: str) -> Iterator[
     live = LiveOpampServer(workdir / "server", extra_env={"OPAMP_ROLLOUT_TICK_SECONDS": "1"})
     live.start()
     live.start_celery()
-    simulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agent_client",
-            "simulate",
-            "--server",
-            live.ws_url,
-            "--agents",
-            str(AGENTS),
-            "--attr",
-            "service.name=web",
-            "--label",
-            "env=prod",
-            "--apply-delay",
-            "1.5",
-        ],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        live.manage("shell", "-c", MAKE_VIEWER)
-        live.api_post("configurations/", {"name": "web", "selector": "service.name=web"})
-        live.api_post("configurations/web/versions/", {"files": files("receivers:\n  otlp: {}\n")})
-        live.api_post(
-            "configurations/web/versions/",
-            {"files": files("receivers:\n  otlp: {}\nexporters:\n  debug: {}\n"), "activate": False},
-        )
-        live.wait_for(
-            lambda: live.api("configurations/web/versions/1/status/")["applied"] == AGENTS,
-            timeout=60,
-            what="the simulated agents on version 1",
-        )
-        yield live
+        with simulating(
+            live.ws_url, AGENTS, "--attr", "service.name=web", "--label", "env=prod", "--apply-delay", "1.5"
+        ):
+            live.manage("shell", "-c", MAKE_VIEWER)
+            live.api_post("configurations/", {"name": "web", "selector": "service.name=web"})
+            live.api_post("configurations/web/versions/", {"files": files("receivers:\n  otlp: {}\n")})
+            live.api_post(
+                "configurations/web/versions/",
+                {"files": files("receivers:\n  otlp: {}\nexporters:\n  debug: {}\n"), "activate": False},
+            )
+            live.wait_for(
+                lambda: live.api("configurations/web/versions/1/status/")["applied"] == AGENTS,
+                timeout=60,
+                what="the simulated agents on version 1",
+            )
+            yield live
     finally:
-        simulator.terminate()
-        simulator.wait(timeout=20)
         live.close()
 
 

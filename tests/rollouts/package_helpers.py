@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from channels.testing import ApplicationCommunicator
 
+from fleet.models import Agent
 from rollouts import packages
 from rollouts.models import Package, PackageFile, PackageVersion
 from signing.config_signing import SigningKeyPair, generate_signing_key
@@ -92,3 +93,22 @@ async def asgi_get(
             break
     await communicator.wait(timeout=10)
     return start["status"], dict(start["headers"]), body
+
+
+def report(agent: Agent, status: str, *, has: str, offered: str, error: str = "") -> None:
+    """What the agent's PackageStatuses would store (fleet.reports.package_statuses_to_dict)."""
+    entry = {
+        "agent_has_version": has,
+        "agent_has_hash": "aa" if has else "",
+        "server_offered_version": offered,
+        "server_offered_hash": "bb",
+        "status": status,
+        "error_message": error,
+    }
+    Agent.objects.filter(pk=agent.pk).update(
+        package_statuses={
+            "packages": {"collector": entry},
+            "server_provided_all_packages_hash": "",
+            "error_message": "",
+        }
+    )

@@ -34,7 +34,7 @@ from rollouts.rollout_services.verbs import (
     rollout_retry,
     rollout_start,
 )
-from tests.rollouts.package_helpers import make_version, package_dir, signing_key  # noqa: F401
+from tests.rollouts.package_helpers import make_version, package_dir, report, signing_key  # noqa: F401
 from tests.rollouts.rollout_helpers import make_fleet
 
 pytestmark = pytest.mark.django_db
@@ -54,25 +54,6 @@ def fleet(package_dir) -> list[Agent]:  # noqa: F811
 def versions_given(agents: list[Agent]) -> dict[int, str]:
     sets = desired_packages_for_agents([agent.pk for agent in agents])
     return {agent_id: desired.packages["collector"].version for agent_id, desired in sets.items()}
-
-
-def report(agent: Agent, status: str, *, has: str, offered: str, error: str = "") -> None:
-    """What the agent's PackageStatuses would store (fleet.reports.package_statuses_to_dict)."""
-    entry = {
-        "agent_has_version": has,
-        "agent_has_hash": "aa" if has else "",
-        "server_offered_version": offered,
-        "server_offered_hash": "bb",
-        "status": status,
-        "error_message": error,
-    }
-    Agent.objects.filter(pk=agent.pk).update(
-        package_statuses={
-            "packages": {"collector": entry},
-            "server_provided_all_packages_hash": "",
-            "error_message": "",
-        }
-    )
 
 
 def two_stages(**overrides: Any) -> Rollout:

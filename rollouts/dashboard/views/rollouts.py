@@ -1,9 +1,12 @@
-"""The rollouts pages: the list, the creation form (with its dry run), and one rollout's
+"""The rollouts pages: the list, the creation form of a configuration's or a package's
+rollout (with its dry run; drafts through the services the API calls), and one rollout's
 page (its live progress, the failure-rate chart, the verbs).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +17,9 @@ from fleet.errors import DomainError
 from rollouts import selectors
 from rollouts.dashboard.progress import rollout_progress
 from rollouts.dashboard.views.shared import number_or, page, page_context
-from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, ConfigVersion, Rollout, RolloutState
+from rollouts.errors import NO_SUCH_VERSION
+from rollouts.models import ROLLOUT_SUBJECT_RELATIONS, Configuration, Package, PackageVersion, Rollout, RolloutState
+from rollouts.packages import package_version_named
 from rollouts.rollout_services import creation, verbs
 
 VERBS = ("start", "pause", "resume", "promote", "abort", "retry")
@@ -24,6 +29,9 @@ DEFAULT_STAGES = [
     {"size": "100", "unit": "percent", "hold": "0", "approval": False},
 ]
 BAD_STAGE_ROW = "stage {index}: the size must be a number"
+BAD_POLICY = "the failure budget, the apply timeout and the minimum of reports must be numbers"
+NO_CANDIDATE = "choose the candidate version"
+CONFIGURATION, PACKAGE = "configuration", "package"
 
 
 @page
@@ -47,6 +55,8 @@ def _stage_specs(rows: list[dict[str, Any]]) -> list[creation.StageSpec]:
         try:
             size = float(row["size"])
             hold = float(row["hold"] or 0)
+            if not math.isfinite(size):
+                raise ValueError(row["size"])
         except ValueError:
             raise DomainError(BAD_STAGE_ROW.format(index=index), field="stages") from None
         if row["unit"] == "count":
@@ -58,55 +68,119 @@ def _stage_specs(rows: list[dict[str, Any]]) -> list[creation.StageSpec]:
     return specs
 
 
+@dataclass
+class Subject:
+    """What the form rolls out: a configuration or a package, the names to choose from, the
+    chosen one's candidate versions (value, label) and the version it rolls out from."""
+
+    kind: str
+    names: list[str]
+    chosen: Configuration | Package | None
+    candidates: list[tuple[str, str]] = field(default_factory=list)
+    stable: str = ""
+
+
+def _configuration_subject(chosen: str) -> Subject:
+    configurations = list(selectors.configuration_list().order_by("name"))
+    # Nothing chosen yet: the first; a name that is not there: none (never another one's rollout).
+    chosen = chosen or (configurations[0].name if configurations else "")
+    configuration = next((c for c in configurations if c.name == chosen), None)
+    subject = Subject(CONFIGURATION, [c.name for c in configurations], configuration)
+    if configuration is not None:
+        subject.candidates = [
+            (str(v.number), f"v{v.number} {v.note}".strip())
+            for v in selectors.version_list(configuration)
+            if v.pk != configuration.current_version_id
+        ]
+        current = configuration.current_version
+        subject.stable = f"v{current.number}" if current is not None else "?"
+    return subject
+
+
+def _package_subject(chosen: str) -> Subject:
+    names = list(Package.objects.order_by("name").values_list("name", flat=True))
+    package = Package.objects.filter(name=chosen or (names[0] if names else "")).first()
+    subject = Subject(PACKAGE, names, package)
+    if package is not None:
+        # The service refuses a package with no single stable version; the form still lists
+        # every version so that the refusal is shown when it is tried.
+        stable = list(
+            PackageVersion.objects.filter(pk__in=package.assignments.values("version_id")).values_list(
+                "version", flat=True
+            )
+        )
+        subject.stable = ", ".join(sorted(stable)) or "no assigned version"
+        subject.candidates = [
+            (v.version, f"{v.version} {v.note}".strip()) for v in package.versions.all() if v.version not in stable
+        ]
+    return subject
+
+
+def _policy(post: Any) -> dict[str, Any]:
+    """The gate's settings as the form gives them; the service refuses what is out of range."""
+    try:
+        return {
+            "max_failure_rate": float(post.get("max_failure_percent", "0.1") or 0) / 100,
+            "apply_timeout_seconds": float(post.get("apply_timeout", "300") or 300),
+            "min_reporting": int(post.get("min_reporting", "1") or 1),
+            "auto_rollback": post.get("on_breach", "rollback") != "pause",
+            "salt": post.get("salt", "").strip() or None,
+            "note": post.get("note", ""),
+        }
+    except ValueError:
+        raise DomainError(BAD_POLICY) from None
+
+
+def _create(subject: Subject, post: Any, specs: list[creation.StageSpec], actor: Any) -> Rollout:
+    """The draft, through the service the API calls (the same refusals)."""
+    candidate = post.get("candidate", "")
+    if not candidate:
+        raise DomainError(NO_CANDIDATE, field="candidate")
+    if isinstance(subject.chosen, Package):
+        return creation.package_rollout_create(
+            package=subject.chosen,
+            candidate=package_version_named(subject.chosen, candidate, field="candidate"),
+            stages=specs,
+            actor=actor,
+            **_policy(post),
+        )
+    assert isinstance(subject.chosen, Configuration)
+    version = subject.chosen.versions.filter(number=number_or(candidate, 0) or 0).first()
+    if version is None:
+        raise DomainError(NO_SUCH_VERSION.format(name=subject.chosen.name, number=candidate), field="candidate")
+    return creation.rollout_create(
+        configuration=subject.chosen, candidate=version, stages=specs, actor=actor, **_policy(post)
+    )
+
+
 @page
 def rollout_new(request: HttpRequest) -> HttpResponse:
-    configurations = list(selectors.configuration_list().order_by("name"))
     post = request.POST if request.method == "POST" else None
+    given = post if post is not None else request.GET
+    if given.get("kind") == PACKAGE:
+        subject = _package_subject(given.get("package", ""))
+    else:
+        subject = _configuration_subject(given.get("configuration", ""))
     rows = _stage_rows(post) if post is not None else DEFAULT_STAGES
-    chosen = (post.get("configuration") if post else request.GET.get("configuration")) or (
-        configurations[0].name if configurations else ""
-    )
-    configuration = next((c for c in configurations if c.name == chosen), None)
-    candidates: list[ConfigVersion] = []
-    if configuration is not None:
-        candidates = [v for v in selectors.version_list(configuration) if v.pk != configuration.current_version_id]
     errors: list[str] = []
     preview = None
-    if post is not None and configuration is not None:
+    if post is not None and subject.chosen is not None:
         try:
             specs = _stage_specs(rows)
-            salt = post.get("salt", "").strip() or None
             if post.get("action") == "create":
-                candidate = configuration.versions.filter(number=number_or(post.get("candidate"), 0) or 0).first()
-                if candidate is None:
-                    raise DomainError("choose the candidate version", field="candidate")
-                rollout = creation.rollout_create(
-                    configuration=configuration,
-                    candidate=candidate,
-                    stages=specs,
-                    actor=request.user,
-                    max_failure_rate=float(post.get("max_failure_percent", "0.1") or 0) / 100,
-                    apply_timeout_seconds=float(post.get("apply_timeout", "300") or 300),
-                    salt=salt,
-                    note=post.get("note", ""),
-                )
+                rollout = _create(subject, post, specs, request.user)
                 return redirect("dashboard-rollout", rollout_id=rollout.pk)
-            preview = creation.rollout_dry_run(configuration=configuration, stages=specs, salt=salt)
-        except (DomainError, ValueError) as error:
-            errors.append(error.message if isinstance(error, DomainError) else str(error))
+            salt = post.get("salt", "").strip() or None
+            if isinstance(subject.chosen, Package):
+                preview = creation.rollout_dry_run(package=subject.chosen, stages=specs, salt=salt)
+            else:
+                preview = creation.rollout_dry_run(configuration=subject.chosen, stages=specs, salt=salt)
+        except DomainError as error:
+            errors.append(error.message)
     return render(
         request,
         "dashboard/rollout_new.html",
-        page_context(
-            request,
-            configurations=configurations,
-            configuration=configuration,
-            candidates=candidates,
-            rows=rows,
-            errors=errors,
-            preview=preview,
-            given=post or {},
-        ),
+        page_context(request, subject=subject, rows=rows, errors=errors, preview=preview, given=post or {}),
     )
 
 
