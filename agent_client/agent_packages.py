@@ -286,6 +286,7 @@ class PackageHandling(AgentBase):
                 top_level=_top_level(package),
                 file=file,
                 start_check=settings.start_check,
+                runner=self._package_runner(),
             )
         )
         try:
