@@ -53,6 +53,7 @@ STATUS_STOPPED = "stopped"
 
 CANNOT_START = "cannot start {program}: {error}"
 EXITED_IN_WINDOW = "{reason} within {seconds:g} s of its start"
+STOPPED_IN_WINDOW = "the process was stopped within {seconds:g} s of its start"
 
 # The placeholders a command template may use (see `command_from_template`).
 PLACEHOLDERS = ("current", "config_dir")
@@ -155,6 +156,9 @@ class ManagedProcess:
         self._exits_in_a_row = 0
         self._retry_at = 0.0  # event loop time
         self._started_at = 0.0  # event loop time of the last start
+        # The last process stopped on purpose (a restart, a park, the agent stopping), so an
+        # exit it caused is not taken for a crash.
+        self._stopped_on_purpose: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._requests: set[asyncio.Task[None]] = set()
         # Times the process was started, first start included.
@@ -231,17 +235,27 @@ class ManagedProcess:
         if process is None:
             return self._health.last_error
         seconds = self.settings.start_check_seconds
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await process.wait()
-        async with self._control:
-            if process.returncode is None:
-                if self._process is process:
-                    self._parked = False
-                return None
-            if self._process is process:
-                self._exited(process)
-        return EXITED_IN_WINDOW.format(reason=exit_reason(process.returncode), seconds=seconds)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await process.wait()
+            async with self._control:
+                if process.returncode is None:
+                    if self._process is process:
+                        self._parked = False
+                    return None
+                replacement = self._process
+                if process is not self._stopped_on_purpose:
+                    if replacement is process:
+                        self._exited(process)
+                    return EXITED_IN_WINDOW.format(reason=exit_reason(process.returncode), seconds=seconds)
+                if replacement is None:
+                    return STOPPED_IN_WINDOW.format(seconds=seconds)
+                # A restart (the server's Restart command) ended it, not the version: the
+                # process started in its place runs the same version and is judged instead.
+                self._parked = True
+                process = replacement
 
     # -- supervision ---------------------------------------------------------------------
 
@@ -315,6 +329,7 @@ class ManagedProcess:
         if process is None:
             return False
         if process.returncode is None:
+            self._stopped_on_purpose = process
             self._signal(process, signal.SIGTERM)
             try:
                 async with asyncio.timeout(self.settings.stop_grace_seconds):

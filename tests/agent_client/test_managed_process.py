@@ -147,6 +147,19 @@ async def test_a_failed_start_check_leaves_the_process_stopped_until_restarted(t
         await eventually(lambda: started_pids(pids)[-1:] == [process.pid], what="the start after the switch back")
 
 
+async def test_a_restart_during_a_start_check_is_not_taken_for_a_failed_start(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    process = ManagedProcess(settings_for(write_child(tmp_path / "collector", pids, RUNNING), start_check_seconds=1.0))
+    async with supervised(process):
+        await eventually(lambda: started_pids(pids), what="the first start")
+        check = asyncio.create_task(process.start_checked("new version"))
+        await eventually(lambda: len(started_pids(pids)) == 2, what="the start on the new version")
+        await process.restart("the server asked")
+        assert await check is None
+        await eventually(lambda: len(started_pids(pids)) == 3, what="the restart's start")
+        assert process.health.healthy and process.pid == started_pids(pids)[2]
+
+
 async def test_a_parked_process_stays_stopped(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     process = ManagedProcess(settings_for(write_child(tmp_path / "collector", pids, RUNNING)))
