@@ -17,8 +17,8 @@ token=...))`) the agent enrolls for a TLS client certificate and presents it fro
 With `AgentSettings(packages=PackageSettings(directory=...), trusted_keys=...)` it installs
 the signed packages the server offers. With `AgentSettings(managed=ManagedProcessSettings(
 command=(...), package=...))` it runs in supervisor mode: it runs that process, reports it as
-its health, restarts it on a Restart command and on a new version of the package it runs
-from, and switches that package back when the process does not start on it
+its health, restarts it on a Restart command, an applied config and a new version of the
+package it runs from, and switches that package back when the process does not start on it
 (`agent_client.agent_managed`).
 """
 

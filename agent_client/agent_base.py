@@ -241,6 +241,9 @@ class AgentBase:
         """The health to report: the agent's own, unless it runs a managed process."""
         return report.component_health(start_time_unix_nano=self._start_time_unix_nano)
 
+    def _config_applied(self) -> None:
+        """A remote config was just applied (its files are in the state)."""
+
     def _package_runner(self) -> PackageRunner | None:
         """What runs from an installed package (called on the event loop); None: nothing."""
         return None

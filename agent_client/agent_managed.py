@@ -7,7 +7,8 @@ when the agent stops. The agent's reported health is the process's (healthy whil
 runs, its start time and pid, the last exit status as `last_error`), sent at once on every
 change while a session is open, and in every full report.
 
-A Restart command restarts the process and not the agent (the session goes on). A new
+A Restart command restarts the process and not the agent (the session goes on), and so
+does an applied remote config (the process reads its files when it starts). A new
 version of the package the process runs from (`ManagedProcessSettings.package`) restarts
 it on that version, and it is the version's start check: `_package_runner` hands it to
 `agent_client.packages.install_package`, which calls it from the install's thread.
@@ -46,6 +47,11 @@ class ManagedProcessHandling(AgentBase):
         if self._managed is None:
             return super()._health()
         return report.process_health(self._managed.health)
+
+    def _config_applied(self) -> None:
+        # The process reads its config when it starts: a new one takes a restart.
+        if self._managed is not None:
+            self._managed.request_restart("a new remote config was applied")
 
     def _package_runner(self) -> PackageRunner | None:
         if self._managed is None:

@@ -34,12 +34,12 @@ one of those keys into DIR/<name>/<version>/, switches DIR/<name>/current to the
 With `--managed-command 'ARGV'` the agent runs in supervisor mode: it starts ARGV when it
 starts, restarts it (with a doubling delay) when it exits, reports it as its health
 (healthy, start time, pid, the last exit status), restarts it on a Restart command instead
-of restarting itself, and stops it (SIGTERM, SIGKILL after a grace) when it stops. ARGV may
-name `{config_dir}` (STATE_DIR/config, the applied config files) and, with
-`--managed-package NAME`, `{current}` (DIR/NAME/current): a new version of NAME restarts the
-process on it, and when the process does not keep running for `--managed-start-check`
-seconds (default 3) the version is reported failed, `current` switches back and the process
-is started on the previous version again. For example:
+of restarting itself and after applying a remote config, and stops it (SIGTERM, SIGKILL
+after a grace) when it stops. ARGV may name `{config_dir}` (STATE_DIR/config, the applied
+config files) and, with `--managed-package NAME`, `{current}` (DIR/NAME/current): a new
+version of NAME restarts the process on it, and when the process does not keep running for
+`--managed-start-check` seconds (default 3) the version is reported failed, `current`
+switches back and the process is started on the previous version again. For example:
 
     python -m agent_client run ... --packages-dir ./packages --trusted-key signing.pem \
         --managed-package collector --managed-command '{current}/collector --config {config_dir}/collector.yaml'

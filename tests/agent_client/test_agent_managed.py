@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent_client import AgentSettings
+from agent_client import AgentSettings, ConfigFile
 from agent_client.cli import build_parser, main
 from agent_client.cli_commands import EXIT_USAGE, settings_from_options
 from agent_client.managed_process import ManagedProcessSettings
@@ -18,7 +18,7 @@ from agent_client.signed_config import trusted_keys_by_id
 from agent_client.testing import FakeWebSocketServer
 from opamp.proto import opamp_pb2 as pb
 from tests.agent_client.file_server import FileServer
-from tests.agent_client.helpers import QUIET, is_full_report, make_agent, running
+from tests.agent_client.helpers import QUIET, is_full_report, make_agent, remote_config, running
 from tests.agent_client.managed_children import (
     CRASHING,
     RUNNING,
@@ -104,6 +104,27 @@ async def test_an_exit_of_the_managed_process_is_reported_and_the_process_starte
     assert not failed.health.healthy
     assert failed.health.last_error == "the process exited with status 1"
     assert failed.health.start_time_unix_nano > 0 and pid_of(failed.health) is None
+
+
+async def test_an_applied_config_restarts_the_managed_process_which_reads_it(
+    ws_server: FakeWebSocketServer, state_dir: Path, tmp_path: Path
+) -> None:
+    pids, seen = tmp_path / "pids", tmp_path / "seen"
+    config_file = state_dir / "config" / "collector.yaml"
+    # The "collector" notes the config file it found at its start ("-" for none).
+    reads = f"open({str(seen)!r}, 'a').write(open(sys.argv[1]).read() if os.path.exists(sys.argv[1]) else '-\\n')"
+    program = write_child(tmp_path / "collector", pids, f"{reads}\n{RUNNING}")
+    settings = replace(QUIET, managed=replace(managed(program), command=(str(program), str(config_file))))
+    async with running(make_agent(ws_server.url, state_dir, settings)):
+        await ws_server.next_matching(is_full_report)
+        await eventually(lambda: seen.exists(), what="the first start")
+        await ws_server.push(pb.ServerToAgent(remote_config=remote_config({"collector.yaml": ConfigFile(b"a: 1\n")})))
+        applied = await ws_server.next_matching(
+            lambda m: m.remote_config_status.status == pb.RemoteConfigStatuses_APPLIED
+        )
+        await eventually(lambda: len(started_pids(pids)) == 2, what="the restart on the new config")
+        await eventually(lambda: seen.read_text() == "-\na: 1\n", what="the restarted process reading the config")
+    assert applied.effective_config.config_map.config_map["collector.yaml"].body == b"a: 1\n"
 
 
 # -- packages -------------------------------------------------------------------------------
