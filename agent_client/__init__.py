@@ -15,7 +15,11 @@ protobuf through it), `cryptography` (keys, certificate requests, signature chec
 With `credentials=CredentialStore(state_dir)` (and `AgentSettings(enrollment=EnrollmentSettings(
 token=...))`) the agent enrolls for a TLS client certificate and presents it from then on.
 With `AgentSettings(packages=PackageSettings(directory=...), trusted_keys=...)` it installs
-the signed packages the server offers.
+the signed packages the server offers. With `AgentSettings(managed=ManagedProcessSettings(
+command=(...), package=...))` it runs in supervisor mode: it runs that process, reports it as
+its health, restarts it on a Restart command, an applied config and a new version of the
+package it runs from, and switches that package back when the process does not start on it
+(`agent_client.agent_managed`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from agent_client.agent_settings import AgentSettings
 from agent_client.backoff import Backoff
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import EnrollmentEvent, EnrollmentSettings
+from agent_client.managed_process import ManagedProcessSettings
 from agent_client.packages import PackageSettings
 from agent_client.remote_config import ConfigFile, ConfigRejected
 from agent_client.simulator import Fleet, FleetStats
@@ -61,6 +66,7 @@ __all__ = [
     "Fleet",
     "FleetStats",
     "HttpTransport",
+    "ManagedProcessSettings",
     "MemoryState",
     "PackageSettings",
     "RemoteConfigRecord",

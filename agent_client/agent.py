@@ -14,16 +14,20 @@ renewed (`agent_client.enrollment`); installing a certificate ends the session w
 refuses the credential (401/403) is retried no sooner than `refused_credential_delay`.
 
 An agent that accepts restarts (`AgentSettings.accept_restart`, declared as
-AcceptsRestartCommand) manages no child process: on a Restart command it ignores the rest of
-that message (as the protocol says), ends the session with `agent_disconnect` and comes back
-as a new process would (`_start_as_new_process`: a new connection, sequence numbers from 0,
-a new start time in its health, a full report), after `restart_delay` seconds.
+AcceptsRestartCommand) ignores the rest of a message carrying a Restart command (as the
+protocol says). With a managed process (`AgentSettings.managed`, `agent_managed`) it
+restarts that process and keeps its session; its next health report carries the process's
+new start time. Without one it ends the session with `agent_disconnect` and comes back as a
+new process would (`_start_as_new_process`: a new connection, sequence numbers from 0, a
+new start time in its health, a full report), after `restart_delay` seconds.
 
 The agent is put together from topic modules: `agent_settings` (AgentSettings),
 `agent_base` (its state, what it is, what it sends), `agent_certificates` (certificate
-enrollment within sessions) and `agent_remote_config` (remote config offers and applying
-them). This module holds the session's life cycle, the dispatch of what the server sends,
-and the observer hooks.
+enrollment within sessions), `agent_remote_config` (remote config offers and applying
+them), `agent_packages` (package offers and installs), `agent_connection_settings`
+(telemetry connection settings) and `agent_managed` (the managed process). This module
+holds the session's life cycle, the dispatch of what the server sends, and the observer
+hooks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 
 from agent_client.agent_certificates import CertificateHandling, Reconnect
 from agent_client.agent_connection_settings import ConnectionSettingsHandling
+from agent_client.agent_managed import ManagedProcessHandling
 from agent_client.agent_packages import PackageHandling
 from agent_client.agent_remote_config import RemoteConfigHandling
 from agent_client.agent_settings import AgentSettings
@@ -65,7 +70,8 @@ class AgentObserver:
         """
 
     def on_restart(self, agent: Agent) -> None:
-        """The agent carries out a Restart command (it reconnects as a new process)."""
+        """The agent carries out a Restart command (it restarts its managed process, or,
+        without one, reconnects as a new process)."""
 
     def on_disconnected(self, agent: Agent, error: Exception, retry_in: float) -> None:
         """A session ended with `error`; the next attempt starts in `retry_in` seconds."""
@@ -74,7 +80,9 @@ class AgentObserver:
         """Certificate enrollment made progress or failed; `detail` is a human-readable line."""
 
 
-class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, ConnectionSettingsHandling):
+class Agent(
+    CertificateHandling, RemoteConfigHandling, PackageHandling, ConnectionSettingsHandling, ManagedProcessHandling
+):
     """An OpAMP agent. `await agent.run()` until `agent.stop()`."""
 
     def __init__(
@@ -103,7 +111,17 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, Connecti
         self._stopping.set()
 
     async def run(self) -> None:
-        """Keep a session with the server until `stop()`."""
+        """Keep a session with the server (and the managed process running) until `stop()`."""
+        managed = self._managed
+        if managed is not None:
+            managed.start()
+        try:
+            await self._sessions()
+        finally:
+            if managed is not None:
+                await managed.stop()
+
+    async def _sessions(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self._session()
@@ -174,11 +192,14 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, Connecti
             self._full_report_due = True
             self._log.info("connected to %s", self.transport.url)
             self._observer.on_connected(self)
+            self._health_changed.clear()  # the full report carries the health
             await self._send_report()
 
             loops = [asyncio.ensure_future(self._receive_loop()), asyncio.ensure_future(self._heartbeat_loop())]
             if self._enrollment is not None:
                 loops.append(asyncio.ensure_future(self._renewal_loop()))
+            if self._managed is not None:
+                loops.append(asyncio.ensure_future(self._health_loop()))
             done, _ = await asyncio.wait([stop_requested, *loops], return_when=asyncio.FIRST_COMPLETED)
             if stop_requested not in done:
                 for task in loops:
@@ -243,7 +264,12 @@ class Agent(CertificateHandling, RemoteConfigHandling, PackageHandling, Connecti
         if reply.HasField("command"):
             # The command travels alone: the rest of the message is ignored.
             if reply.command.type == pb.CommandType_Restart and self.settings.accept_restart:
-                raise Restart
+                if self._managed is None:
+                    raise Restart
+                self.restarts += 1
+                self._observer.on_restart(self)
+                self._managed.request_restart(f"the server asked (restart {self.restarts})")
+                return
             self._log.warning("ignored a command the agent does not support (%s)", reply.command.type)
             return
         if reply.HasField("agent_identification"):

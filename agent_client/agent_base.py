@@ -30,6 +30,7 @@ from agent_client.credentials import CredentialStore
 from agent_client.enrollment import CAPABILITIES as ENROLLMENT_CAPABILITIES
 from agent_client.enrollment import CUSTOM_CAPABILITY as CERTIFICATE_CAPABILITY
 from agent_client.enrollment import Enrollment
+from agent_client.packages import PackageRunner
 from agent_client.state import AgentState, RemoteConfigRecord
 from agent_client.transport import Transport
 from agent_client.version import __version__
@@ -194,6 +195,7 @@ class AgentBase:
         connection_settings_status: bool = False,
         csr: bytes | None = None,
         package_statuses: bool = False,
+        health: bool = False,
     ) -> None:
         """Send a status report: the full state when one is due, else only what is asked."""
         message = pb.AgentToServer()
@@ -211,6 +213,8 @@ class AgentBase:
                 message.connection_settings_status.CopyFrom(status)
             if package_statuses and (statuses := self._package_statuses_report()) is not None:
                 message.package_statuses.CopyFrom(statuses)
+            if health:
+                message.health.CopyFrom(self._health())
         if csr is not None:
             message.connection_settings_request.opamp.certificate_request.csr = csr
         await self._send(message)
@@ -219,7 +223,7 @@ class AgentBase:
         message.agent_description.CopyFrom(
             report.agent_description(self.identifying_attributes(), self.non_identifying_attributes())
         )
-        message.health.CopyFrom(report.component_health(start_time_unix_nano=self._start_time_unix_nano))
+        message.health.CopyFrom(self._health())
         message.effective_config.CopyFrom(report.effective_config(self._remote.files))
         message.remote_config_status.CopyFrom(report.remote_config_status(self._remote))
         if custom := self.custom_capabilities:
@@ -231,6 +235,17 @@ class AgentBase:
 
     def _package_statuses_report(self) -> pb.PackageStatuses | None:
         """The package statuses to report; None for an agent that does not handle packages."""
+        return None
+
+    def _health(self) -> pb.ComponentHealth:
+        """The health to report: the agent's own, unless it runs a managed process."""
+        return report.component_health(start_time_unix_nano=self._start_time_unix_nano)
+
+    def _config_applied(self) -> None:
+        """A remote config was just applied (its files are in the state)."""
+
+    def _package_runner(self) -> PackageRunner | None:
+        """What runs from an installed package (called on the event loop); None: nothing."""
         return None
 
     def _connection_settings_status(self, *, unset: bool) -> pb.ConnectionSettingsStatus | None:

@@ -8,10 +8,11 @@ offered package whose hash differs from the installed one: downloads the file
 (`agent_client.package_downloads`), checks the SHA-256 of its bytes against
 `file.content_hash` and its signature against the agent's trusted keys
 (`opamp.package_signature.verify_package_file`), and only then installs it
-(`agent_client.packages.install_package`). Packages the server installed and no longer
-offers are removed. Every step is reported in `package_statuses`: InstallPending,
-Downloading (with percent and bytes per second), Installing, then Installed or
-InstallFailed with the reason; `server_provided_all_packages_hash` becomes the offer's
+(`agent_client.packages.install_package`; a managed process that runs from the package is
+restarted on the new version and is its start check, `agent_client.agent_managed`).
+Packages the server installed and no longer offers are removed. Every step is reported in
+`package_statuses`: InstallPending, Downloading (with percent and bytes per second),
+Installing, then Installed or InstallFailed with the reason; `server_provided_all_packages_hash` becomes the offer's
 once it is processed. The record (`agent_client.package_record`) is saved after each
 package, so a restarted agent reports what it has and downloads nothing again.
 
@@ -286,6 +287,7 @@ class PackageHandling(AgentBase):
                 top_level=_top_level(package),
                 file=file,
                 start_check=settings.start_check,
+                runner=self._package_runner(),
             )
         )
         try:

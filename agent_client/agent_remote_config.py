@@ -68,6 +68,7 @@ class RemoteConfigHandling(AgentBase):
 
         if outcome.status == pb.RemoteConfigStatuses_APPLIED:
             self._log.info("remote config %s applied", config_hash.hex()[:16])
+            self._config_applied()
             await self._send_report(remote_config_status=True, effective_config=True)
         else:
             self._log.warning("remote config %s failed: %s", config_hash.hex()[:16], outcome.error_message)

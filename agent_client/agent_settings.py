@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent_client.enrollment import EnrollmentSettings
+from agent_client.managed_process import ManagedProcessSettings
 from agent_client.packages import PackageSettings
 from opamp.capabilities import AgentCapabilities
 from opamp.config_signature import CUSTOM_CAPABILITY as SIGNED_CONFIG_CAPABILITY
@@ -46,8 +47,9 @@ class AgentSettings:
     # Drill: seconds an apply takes (the agent reports APPLYING meanwhile), as a real
     # collector restart would.
     apply_delay: float = 0.0
-    # Declares AcceptsRestartCommand: a Restart command ends the session and the agent comes
-    # back as a new process would (agent_client.agent).
+    # Declares AcceptsRestartCommand: a Restart command restarts the managed process, or,
+    # without one, ends the session and the agent comes back as a new process would
+    # (agent_client.agent).
     accept_restart: bool = True
     # Drill: seconds a restart keeps the agent away, as a real process's start-up would.
     restart_delay: float = 0.0
@@ -68,6 +70,8 @@ class AgentSettings:
     # Declares AcceptsPackages and ReportsPackageStatuses (agent_client.agent_packages);
     # installed packages are signed by one of `trusted_keys`.
     packages: PackageSettings | None = None
+    # Supervisor mode: the process the agent runs and keeps running (agent_client.agent_managed).
+    managed: ManagedProcessSettings | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
@@ -78,6 +82,8 @@ class AgentSettings:
             raise ValueError("apply_delay must not be negative")
         if self.restart_delay < 0:
             raise ValueError("restart_delay must not be negative")
+        if self.managed is not None and self.managed.package is not None and self.packages is None:
+            raise ValueError("the managed process runs from a package, but the agent accepts no packages")
         for key_id, key in (self.trusted_keys or {}).items():
             if key_id != key_id_for(key):
                 raise ValueError(f"trusted key {key_id!r} is filed under the wrong id (its id is {key_id_for(key)})")

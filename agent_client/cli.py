@@ -30,6 +30,19 @@ config whose `opamp-signature.json` verifies with one of those Ed25519 public ke
 With `--packages-dir DIR` the agent accepts packages: it installs offered packages signed by
 one of those keys into DIR/<name>/<version>/, switches DIR/<name>/current to them, and with
 `--package-start-check 'CMD {path}'` switches a top-level package back when CMD fails.
+
+With `--managed-command 'ARGV'` the agent runs in supervisor mode: it starts ARGV when it
+starts, restarts it (with a doubling delay) when it exits, reports it as its health
+(healthy, start time, pid, the last exit status), restarts it on a Restart command instead
+of restarting itself and after applying a remote config, and stops it (SIGTERM, SIGKILL
+after a grace) when it stops. ARGV may name `{config_dir}` (STATE_DIR/config, the applied
+config files) and, with `--managed-package NAME`, `{current}` (DIR/NAME/current): a new
+version of NAME restarts the process on it, and when the process does not keep running for
+`--managed-start-check` seconds (default 3) the version is reported failed, `current`
+switches back and the process is started on the previous version again. For example:
+
+    python -m agent_client run ... --packages-dir ./packages --trusted-key signing.pem \
+        --managed-package collector --managed-command '{current}/collector --config {config_dir}/collector.yaml'
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from agent_client.agent_settings import DEFAULT_HEARTBEAT_INTERVAL
 from agent_client.cli_commands import enroll_main, run_main, simulate_main
 from agent_client.credentials import DEFAULT_KEY_TYPE, KEY_TYPES
 from agent_client.enrollment import TOKEN_PREFIX
+from agent_client.managed_process import DEFAULT_START_CHECK_SECONDS
 from agent_client.transport import transport_for_url
 from opamp.config_signature import SigningKeyError, load_public_key_pem, load_public_keys_dir
 
@@ -246,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
         help="run after switching a top-level package ({name}, {version}, {path} replaced); "
         "a non-zero exit switches back",
+    )
+    run.add_argument(
+        "--managed-command",
+        metavar="ARGV",
+        help="run ARGV as the managed process ({current} and {config_dir} replaced; see above)",
+    )
+    run.add_argument(
+        "--managed-package",
+        metavar="NAME",
+        help="the package the managed process runs from: {current} is DIR/NAME/current (needs --packages-dir)",
+    )
+    run.add_argument(
+        "--managed-start-check",
+        type=positive_seconds,
+        default=DEFAULT_START_CHECK_SECONDS,
+        metavar="SECONDS",
+        help="how long the managed process must keep running on a new package version "
+        f"(default: {DEFAULT_START_CHECK_SECONDS:g})",
     )
     _add_simulate_parser(commands)
     return parser

@@ -26,10 +26,11 @@ from agent_client.agent import Agent, AgentObserver
 from agent_client.agent_settings import AgentSettings
 from agent_client.credentials import CredentialStore
 from agent_client.enrollment import TOKEN_PREFIX, EnrollmentEvent, EnrollmentSettings
-from agent_client.packages import PackageSettings, command_start_check
+from agent_client.managed_process import ManagedProcessSettings, command_from_template
+from agent_client.packages import CURRENT, PackageSettings, command_start_check
 from agent_client.signed_config import trusted_keys_by_id
 from agent_client.simulator import Fleet, progress_line, spread_evenly, with_packages
-from agent_client.state import FileState, StateError
+from agent_client.state import CONFIG_DIR, FileState, StateError
 from agent_client.transport import CredentialRefused, HttpTransport, WebSocketTransport
 from opamp.proto import opamp_pb2 as pb
 
@@ -64,6 +65,7 @@ def settings_from_options(options: argparse.Namespace) -> AgentSettings:
         # A token given to `run` is sent on every connection, certificate or not.
         enrollment=EnrollmentSettings(token=options.token, send_token_with_certificate=True, key_type=options.key_type),
         packages=package_settings_from_options(options),
+        managed=managed_settings_from_options(options),
     )
 
 
@@ -76,6 +78,24 @@ def package_settings_from_options(options: argparse.Namespace) -> PackageSetting
         start_check=command_start_check(shlex.split(check)) if check else None,
         ca_file=options.ca_file,
     )
+
+
+def managed_settings_from_options(options: argparse.Namespace) -> ManagedProcessSettings | None:
+    """The managed process `run` is given, if any; ValueError for a bad combination."""
+    package: str | None = options.managed_package
+    if options.managed_command is None:
+        if package is not None:
+            raise ValueError("--managed-package needs --managed-command")
+        return None
+    current = None
+    if package is not None:
+        if options.packages_dir is None:
+            raise ValueError("--managed-package needs --packages-dir")
+        current = options.packages_dir / package / CURRENT
+    command = command_from_template(
+        shlex.split(options.managed_command), current=current, config_dir=options.state_dir / CONFIG_DIR
+    )
+    return ManagedProcessSettings(command=command, package=package, start_check_seconds=options.managed_start_check)
 
 
 async def run_until_signalled(agent: Agent) -> None:
@@ -115,13 +135,18 @@ def _describe_credentials(agent: Agent) -> None:
 
 def run_main(options: argparse.Namespace, transport: WebSocketTransport | HttpTransport) -> int:
     try:
+        settings = settings_from_options(options)
+    except ValueError as error:
+        logger.error("%s", error)
+        return EXIT_USAGE
+    try:
         # The credential store first: it creates a missing state directory 0700.
         store = CredentialStore(options.state_dir)
         enrolling = options.token is not None or store.holds_credentials()
         agent = Agent(
             transport=transport,
             state=FileState(options.state_dir),
-            settings=settings_from_options(options),
+            settings=settings,
             credentials=store if enrolling else None,
         )
     except (StateError, OSError) as error:

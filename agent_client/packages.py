@@ -9,9 +9,13 @@
 A switch writes a new symlink under a temporary name and renames it over `current`
 (os.replace), so a reader sees the old or the new version, never neither. The version in
 use and the one before it are kept; older ones go. `install_package` is the whole install
-of a verified file: place it, switch, run the start check of a top-level package and
-switch back to the previous version when it fails. `PackageSettings` is how an agent
-handles packages at all.
+of a verified file: place it, switch, start-check it and switch back to the previous
+version when the check fails. Two things can check a start: the start check of a
+top-level package (`PackageSettings.start_check`, a command), and the package's runner
+(`PackageRunner`, the agent's managed process) for the package it runs from, which is
+restarted on the new version and must keep running through its start-check window; when
+it does not, it is restarted on the version switched back to (or left stopped, with
+none). `PackageSettings` is how an agent handles packages at all.
 
 Names and versions become directory names, so only plain ones are accepted; versions
 are immutable, so the installed version offered again with other content is refused.
@@ -30,6 +34,7 @@ import tempfile
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from agent_client.package_record import FailedPackage, InstalledPackage, PackagesRecord
 from agent_client.state import fsync_directory
@@ -38,6 +43,7 @@ __all__ = [
     "CURRENT",
     "DOWNLOADS",
     "InstallRefused",
+    "PackageRunner",
     "PackageSettings",
     "PackageStore",
     "StartCheck",
@@ -58,6 +64,28 @@ StartCheck = Callable[[str, str, Path], "str | None"]
 
 VERSION_CONTENT_CHANGED = "version {version} is installed with other content (hash {installed}); versions are immutable"
 START_FAILED = "start check failed: {reason}; {outcome}"
+
+
+class PackageRunner(Protocol):
+    """What runs a package from its `current` version (the agent's managed process).
+
+    Called from the install's thread; each call returns once the process is started (or
+    found not to start).
+    """
+
+    def runs(self, name: str) -> bool:
+        """Whether it runs from package `name`."""
+        ...
+
+    def start_checked(self, name: str, version: str, path: Path) -> str | None:
+        """Restart on `version` (just switched to, at `path`): None when it keeps running
+        through the start-check window, else why not (it is then left stopped)."""
+        ...
+
+    def restart(self, name: str, version: str | None) -> None:
+        """Restart on `version`, switched back to after a failed start check (None: no
+        version is left, it stays stopped)."""
+        ...
 
 
 class InstallRefused(Exception):
@@ -239,13 +267,17 @@ def install_package(
     top_level: bool,
     file: Path,
     start_check: StartCheck | None,
+    runner: PackageRunner | None = None,
 ) -> PackagesRecord:
     """Install the verified `file` as `name` `version` and switch to it; the record after.
 
-    A top-level package whose start check fails is switched back to the version before
-    (or, with none, left without a current version), the failed version is removed, and
-    the record says InstallFailed with the reason. Raises InstallRefused when nothing was
-    changed (a version offered again with other content), OSError when the disk fails.
+    A top-level package is start-checked by `start_check`, then a package `runner` runs
+    from by the runner (restarted on it). When either fails, the package is switched back
+    to the version before (or, with none, left without a current version), the runner is
+    restarted on that version if it was started on the new one, the failed version is
+    removed, and the record says InstallFailed with the reason. Raises InstallRefused when
+    nothing was changed (a version offered again with other content), OSError when the disk
+    fails.
     """
     previous = record.installed.get(name)
     if previous is not None and previous.version == version:
@@ -255,25 +287,38 @@ def install_package(
     before = previous.version if previous is not None else None
     store.place(name, version, file, executable=top_level)
     store.switch(name, version)
-    if top_level and start_check is not None:
-        try:
-            reason = start_check(name, version, store.version_dir(name, version))
-        except Exception as error:  # a check that crashes is a check that failed
-            reason = f"{type(error).__name__}: {error}"
-        if reason is not None:
-            if before:
-                store.switch(name, before)
-                outcome = f"reverted to {before}"
-            else:
-                store.unset_current(name)
-                outcome = "no previous version to revert to"
-            store.prune(name, keep={before} if before else set())
-            failure = FailedPackage(version, package_hash, START_FAILED.format(reason=reason, outcome=outcome))
-            return record.with_failed(name, failure)
+    path = store.version_dir(name, version)
+    reason = _start_checked(start_check, name, version, path) if top_level and start_check is not None else None
+    # Restarted on the new version only when the command check passed; then also on the old.
+    restarted = runner if runner is not None and reason is None and runner.runs(name) else None
+    if restarted is not None:
+        reason = _start_checked(restarted.start_checked, name, version, path)
+    if reason is not None:
+        if before:
+            store.switch(name, before)
+            outcome = f"reverted to {before}"
+        else:
+            store.unset_current(name)
+            outcome = "no previous version to revert to"
+        store.prune(name, keep={before} if before else set())
+        if restarted is not None:
+            try:
+                restarted.restart(name, before)
+            except Exception as error:  # the record must still say what happened on disk
+                outcome += f"; restarting on it failed: {type(error).__name__}: {error}"
+        failure = FailedPackage(version, package_hash, START_FAILED.format(reason=reason, outcome=outcome))
+        return record.with_failed(name, failure)
     store.prune(name, keep={version, before} if before else {version})
     return record.with_installed(
         name, InstalledPackage(version=version, hash=package_hash, top_level=top_level, previous_version=before or "")
     )
+
+
+def _start_checked(check: StartCheck, name: str, version: str, path: Path) -> str | None:
+    try:
+        return check(name, version, path)
+    except Exception as error:  # a check that crashes is a check that failed
+        return f"{type(error).__name__}: {error}"
 
 
 def remove_package(store: PackageStore | None, record: PackagesRecord, name: str) -> PackagesRecord:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agent_client.managed_process import ProcessHealth
 from agent_client.remote_config import ConfigFile
 from agent_client.state import RemoteConfigRecord
 from opamp.proto import anyvalue_pb2
 from opamp.proto import opamp_pb2 as pb
 
 HEALTH_STATUS_RUNNING = "running"
+# The managed process's pid, as OpenTelemetry's semantic conventions name it.
+PROCESS_PID = "process.pid"
 
 
 def key_values(attributes: Mapping[str, str]) -> list[anyvalue_pb2.KeyValue]:
@@ -35,6 +38,21 @@ def component_health(*, start_time_unix_nano: int) -> pb.ComponentHealth:
         status=HEALTH_STATUS_RUNNING,
         status_time_unix_nano=start_time_unix_nano,
     )
+
+
+def process_health(health: ProcessHealth) -> pb.ComponentHealth:
+    """An agent's health when it runs a managed process: the process's."""
+    message = pb.ComponentHealth(
+        healthy=health.healthy,
+        start_time_unix_nano=health.start_time_unix_nano,
+        last_error=health.last_error,
+        status=health.status,
+        status_time_unix_nano=health.status_time_unix_nano,
+    )
+    if health.pid is not None:
+        pid = anyvalue_pb2.AnyValue(int_value=health.pid)
+        message.attributes.append(anyvalue_pb2.KeyValue(key=PROCESS_PID, value=pid))
+    return message
 
 
 def config_map(files: Mapping[str, ConfigFile]) -> pb.AgentConfigMap:

@@ -88,18 +88,6 @@ async def wait_until(predicate: Any, timeout: float, interval: float = 0.5) -> b
     return False
 
 
-def upload(server: LiveOpampServer, version: str, body: bytes) -> dict[str, Any]:
-    server.api_post(f"packages/{PACKAGE}/versions/", {"version": version})
-    response = httpx.post(
-        f"http://127.0.0.1:{server.port}/api/v1/packages/{PACKAGE}/versions/{version}/files/",
-        content=body,
-        headers={"Authorization": f"Token {server.token}", "Content-Type": "application/octet-stream"},
-        timeout=120,
-    )
-    response.raise_for_status()
-    return dict(response.json())
-
-
 async def bench(options: argparse.Namespace) -> dict[str, Any]:
     raise_open_file_limit(options.agents)
     workdir = Path(tempfile.mkdtemp(prefix="opamp-package-rollout-"))
@@ -153,7 +141,7 @@ async def bench(options: argparse.Namespace) -> dict[str, Any]:
 
         # -- 1.0.0 to every agent at once ------------------------------------------------
         server.api_post("packages/", {"name": PACKAGE, "type": "top_level"})
-        upload(server, "1.0.0", b"1" * size)
+        server.upload_package(PACKAGE, "1.0.0", b"1" * size, timeout=120)
         t0, bytes0 = time.monotonic(), downloaded(fleet)
         server.api_post(
             "package-assignments/",
@@ -170,7 +158,7 @@ async def bench(options: argparse.Namespace) -> dict[str, Any]:
         result["assign_best_second_mb_per_s"] = round(meter.best / 1e6, 1)
 
         # -- the rollout of 2.0.0 --------------------------------------------------------
-        upload(server, "2.0.0", b"2" * size)
+        server.upload_package(PACKAGE, "2.0.0", b"2" * size, timeout=120)
         meter.best = 0.0
         stages = [
             {"percent": 1, "hold_seconds": options.hold},

@@ -103,6 +103,57 @@ def test_an_add_on_is_not_start_checked(store, tmp_path) -> None:
     assert not os.access(store.current("otelcol") / "otelcol", os.X_OK)
 
 
+class Runner:
+    """A package runner that notes each call with what `current` held then."""
+
+    def __init__(self, store: PackageStore, *, fails: set[str], package: str = "otelcol") -> None:
+        self.store, self.fails, self.package = store, fails, package
+        self.calls: list[tuple[str, str | None, str | None]] = []
+
+    def runs(self, name: str) -> bool:
+        return name == self.package
+
+    def start_checked(self, name: str, version: str, path: Path) -> str | None:
+        self.calls.append(("start_checked", version, self.store.current_version(name)))
+        return "exited with status 1" if version in self.fails else None
+
+    def restart(self, name: str, version: str | None) -> None:
+        self.calls.append(("restart", version, self.store.current_version(name)))
+
+
+def test_a_runner_is_started_on_the_new_version_and_on_the_old_one_again_when_it_fails(store, tmp_path) -> None:
+    runner = Runner(store, fails={"3.0.0"})
+    record = install(store, PackagesRecord(), tmp_path, "1.0.0", runner=runner)
+    record = install(store, record, tmp_path, "2.0.0", runner=runner)
+    record = install(store, record, tmp_path, "3.0.0", runner=runner)
+
+    assert runner.calls == [
+        ("start_checked", "1.0.0", "1.0.0"),
+        ("start_checked", "2.0.0", "2.0.0"),
+        ("start_checked", "3.0.0", "3.0.0"),
+        ("restart", "2.0.0", "2.0.0"),  # after the switch back
+    ]
+    assert store.current_version("otelcol") == "2.0.0" and store.versions("otelcol") == {"2.0.0"}
+    assert record.failed["otelcol"].error_message == "start check failed: exited with status 1; reverted to 2.0.0"
+
+
+def test_a_runner_with_no_version_to_go_back_to_is_told_so(store, tmp_path) -> None:
+    runner = Runner(store, fails={"1.0.0"})
+    record = install(store, PackagesRecord(), tmp_path, "1.0.0", runner=runner)
+    assert runner.calls == [("start_checked", "1.0.0", "1.0.0"), ("restart", None, None)]
+    assert record.failed["otelcol"].error_message.endswith("; no previous version to revert to")
+
+
+def test_a_runner_is_left_alone_when_the_command_check_fails_or_it_runs_another_package(store, tmp_path) -> None:
+    runner = Runner(store, fails=set())
+    record = install(store, PackagesRecord(), tmp_path, "1.0.0", runner=runner, start_check=lambda *_: "crashed")
+    assert "otelcol" in record.failed and runner.calls == []
+
+    other = Runner(store, fails=set(), package="addon")
+    record = install(store, PackagesRecord(), tmp_path, "1.0.0", runner=other)
+    assert record.installed["otelcol"].version == "1.0.0" and other.calls == []
+
+
 def test_the_start_check_command_passes_on_exit_0_and_reports_stderr_otherwise(store, tmp_path) -> None:
     passes = command_start_check([sys.executable, "-c", "import sys; sys.exit(0)", "{path}"])
     failing = "import sys; sys.stderr.write(sys.argv[1]); sys.exit(3)"

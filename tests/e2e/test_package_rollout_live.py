@@ -17,18 +17,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from opamp.package_signature import PackageEnvelope, sign_package_file
 from signing.config_signing import SigningKeyPair, generate_signing_key
 from tests.support.live_server import LiveOpampServer
-from tests.support.processes import AgentProcess
+from tests.support.processes import AgentProcess, agent_client_run
 
 pytestmark = [pytest.mark.live_server]
 
@@ -48,15 +46,9 @@ class PackageFleet:
         for index, kind in enumerate(TRANSPORTS):
             url = self.server.ws_url if kind == "ws" else self.server.http_url
             name = f"{self.service}-{index}"
-            command = [
-                sys.executable,
-                "-m",
-                "agent_client",
-                "run",
-                "--server",
+            command = agent_client_run(
                 url,
-                "--state-dir",
-                str(self.root / name / "state"),
+                self.root / name / "state",
                 "--packages-dir",
                 str(self.root / name / "packages"),
                 "--attr",
@@ -67,7 +59,7 @@ class PackageFleet:
                 "1",
                 "--trusted-key",
                 str(self.public_key),
-            ]
+            )
             self.processes.append(AgentProcess(command, self.root / "logs", name=name, env=dict(os.environ)))
 
     def stop(self) -> None:
@@ -115,18 +107,6 @@ def fleet(live, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tupl
         agents.stop()
 
 
-def upload(server: LiveOpampServer, package: str, version: str, body: bytes) -> dict[str, Any]:
-    server.api_post(f"packages/{package}/versions/", {"version": version})
-    response = httpx.post(
-        f"http://127.0.0.1:{server.port}/api/v1/packages/{package}/versions/{version}/files/",
-        content=body,
-        headers={"Authorization": f"Token {server.token}", "Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-    return dict(response.json())
-
-
 def statuses(server: LiveOpampServer, fleet: PackageFleet, package: str) -> list[dict[str, Any]]:
     rows = server.agents(attribute=f"service.name={fleet.service}")
     found = []
@@ -154,7 +134,7 @@ def on_version_one(server: LiveOpampServer, fleet: PackageFleet) -> str:
     """The package at 1.0.0 assigned to the fleet's agents, installed by every one of them."""
     package = fleet.service
     server.api_post("packages/", {"name": package, "type": "top_level"})
-    upload(server, package, "1.0.0", V1)
+    server.upload_package(package, "1.0.0", V1)
     server.api_post(
         "package-assignments/",
         {"name": package, "package": package, "version": "1.0.0", "selector": f"service.name={fleet.service}"},
@@ -187,7 +167,7 @@ def state_of(server: LiveOpampServer, rollout: dict[str, Any]) -> str:
 def test_version_two_rolled_out_in_stages_reaches_every_agent(fleet):
     server, agents = fleet
     package = on_version_one(server, agents)
-    upload(server, package, "2.0.0", V2)
+    server.upload_package(package, "2.0.0", V2)
     rollout = start_rollout(server, package)
 
     wait(server, agents, lambda: state_of(server, rollout) == "succeeded", what="the rollout succeeded")
@@ -227,7 +207,7 @@ def refused_then_rolled_back(server: LiveOpampServer, agents: PackageFleet, pack
 def test_a_file_with_a_wrong_hash_is_refused_and_rolled_back(fleet):
     server, agents = fleet
     package = on_version_one(server, agents)
-    uploaded = upload(server, package, "2.0.0", V2)
+    uploaded = server.upload_package(package, "2.0.0", V2)
     # The stored bytes change after the upload: the served file no longer has the hash
     # (nor the signature) recorded for it.
     tampered = V2[:-1] + b"X"
@@ -246,7 +226,7 @@ def test_a_file_with_a_wrong_hash_is_refused_and_rolled_back(fleet):
 def test_a_file_signed_by_an_untrusted_key_is_refused_and_rolled_back(fleet, tmp_path):
     server, agents = fleet
     package = on_version_one(server, agents)
-    uploaded = upload(server, package, "2.0.0", V2)
+    uploaded = server.upload_package(package, "2.0.0", V2)
     # The file is intact, but its signature is by a key the agents do not trust.
     stranger = SigningKeyPair.generate()
     envelope = PackageEnvelope(package=package, version="2.0.0", sha256=uploaded["sha256"], key_id=stranger.key_id)

@@ -16,11 +16,10 @@ import asyncio
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from agent_client.agent import Agent, AgentObserver
@@ -30,7 +29,6 @@ from agent_client.state import MemoryState
 from agent_client.transport import TransportKind, transport_for_url
 from opamp.config_signature import key_id_for, load_public_key_pem
 from opamp.proto import opamp_pb2 as pb
-from signing.config_signing import generate_signing_key
 from tests.support.live_server import LiveOpampServer
 
 pytestmark = [pytest.mark.live_server, pytest.mark.asyncio]
@@ -53,31 +51,6 @@ class Offers(AgentObserver):
     def on_reply(self, agent: Agent, reply: pb.ServerToAgent, round_trip: float | None) -> None:
         if reply.HasField("packages_available"):
             self.by_agent[agent.name].append(bytes(reply.packages_available.all_packages_hash))
-
-
-@pytest.fixture
-def signing_server(tmp_path: Path) -> Iterator[tuple[LiveOpampServer, Path]]:
-    pair = generate_signing_key(tmp_path / "signing-key.pem")
-    public_key = tmp_path / "trusted.pem"
-    public_key.write_text(pair.public_key_pem)
-    live = LiveOpampServer(tmp_path / "server", extra_env={"OPAMP_SIGNING_KEY_FILE": str(tmp_path / "signing-key.pem")})
-    live.start()
-    try:
-        yield live, public_key
-    finally:
-        live.close()
-
-
-def upload(server: LiveOpampServer, name: str, version: str, body: bytes) -> dict[str, Any]:
-    server.api_post(f"packages/{name}/versions/", {"version": version})
-    response = httpx.post(
-        f"http://127.0.0.1:{server.port}/api/v1/packages/{name}/versions/{version}/files/",
-        content=body,
-        headers={"Authorization": f"Token {server.token}", "Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
-    assert response.status_code == 201, response.text
-    return dict(response.json())
 
 
 def make_agent(
@@ -126,9 +99,9 @@ async def test_assigned_packages_are_installed_by_the_selected_agents_over_both_
     server, key = signing_server
     service = f"packages-{secrets.token_hex(3)}"
     server.api_post("packages/", {"name": PACKAGE, "type": "top_level"})
-    first = upload(server, PACKAGE, "1.0.0", V1)
+    first = server.upload_package(PACKAGE, "1.0.0", V1)
     assert first["signature"] and first["key_id"]
-    second = upload(server, PACKAGE, "2.0.0", V2)
+    second = server.upload_package(PACKAGE, "2.0.0", V2)
 
     offers = Offers()
     agents: dict[str, Agent] = {}

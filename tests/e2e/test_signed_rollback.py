@@ -11,7 +11,6 @@ freshness is the signing sequence, not the content's version number.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from signing.config_signing import generate_signing_key
 from tests.support.live_server import LiveOpampServer
-from tests.support.processes import AgentProcess
+from tests.support.processes import AgentProcess, agent_client_run
 
 pytestmark = [pytest.mark.live_server]
 
@@ -40,15 +39,9 @@ class SignedFleet:
 
     def start(self, service: str, *, failing: Collection[int] = ()) -> None:
         for index in range(AGENTS):
-            command = [
-                sys.executable,
-                "-m",
-                "agent_client",
-                "run",
-                "--server",
+            command = agent_client_run(
                 self.server.ws_url,
-                "--state-dir",
-                str(self.root / f"agent-{index}"),
+                self.root / f"agent-{index}",
                 "--attr",
                 f"service.name={service}",
                 "--attr",
@@ -57,7 +50,7 @@ class SignedFleet:
                 "1",
                 "--trusted-key",
                 str(self.public_key),
-            ]
+            )
             if index in failing:
                 command += ["--fail-if-contains", MARKER]
             self.processes.append(

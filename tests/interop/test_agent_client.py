@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.live_server import LiveOpampServer
-from tests.support.processes import AgentProcess
+from tests.support.processes import AgentProcess, agent_client_run
 
 pytestmark = [pytest.mark.interop, pytest.mark.live_server]
 
 
 def start_agent(server: LiveOpampServer, tmp_path: Path, *, transport: str, name: str) -> AgentProcess:
     url = server.ws_url if transport == "ws" else server.http_url
-    command = [
-        sys.executable,
-        "-m",
-        "agent_client",
-        "run",
-        "--server",
+    command = agent_client_run(
         url,
-        "--state-dir",
-        str(tmp_path / name / "state"),
+        tmp_path / name / "state",
         "--attr",
         f"service.name={name}",
         "--label",
         "deployment.environment=interop",
         "--heartbeat",
         "1",
-    ]
+    )
     return AgentProcess(command, tmp_path / name, name=name, env=dict(os.environ))
 
 

@@ -4,14 +4,13 @@ public key, verifies before applying and reports APPLIED with the version hash."
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from signing.config_signing import generate_signing_key
 from tests.support.live_server import LiveOpampServer
-from tests.support.processes import AgentProcess
+from tests.support.processes import AgentProcess, agent_client_run
 
 pytestmark = [pytest.mark.interop, pytest.mark.live_server]
 
@@ -27,22 +26,16 @@ def test_agent_client_verifies_and_applies_a_signed_configuration(tmp_path: Path
     )
     server.start()
     agent = AgentProcess(
-        [
-            sys.executable,
-            "-m",
-            "agent_client",
-            "run",
-            "--server",
+        agent_client_run(
             server.ws_url,
-            "--state-dir",
-            str(tmp_path / "agent"),
+            tmp_path / "agent",
             "--attr",
             "service.name=signed-agent",
             "--heartbeat",
             "1",
             "--trusted-key",
             str(public_key),
-        ],
+        ),
         tmp_path / "logs",
         name="signed-agent",
         env=dict(os.environ),

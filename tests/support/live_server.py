@@ -300,6 +300,19 @@ class LiveOpampServer:
         response.raise_for_status()
         return response.json()
 
+    def upload_package(self, name: str, version: str, body: bytes, *, timeout: float = 30) -> dict[str, Any]:
+        """Create `version` of package `name` and upload its file (the server signs it with
+        its configured key); the file as the API shows it."""
+        self.api_post(f"packages/{name}/versions/", {"version": version})
+        response = httpx.post(
+            f"http://127.0.0.1:{self.port}/api/v1/packages/{name}/versions/{version}/files/",
+            content=body,
+            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/octet-stream"},
+            timeout=timeout,
+        )
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
     def agents(self, **params: Any) -> list[dict[str, Any]]:
         return list(self.api("agents/", limit=1000, **params)["results"])
 

@@ -5,12 +5,29 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.support.live_server import REPO_ROOT
+
+
+def agent_client_run(server_url: str, state_dir: Path, *options: str) -> list[str]:
+    """The command line of `python -m agent_client run` against `server_url`, keeping its
+    state in `state_dir`, with `options` after."""
+    return [
+        sys.executable,
+        "-m",
+        "agent_client",
+        "run",
+        "--server",
+        server_url,
+        "--state-dir",
+        str(state_dir),
+        *options,
+    ]
 
 
 class AgentProcess:
