@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from fleet.credentials import CredentialAuthority
     from fleet.models import Agent
-    from fleet.services import RemoteConfigAnswer
+    from fleet.services import PackageStatusesReport, RemoteConfigAnswer
     from fleet.session_contributor import SessionContributor
     from fleet.session_runtime import FleetRuntime
 
@@ -51,6 +51,9 @@ class FleetExtension:
 
     def remote_config_answered(self, answers: Sequence[RemoteConfigAnswer]) -> None:
         """Agents' remote config statuses were stored (one report's, or a batch's)."""
+
+    def package_statuses_reported(self, reports: Sequence[PackageStatusesReport]) -> None:
+        """Agents' package statuses were stored (one report's, or a batch's; possibly none)."""
 
     def session_contributor(self, runtime: FleetRuntime) -> SessionContributor | None:
         """This extension's part in the OpAMP sessions of a server process: called once per
@@ -105,6 +108,11 @@ def agent_inventoried(*, agent: Agent) -> None:
 def remote_config_answered(answers: Sequence[RemoteConfigAnswer]) -> None:
     for extension in _registered:
         extension.remote_config_answered(answers)
+
+
+def package_statuses_reported(reports: Sequence[PackageStatusesReport]) -> None:
+    for extension in _registered:
+        extension.package_statuses_reported(reports)
 
 
 def session_contributors(runtime: FleetRuntime) -> tuple[SessionContributor, ...]:

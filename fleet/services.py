@@ -2,7 +2,7 @@
 
 The feature apps hear about what concerns them through their `FleetExtension`
 (fleet.extensions), inside the same transactions: a new agent, an agent whose labels
-changed, the remote config statuses agents reported.
+changed, the remote config statuses and the package statuses agents reported.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
@@ -31,6 +32,16 @@ class RemoteConfigAnswer:
     config_hash: str
     state: int
     error: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class PackageStatusesReport:
+    """What an agent reported about its packages (its PackageStatuses as stored,
+    fleet.reports.package_statuses_to_dict), and when."""
+
+    agent_id: int
+    statuses: dict[str, Any]
     at: datetime
 
 
@@ -162,6 +173,8 @@ def agent_record_report(
             at=timezone.now(),
         )
         extensions.remote_config_answered([answer])
+    if report.package_statuses is not None:
+        extensions.package_statuses_reported([PackageStatusesReport(agent.pk, report.package_statuses, seen_at)])
     # Labels decide which configuration applies: a new or relabelled agent is resolved
     # now, in the same transaction, so the reply to this report can carry the offer.
     if created:
@@ -247,7 +260,9 @@ def agent_status_write(
 def write_statuses(batch: dict[int, StatusWrite]) -> int:
     """Write held status reports (by agent id) in one transaction: one UPDATE per set of
     changed fields for the agent rows, then the extensions note the remote config answers
-    (rollouts: one UPDATE for the rollout answers). The number of agents."""
+    and the package statuses (rollouts: one UPDATE for each kind of rollout answer). The
+    number of agents. An agent's held write keeps its newest package statuses, as its row
+    does."""
     if not batch:
         return 0
     by_fields: dict[tuple[str, ...], list[Agent]] = defaultdict(list)
@@ -257,7 +272,18 @@ def write_statuses(batch: dict[int, StatusWrite]) -> int:
         for fields, agents in by_fields.items():
             Agent.objects.bulk_update(agents, fields, batch_size=500)
         extensions.remote_config_answered([answer for write in batch.values() for answer in write.answers.values()])
+        extensions.package_statuses_reported(_package_reports(batch))
     return len(batch)
+
+
+def _package_reports(batch: dict[int, StatusWrite]) -> list[PackageStatusesReport]:
+    reports = []
+    for agent_id, write in batch.items():
+        statuses, seen = write.changes.get("package_statuses"), write.changes.get("last_seen")
+        # Every status write carries `last_seen` (heartbeat_status_write's facts).
+        if isinstance(statuses, dict) and isinstance(seen, datetime):
+            reports.append(PackageStatusesReport(agent_id, statuses, seen))
+    return reports
 
 
 def agent_mark_disconnected(*, instance_uid: uuid.UUID, at: datetime, sequence_num: int | None) -> bool:

@@ -1,6 +1,6 @@
 """What rollouts plug into the fleet (registered in `RolloutsConfig.ready`): an agent's
-labels decide its desired configuration, its remote config statuses answer rollouts, the
-agent API filters by drift from it, and the OpAMP session offers it
+labels decide its desired configuration, its remote config and package statuses answer
+rollouts, the agent API filters by drift from it, and the OpAMP session offers it
 (rollouts.session_contributor)."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from django.db.models import QuerySet
 
 from fleet.extensions import AgentQueryFilter, FleetExtension
 from fleet.models import Agent
-from fleet.services import RemoteConfigAnswer
+from fleet.services import PackageStatusesReport, RemoteConfigAnswer
 from fleet.session_contributor import SessionContributor
 from fleet.session_runtime import FleetRuntime
 from rollouts import desired_state, selectors
 from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import AgentDesiredConfig
+from rollouts.package_answers import record_package_answers
 from rollouts.package_contributor import PackagesContributor
 from rollouts.resolver_cache import resolver_definitions
 from rollouts.rollout_services.answers import record_answers
@@ -80,6 +81,9 @@ class PackagesFleetExtension(FleetExtension):
     written by another process than the one serving the agent)."""
 
     name = "packages"
+
+    def package_statuses_reported(self, reports: Sequence[PackageStatusesReport]) -> None:
+        record_package_answers(reports)
 
     def labels_changed(self, *, agent: Agent) -> None:
         desired_state.log_changes([agent.pk])

@@ -12,9 +12,10 @@ from a stable to a candidate version for either subject:
   agents whose package assignment gives them the stable version are the population; the
   desired package sets put the candidate in the set of agents in started stages
   (rollouts.package_offers.PackageRollout), the targets are recorded here; an agent's answer
-  is its PackageStatus: Installed with the candidate a success, InstallFailed for the
-  candidate a failure, Installed with the stable version again reverted; success moves the
-  assignments that gave the stable version to the candidate.
+  is what its PackageStatus said of the candidate, recorded on its target
+  (rollouts.package_answers): Installed a success, InstallFailed a failure; Installed with
+  the stable version again is reverted; success moves the assignments that gave the stable
+  version to the candidate.
 
 The engine asks `subject_of(rollout)` and never looks at the subject's fields itself.
 """
@@ -26,7 +27,7 @@ import operator
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from django.db.models import F, Q, QuerySet, TextField, Value
+from django.db.models import Case, F, Q, QuerySet, TextField, Value, When
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Coalesce
 from django.db.models.lookups import Exact
@@ -35,6 +36,7 @@ from django.utils import timezone
 from fleet.label_selectors.parsing import parse_selector
 from fleet.models import Agent, RemoteConfigState
 from fleet.selector_queries import selector_q
+from fleet.services import PackageStatusesReport
 from rollouts import desired_state
 from rollouts.config_signings import config_version_sign_for_delivery
 from rollouts.models import (
@@ -46,6 +48,7 @@ from rollouts.models import (
     RolloutState,
     RolloutTarget,
 )
+from rollouts.package_answers import record_package_answers
 from rollouts.package_assignments import agent_package_facts, bump_packages, hint_agents, package_definitions
 from rollouts.package_offers import INSTALL_FAILED, INSTALLED
 from rollouts.packages import package_assignment_update
@@ -54,6 +57,9 @@ from rollouts.rollout_plans import plan_of
 
 # (id, instance uid bytes, labels) of an agent a rollout can move.
 Member = tuple[int, bytes, dict[str, str]]
+
+# The answers a package target records (rollouts.package_answers): "applying" is not one.
+RECORDED = ("applied", "failed")
 
 
 class RolloutSubject(ABC):
@@ -260,7 +266,21 @@ class PackageSubject(RolloutSubject):
             if cohort is not None:
                 targets.append(desired_state.TargetRow(rollout.pk, agent_id, cohort, bucket, ""))
         desired_state.record_targets(targets, now)
+        self._record_missed_answers(now)
         return [target.agent_id for target in targets]
+
+    def _record_missed_answers(self, now: datetime) -> None:
+        """Record the answers the reports could not: an agent that joined a started stage
+        (new, or relabelled) is offered the candidate as soon as its process recomputes its
+        set, and may report before the tick records its target. Read from the statuses
+        stored on the agents, for targets with no answer of their own (normally none)."""
+        installed, failed = self._reported_outcomes()
+        missed = (
+            RolloutTarget.objects.filter(installed | failed, rollout=self.rollout)
+            .exclude(answer__in=RECORDED)
+            .values_list("agent_id", "agent__package_statuses")
+        )
+        record_package_answers([PackageStatusesReport(agent_id, statuses, now) for agent_id, statuses in missed])
 
     def adopt_candidate(self) -> None:
         rollout = self.rollout
@@ -284,11 +304,22 @@ class PackageSubject(RolloutSubject):
             Exact(_reported(name, version_field, prefix), version)
         )
 
-    def outcomes(self) -> tuple[Q, Q, Q]:
+    def _reported_outcomes(self) -> tuple[Q, Q]:
+        """(installed, failed) with the candidate, as the agent's last PackageStatus says."""
         candidate = self.rollout.candidate_package_version
         assert candidate is not None
         installed = self._status(INSTALLED, "agent_has_version", candidate.version)
         failed = self._status(INSTALL_FAILED, "server_offered_version", candidate.version)
+        return installed, failed
+
+    def outcomes(self) -> tuple[Q, Q, Q]:
+        # The answer recorded on the target, which a rollback does not erase; for a target
+        # with none yet (its agent reported before the target was recorded), the agent's
+        # last PackageStatus. A row matches one of the two sources, so nothing counts twice.
+        reported_installed, reported_failed = self._reported_outcomes()
+        unrecorded = ~Q(answer__in=RECORDED)
+        installed = Q(answer="applied") | (unrecorded & reported_installed)
+        failed = Q(answer="failed") | (unrecorded & reported_failed)
         return installed & ~Q(agent__healthy=False), installed & Q(agent__healthy=False), failed
 
     def reverted(self) -> Q:
@@ -297,12 +328,15 @@ class PackageSubject(RolloutSubject):
         return self._status(INSTALLED, "agent_has_version", stable.version)
 
     def failed_targets(self) -> QuerySet[RolloutTarget]:
-        # Nothing is recorded on a package target: the agent's last PackageStatus says it
-        # (InstallFailed for the candidate, the failure counted by `outcomes`), with its
-        # error_message. An agent that reports the stable version installed again after a
-        # rollback is no longer listed.
+        # The failures `outcomes` counts, with the error recorded with the answer (or, not
+        # yet recorded, the one in the agent's status): still listed after a rollback has
+        # reinstalled the stable version on those agents.
         _, _, failed = self.outcomes()
-        error = _reported(self.package.name, "error_message", "agent__")
+        error = Case(
+            When(answer="failed", then=F("error")),
+            default=_reported(self.package.name, "error_message", "agent__"),
+            output_field=TextField(),
+        )
         return RolloutTarget.objects.filter(failed, rollout=self.rollout).annotate(failure=error)
 
 

@@ -2,10 +2,10 @@
 
 A read model only: the counts come from the grouped queries of `rollout_services.answers`
 (`stage_counts`, `rollback_progress`), the failed agents from the subject's
-`failed_targets` (a configuration's: the targets' recorded answers, which stay after an
-automatic rollback has moved those agents back; a package's: the agents' InstallFailed
-status for the candidate, with its error), a package rollout's targets' PackageStatuses
-counted per version (`package_statuses.rollout_package_statuses`).
+`failed_targets` (for both subjects the answers recorded on the targets, with the agent's
+error, which stay after an automatic rollback has moved those agents back), a package
+rollout's targets' PackageStatuses counted per version
+(`package_statuses.rollout_package_statuses`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
-"""Agents' answers on their rollout targets (`record_answer(s)`) and the counts read from them:
-per stage, cumulative, and a rollback's progress.
+"""Agents' answers on their rollout targets and the counts read from them: per stage,
+cumulative, and a rollback's progress.
+
+An answer is recorded on the agent's target row of an active rollout, in one statement per
+batch of reports (fleet.services.write_statuses): a configuration's from the remote config
+statuses (`record_answers`: the state reported for the candidate's hash), a package's from
+the package statuses (rollouts.package_answers: Installed with the candidate version
+"applied", InstallFailed for it "failed", with the agent's error). The row keeps the answer
+after a rollback has moved the agent back to the stable version, which is how a rolled-back
+rollout still names the agents that failed and why.
 """
 
 from __future__ import annotations

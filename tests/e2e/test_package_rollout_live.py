@@ -9,7 +9,8 @@ and rolled out in two stages with short holds:
 - a file whose stored bytes no longer match the hash recorded at upload, and a file signed
   by a key the agents do not trust: the agents of the first stage refuse it (InstallFailed),
   the stage fails its budget, beat rolls the rollout back, and every agent reports 1.0.0
-  installed.
+  installed; the rollout still counts those agents failed, with their refusal
+  (`rollout_watch` lists them).
 """
 
 from __future__ import annotations
@@ -202,6 +203,13 @@ def refused_then_rolled_back(server: LiveOpampServer, agents: PackageFleet, pack
     assert refusal in logs, logs
     assert f"package {package} 2.0.0 installed" not in logs
     assert server.api(f"package-assignments/{package}/")["version"] == "1.0.0"
+    # Every agent reports 1.0.0 again, yet the rollout still counts and names the refusals
+    # that rolled it back (recorded on its targets when the agents reported them).
+    stages = server.api(f"rollouts/{rollout['id']}/")["stages"]
+    assert stages[0]["counts"]["failed"] >= 1, stages
+    watched = server.manage("rollout_watch", str(rollout["id"]), exit_status=3)
+    failed = [line for line in watched.splitlines() if line.startswith("  failed: ")]
+    assert failed and all(refusal in line for line in failed), watched
 
 
 def test_a_file_with_a_wrong_hash_is_refused_and_rolled_back(fleet):

@@ -23,11 +23,11 @@ from rollouts.dashboard.views.rollouts import BAD_POLICY, BAD_STAGE_ROW
 from rollouts.models import Package, Rollout, RolloutState
 from rollouts.packages import NO_SUCH_PACKAGE_VERSION
 from rollouts.rollout_services import creation
-from rollouts.rollout_services.creation import StageSpec, package_rollout_create
+from rollouts.rollout_services.creation import StageSpec
 from rollouts.rollout_services.verbs import rollout_start
 from rollouts.rollout_subjects import subject_of
 from tests.fleet.factories import UserFactory
-from tests.rollouts.package_helpers import make_version, package_dir, report  # noqa: F401
+from tests.rollouts.package_helpers import make_version, package_dir, report, started_package_rollout  # noqa: F401
 from tests.rollouts.rollout_helpers import answer_all, configuration_with_candidate, make_fleet, standard_rollout
 
 pytestmark = pytest.mark.django_db
@@ -58,15 +58,7 @@ def staff() -> Client:
 
 def running_rollout() -> tuple[Rollout, list[Agent]]:
     """A started package rollout whose first stage has 10 of the agents: those agents."""
-    package = Package.objects.get()
-    rollout = package_rollout_create(
-        package=package,
-        candidate=package.versions.get(version="2.0.0"),
-        stages=[StageSpec(count=10), StageSpec(percent=100)],
-        actor=None,
-        salt="fixed",
-    )
-    assert rollout_start(rollout=rollout, actor=None)
+    rollout = started_package_rollout([StageSpec(count=10), StageSpec(percent=100)])
     first = list(Agent.objects.filter(rollout_targets__rollout=rollout).order_by("pk"))
     assert len(first) == 10
     return rollout, first

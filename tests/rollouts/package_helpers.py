@@ -12,8 +12,11 @@ from channels.testing import ApplicationCommunicator
 
 from fleet.models import Agent
 from rollouts import packages
-from rollouts.models import Package, PackageFile, PackageVersion
+from rollouts.models import Package, PackageFile, PackageVersion, Rollout
+from rollouts.rollout_services.creation import StageSpec, package_rollout_create
+from rollouts.rollout_services.verbs import rollout_start
 from signing.config_signing import SigningKeyPair, generate_signing_key
+from tests.rollouts.rollout_helpers import make_fleet
 
 STORAGES_BASE = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -95,8 +98,8 @@ async def asgi_get(
     return start["status"], dict(start["headers"]), body
 
 
-def report(agent: Agent, status: str, *, has: str, offered: str, error: str = "") -> None:
-    """What the agent's PackageStatuses would store (fleet.reports.package_statuses_to_dict)."""
+def package_statuses(status: str, *, has: str, offered: str, error: str = "") -> dict[str, Any]:
+    """A PackageStatuses of package "collector" as fleet.reports.package_statuses_to_dict stores it."""
     entry = {
         "agent_has_version": has,
         "agent_has_hash": "aa" if has else "",
@@ -105,10 +108,35 @@ def report(agent: Agent, status: str, *, has: str, offered: str, error: str = ""
         "status": status,
         "error_message": error,
     }
-    Agent.objects.filter(pk=agent.pk).update(
-        package_statuses={
-            "packages": {"collector": entry},
-            "server_provided_all_packages_hash": "",
-            "error_message": "",
-        }
+    return {"packages": {"collector": entry}, "server_provided_all_packages_hash": "", "error_message": ""}
+
+
+def report(agent: Agent, status: str, *, has: str, offered: str, error: str = "") -> None:
+    """Store what the agent's PackageStatuses would on its row, and nothing else: no answer
+    is recorded on a rollout target (the gate then counts from the status itself)."""
+    document = package_statuses(status, has=has, offered=offered, error=error)
+    Agent.objects.filter(pk=agent.pk).update(package_statuses=document)
+
+
+def collector_fleet(count: int) -> list[Agent]:
+    """`count` agents (env=prod) an assignment gives collector 1.0.0; 2.0.0 exists too."""
+    make_version(version="1.0.0")
+    make_version(version="2.0.0")
+    package = Package.objects.get()
+    packages.package_assignment_create(name="all", package=package, version="1.0.0", selector="env=prod", actor=None)
+    return make_fleet(count)
+
+
+def started_package_rollout(stages: list[StageSpec], **options: Any) -> Rollout:
+    """A rollout of collector 2.0.0 over `stages` (salt "fixed"), started."""
+    package = Package.objects.get(name="collector")
+    rollout = package_rollout_create(
+        package=package,
+        candidate=package.versions.get(version="2.0.0"),
+        stages=stages,
+        actor=None,
+        salt="fixed",
+        **options,
     )
+    assert rollout_start(rollout=rollout, actor=None)
+    return rollout

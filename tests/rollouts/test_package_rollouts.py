@@ -34,8 +34,7 @@ from rollouts.rollout_services.verbs import (
     rollout_retry,
     rollout_start,
 )
-from tests.rollouts.package_helpers import make_version, package_dir, report, signing_key  # noqa: F401
-from tests.rollouts.rollout_helpers import make_fleet
+from tests.rollouts.package_helpers import collector_fleet, make_version, package_dir, report, signing_key  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 
@@ -44,11 +43,7 @@ AGENTS = 40
 
 @pytest.fixture
 def fleet(package_dir) -> list[Agent]:  # noqa: F811
-    make_version(version="1.0.0")
-    make_version(version="2.0.0")
-    package = Package.objects.get()
-    packages.package_assignment_create(name="all", package=package, version="1.0.0", selector="env=prod", actor=None)
-    return make_fleet(AGENTS)
+    return collector_fleet(AGENTS)
 
 
 def versions_given(agents: list[Agent]) -> dict[int, str]:

@@ -155,8 +155,9 @@ class LiveOpampServer:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/opamp"
 
-    def manage(self, *args: str) -> str:
-        """Run a management command with the server's settings and database; its stdout."""
+    def manage(self, *args: str, exit_status: int = 0) -> str:
+        """Run a management command with the server's settings and database; its stdout
+        (it must exit with `exit_status`)."""
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=REPO_ROOT,
@@ -165,8 +166,10 @@ class LiveOpampServer:
             text=True,
             timeout=120,
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        if result.returncode != exit_status:
+            raise RuntimeError(
+                f"manage.py {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
         return result.stdout
 
     def command(self, port: int) -> list[str]:
