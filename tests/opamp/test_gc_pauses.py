@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from opamp.runtime import GcPauseMonitor
+from opamp.runtime import GcPauseMonitor, freeze_after_older_collections
 
 
 @pytest.fixture
@@ -87,3 +87,22 @@ def test_uninstall_removes_the_callback_and_stops_the_reporter(monitor):
     pauses.uninstall()
     assert pauses not in gc.callbacks
     assert pauses._thread is None
+
+
+@pytest.fixture
+def freezing_survivors():
+    gc.callbacks.append(freeze_after_older_collections)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(freeze_after_older_collections)
+        gc.unfreeze()
+
+
+def test_what_survives_a_generation_1_collection_is_frozen(freezing_survivors):
+    kept = [[index] for index in range(1000)]
+    before = gc.get_freeze_count()
+    gc.collect(0)
+    assert gc.get_freeze_count() == before  # a young collection freezes nothing
+    gc.collect(1)
+    assert gc.get_freeze_count() >= before + len(kept)
