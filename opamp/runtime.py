@@ -37,8 +37,11 @@ def require_upb() -> None:
 def tune_gc_for_connections(threshold: tuple[int, ...], *, freeze_survivors: bool) -> None:
     """Collections that stay short while a process holds many connections.
 
-    Start-up's heap is frozen (never scanned again). A young collection scans every object
-    allocated since the last one, about 1 us each here: `threshold[0]` bounds it.
+    Start-up's heap is frozen (never scanned again). A young collection scans the young
+    objects, about 1 us each here; `threshold[0]` bounds them only where few old objects
+    die: CPython counts allocations minus deallocations of any generation, so a heartbeat
+    that replaces an agent's old objects with new ones adds young objects but no count
+    (at 18,000 agents young collections still took up to 132 ms of CPU, BENCHMARKS.md).
     `freeze_survivors`: after each collection of generation 1, what survived it (generation
     2: a connection's session, socket and snapshot) is frozen too, so no collection scans
     the fleet. With the default (100000, 50, 1000) and no freezing, an 18,000-agent process
