@@ -80,6 +80,9 @@ class OpampConsumer(AsyncWebsocketConsumer):
             # Closing before accept refuses the handshake (daphne answers 403; ASGI servers
             # cannot send 401 on a WebSocket upgrade). The reason goes to the log only.
             logger.info("refused a WebSocket from %s: %s", self.scope.get("client"), error.message)
+            # Raised in a database thread, its traceback holds the frames that hold the
+            # future that holds it: a cycle per refused handshake, left to the collector.
+            error.__traceback__ = None
             await self.close()
             return
         await hint_stream().start()

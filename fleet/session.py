@@ -324,6 +324,12 @@ class AgentSession:
     async def close(self) -> None:
         """The transport closed: the agent is disconnected unless another session holds it."""
         self.closed = True
+        # The transport's callbacks point back at it (the consumer holds this session): let
+        # go of them, so a closed socket is freed by reference counting, not left as a
+        # cycle for the collector (at 18,000 agents, a fleet's closed sessions made gen-1
+        # collections of seconds).
+        self.on_superseded = None
+        self.hint_receiver = None
         instance_uid, self.instance_uid = self.instance_uid, None
         if instance_uid is None:
             return

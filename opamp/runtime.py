@@ -34,13 +34,35 @@ def require_upb() -> None:
         )
 
 
-def tune_gc_for_connections(threshold: tuple[int, ...]) -> None:
-    """Fewer, cheaper collections: with default thresholds, 18,000 connections' objects made
-    full collections of ~1.7 s (p99 latency 1.5-2 s); (100000, 50, 1000) plus freezing the
-    start-up heap brought p99 to 3-100 ms on this machine kind."""
+def tune_gc_for_connections(threshold: tuple[int, ...], *, freeze_survivors: bool) -> None:
+    """Collections that stay short while a process holds many connections.
+
+    Start-up's heap is frozen (never scanned again). A young collection scans the young
+    objects, about 1 us each here; `threshold[0]` bounds them only where few old objects
+    die: CPython counts allocations minus deallocations of any generation, so a heartbeat
+    that replaces an agent's old objects with new ones adds young objects but no count
+    (at 18,000 agents young collections still took up to 132 ms of CPU, BENCHMARKS.md).
+    `freeze_survivors`: after each collection of generation 1, what survived it (generation
+    2: a connection's session, socket and snapshot) is frozen too, so no collection scans
+    the fleet. With the default (100000, 50, 1000) and no freezing, an 18,000-agent process
+    made young collections of 100-445 ms CPU and a generation-1 collection of 3.6 s CPU
+    (BENCHMARKS.md). What is frozen is still freed by reference counting; only a reference
+    cycle that becomes garbage after it was frozen stays (`frozen` in the opamp.gc summary
+    shows the count): closed sessions leave none (tests/fleet/test_session_garbage.py)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*threshold)
+    if freeze_survivors and freeze_after_older_collections not in gc.callbacks:
+        gc.callbacks.append(freeze_after_older_collections)
+
+
+def freeze_after_older_collections(phase: str, info: dict[str, int]) -> None:
+    """A `gc.callbacks` entry: freeze what survived a collection of generation 1 or 2.
+
+    At its end generations 0 and 1 are empty, so only generation 2, the objects that
+    survived it, is frozen (gc.freeze moves lists: no scan)."""
+    if phase == "stop" and info["generation"] >= 1:
+        gc.freeze()
 
 
 @dataclass
@@ -119,6 +141,7 @@ class GcPauseMonitor:
     def snapshot(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "frozen": gc.get_freeze_count(),
             **{
                 f"gen{generation}": {
                     "collections": pauses.collections,

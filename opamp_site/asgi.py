@@ -49,7 +49,7 @@ application = ProtocolTypeRouter(
     }
 )
 
-tune_gc_for_connections(tuple(settings.OPAMP_GC_THRESHOLD))
+tune_gc_for_connections(tuple(settings.OPAMP_GC_THRESHOLD), freeze_survivors=settings.OPAMP_GC_FREEZE_SURVIVORS)
 gc_pauses = GcPauseMonitor(
     log_over_seconds=settings.OPAMP_GC_PAUSE_LOG_MS / 1000, report_every_seconds=settings.OPAMP_GC_REPORT_SECONDS
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.garbage import Garbage, collector_held
 from tests.support.live_server import LiveOpampServer
 
 
@@ -85,3 +86,10 @@ def opamp_server(tmp_path: Path) -> Iterator[LiveOpampServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def garbage() -> Iterator[Garbage]:
+    """The cyclic garbage collector held: what it finds is counted when the test asks."""
+    with collector_held() as kept:
+        yield kept

@@ -271,8 +271,10 @@ OPAMP_MAX_EFFECTIVE_CONFIG_BYTES = env_int("OPAMP_MAX_EFFECTIVE_CONFIG_BYTES", 1
 OPAMP_SERVE_STATIC = env_bool("OPAMP_SERVE_STATIC", True)
 # Refuse to start on protobuf's pure-Python backend (19x slower than upb).
 OPAMP_REQUIRE_UPB = env_bool("OPAMP_REQUIRE_UPB", True)
-# Server-process garbage collector thresholds for many long-lived connections.
-OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["100000", "50", "1000"]))
+# Server-process garbage collector thresholds for many long-lived connections, and whether
+# what survives a generation-1 collection is frozen (opamp/runtime.py tune_gc_for_connections).
+OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["10000", "5", "1000"]))
+OPAMP_GC_FREEZE_SURVIVORS = env_bool("OPAMP_GC_FREEZE_SURVIVORS", True)
 # Every collection is timed (opamp/runtime.py); one longer than this is logged (opamp.gc),
 # and a summary per generation (count, total, longest) every OPAMP_GC_REPORT_SECONDS when
 # there were collections (0: no log lines, the counters only).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from opamp_site.env import env_float, env_str
+from opamp_site.env import env_bool, env_float, env_str
 
 if os.environ.get("OPAMP_TEST_PROFILE", "default") == "production":
     os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-not-for-production-use-0123456789")
@@ -32,3 +32,8 @@ OPAMP_AGENT_AUTH = env_str("OPAMP_AGENT_AUTH", "open")
 # No admission pacing unless a test (or its server process) asks for it: most tests connect
 # their agents at once and time what follows.
 OPAMP_ADMISSION_RATE = env_float("OPAMP_ADMISSION_RATE", 0.0)
+
+# A test process sets up and drops thousands of short-lived objects that form cycles
+# (databases, model states): frozen, they would never be freed. The servers tests start
+# read this too; a test of the freezing asks for it.
+OPAMP_GC_FREEZE_SURVIVORS = env_bool("OPAMP_GC_FREEZE_SURVIVORS", False)
