@@ -22,7 +22,7 @@ from django.urls import path, re_path  # noqa: E402
 
 from fleet.consumers import OpampConsumer  # noqa: E402
 from fleet.http_transport import opamp_http_app  # noqa: E402
-from opamp.runtime import GcPauseMonitor, tune_gc_for_connections  # noqa: E402
+from opamp.runtime import FrozenGarbageSweeper, GcPauseMonitor, tune_gc_for_connections  # noqa: E402
 from opamp_site.body_limit import BodyLimit, web_body_limit  # noqa: E402
 
 OPAMP_PATH = "v1/opamp"
@@ -54,3 +54,5 @@ gc_pauses = GcPauseMonitor(
     log_over_seconds=settings.OPAMP_GC_PAUSE_LOG_MS / 1000, report_every_seconds=settings.OPAMP_GC_REPORT_SECONDS
 )
 gc_pauses.install()
+if settings.OPAMP_GC_FREEZE_SURVIVORS:
+    FrozenGarbageSweeper(every_seconds=settings.OPAMP_GC_FROZEN_SWEEP_SECONDS).install()

@@ -275,6 +275,9 @@ OPAMP_REQUIRE_UPB = env_bool("OPAMP_REQUIRE_UPB", True)
 # what survives a generation-1 collection is frozen (opamp/runtime.py tune_gc_for_connections).
 OPAMP_GC_THRESHOLD = tuple(int(x) for x in env_list("OPAMP_GC_THRESHOLD", ["10000", "5", "1000"]))
 OPAMP_GC_FREEZE_SURVIVORS = env_bool("OPAMP_GC_FREEZE_SURVIVORS", True)
+# With survivors frozen, a cycle that dies frozen is found only by a full collection of the
+# frozen objects: one every OPAMP_GC_FROZEN_SWEEP_SECONDS (0: never; opamp/runtime.py).
+OPAMP_GC_FROZEN_SWEEP_SECONDS = env_float("OPAMP_GC_FROZEN_SWEEP_SECONDS", 3600.0)
 # Every collection is timed (opamp/runtime.py); one longer than this is logged (opamp.gc),
 # and a summary per generation (count, total, longest) every OPAMP_GC_REPORT_SECONDS when
 # there were collections (0: no log lines, the counters only).
