@@ -31,6 +31,9 @@ LAYERS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("django (other)", r"[(/]django/"),
         ("Channels", r"[(/]channels(_redis)?/"),
         ("redis", r"[(/]redis/"),
+        ("uvicorn (HTTP, WebSocket handshake and sends)", r"[(/]uvicorn/"),
+        ("websockets (handshake, framing)", r"[(/]websockets/"),
+        ("httptools", r"[(/]httptools/"),
         ("daphne", r"[(/]daphne/"),
         ("autobahn (WebSocket framing)", r"[(/](autobahn|txaio)/"),
         ("Twisted", r"[(/]twisted/"),
@@ -42,9 +45,10 @@ LAYERS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("project: rollouts", r"(^|[ (/])rollouts/"),
         ("project: signing", r"(^|[ (/])signing/"),
         ("project: opamp", r"(^|[ (/])opamp/"),
+        ("project: opamp_site (the server's bounds)", r"(^|[ (/])opamp_site/"),
         (
-            "stdlib: json, uuid, datetime, copy, pprint",
-            r"[(/](json|uuid|datetime|copy|_strptime|dataclasses|pprint|hashlib)(/|\.py)",
+            "stdlib: json, uuid, datetime, copy, ipaddress, email",
+            r"[(/](json|uuid|datetime|copy|_strptime|dataclasses|pprint|hashlib|ipaddress|email)(/|\.py)",
         ),
     )
 )

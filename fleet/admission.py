@@ -8,19 +8,25 @@ to `OPAMP_ADMISSION_BURST` saved), and an agent that finds it empty is told when
 back: `error_response{type: UNAVAILABLE, retry_info}` on a WebSocket, 503 with Retry-After
 over HTTP.
 
-A known agent whose state is unchanged (a cheap reconnect, fleet.session) costs one token;
-a new agent, or one whose report must be written, costs `OPAMP_ADMISSION_FULL_COST`: its
-first message costs the server that many times more work, so the bucket paces work rather
-than connections, and after a restart, when nearly every agent is a cheap reconnect, the
-fleet comes back at the full rate while a wave of new agents cannot starve it. Which one an
-agent is shows only after its snapshot is read, so every first message takes the full cost
-before any database work and a cheap reconnect gets the difference back: taking one token
-first and the rest later let two agents arriving together each take one and both be
-refused the rest, again at every retry.
+A connection is priced once its snapshot is read (one query shared by the agents arriving
+together, fleet.batched_reads), so a refusal is booked at the price the agent will pay:
+a known agent whose state is unchanged (a cheap reconnect, fleet.session) costs
+`OPAMP_ADMISSION_RECONNECT_COST`; a new agent, or one whose report must be written,
+`OPAMP_ADMISSION_FULL_COST`: its first message costs the server that many times more
+work. So the bucket paces work rather than connections: after a restart, when nearly every
+agent is a cheap reconnect, the fleet comes back at the rate the process serves
+reconnects, while a wave of new agents still cannot take more than its share. (Priced at
+the full cost before the snapshot was read, with the difference given back after, every
+refused reconnect was booked at the full cost: an 18,000-agent restart came back at
+300 / 4 = 75 agents/s, 232 s, with the process's CPU half idle.) The price is taken whole:
+taking part first and the rest later let two agents arriving together each take a part
+and both be refused, again at every retry.
 
 Refused agents are spread: each refusal books the time its cost will have been refilled
-after the ones refused before it, and the answer adds up to half as much again at random,
-so a crowd refused in the same second does not come back in the same second.
+after the ones refused before it, which already gives every refused agent a turn of its
+own, and the answer adds up to a tenth as much again at random, so agents refused
+together by different processes do not come back in step. (Half as much again stretched a
+restart's last turns by half: the bucket's tokens refilled while nobody was due.)
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from django.conf import settings
 
 # A refusal never asks an agent to stay away longer than this.
 MAX_RETRY_AFTER_SECONDS = 300.0
+# A refused agent's wait is lengthened by up to this share of it, at random.
+JITTER_SHARE = 0.1
 # Refill arithmetic on float seconds must not refuse a token that is due.
 _EPSILON = 1e-9
 UNAVAILABLE_MESSAGE = "the server is admitting other agents; come back after retry_info"
@@ -74,12 +82,6 @@ class TokenBucket:
             return None
         return self._refusal(now, cost)
 
-    def refund(self, tokens: float) -> None:
-        """Give back part of what `take` took (the admission turned out cheaper)."""
-        if self.enabled:
-            self._refill()
-            self._tokens = min(self.burst, self._tokens + tokens)
-
     def would_refuse(self, cost: float = 1.0) -> float | None:
         """Like `take` without taking: the seconds to wait when `cost` is not there now."""
         if not self.enabled:
@@ -92,7 +94,7 @@ class TokenBucket:
         # come back before it (a negative balance is what earlier refusals were promised).
         self._booked_until = max(self._booked_until, now - self._tokens / self.rate) + cost / self.rate
         wait = self._booked_until - now
-        return min(MAX_RETRY_AFTER_SECONDS, wait + self.rng.uniform(0.0, wait / 2))
+        return min(MAX_RETRY_AFTER_SECONDS, wait + self.rng.uniform(0.0, wait * JITTER_SHARE))
 
 
 def bucket_from_settings() -> TokenBucket:
@@ -102,3 +104,8 @@ def bucket_from_settings() -> TokenBucket:
 def full_admission_cost() -> float:
     """What a new or changed agent costs; never more than the bucket can hold."""
     return min(float(settings.OPAMP_ADMISSION_FULL_COST), float(settings.OPAMP_ADMISSION_BURST))
+
+
+def reconnect_admission_cost() -> float:
+    """What a known agent reconnecting unchanged costs; never more than the full cost."""
+    return min(float(settings.OPAMP_ADMISSION_RECONNECT_COST), full_admission_cost())

@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 
-from fleet.admission import UNAVAILABLE_MESSAGE, full_admission_cost
+from fleet.admission import UNAVAILABLE_MESSAGE, reconnect_admission_cost
 from fleet.connection import authenticate, connection_info
 from fleet.credentials import CredentialRefused
 from fleet.protocol_errors import error_reply
@@ -106,7 +106,8 @@ def http_admission_refused(scope: Scope) -> float | None:
     """Before the body is read: refuse when this process admits no one now (fleet.admission).
 
     A polling agent this process already knows (its OpAMP-Instance-UID header names one) is
-    past admission; for the others the session takes the tokens, this only spares the body.
+    past admission; for the others the session takes the tokens once it knows the price,
+    this only spares the body when not even the cheapest admission would go through.
     """
     fleet = runtime()
     if not fleet.admission.enabled:
@@ -115,7 +116,7 @@ def http_admission_refused(scope: Scope) -> float | None:
         known = uuid.UUID(header(scope, INSTANCE_UID_HEADER).decode("ascii", "replace")) in fleet.snapshots
     except ValueError:
         known = False
-    return None if known else fleet.admission.would_refuse(full_admission_cost())
+    return None if known else fleet.admission.would_refuse(reconnect_admission_cost())
 
 
 async def respond_unavailable(send: Send, retry_after: float) -> None:

@@ -96,8 +96,14 @@ _SNAPSHOT_FIELDS = (
 
 
 def agent_snapshot(*, instance_uid: uuid.UUID) -> AgentSnapshot | None:
-    agent = Agent.objects.filter(instance_uid=instance_uid).only(*_SNAPSHOT_FIELDS).order_by().first()
-    return AgentSnapshot.of(agent) if agent else None
+    return agent_snapshots([instance_uid]).get(instance_uid)
+
+
+def agent_snapshots(instance_uids: list[uuid.UUID]) -> dict[uuid.UUID, AgentSnapshot]:
+    """The snapshots of the agents of `instance_uids` that exist, in one query (the sessions
+    of a reconnecting crowd read theirs together: fleet.batched_reads)."""
+    agents = Agent.objects.filter(instance_uid__in=instance_uids).only(*_SNAPSHOT_FIELDS).order_by()
+    return {agent.instance_uid: AgentSnapshot.of(agent) for agent in agents}
 
 
 _REPORT_FIELDS = (

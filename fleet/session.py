@@ -146,26 +146,26 @@ class AgentSession:
         if problem := instance_uid_problem(message.instance_uid):
             raise ProtocolError(problem)
         instance_uid = uuid.UUID(bytes=message.instance_uid)
-        if (retry_after := self._admission_refused(instance_uid)) is not None:
+        if (retry_after := self._still_refused()) is not None:
+            return self._unavailable(message, retry_after)
+        capabilities = known_agent_capabilities(message.capabilities)
+        snapshot = self.fleet.snapshots.get(instance_uid)
+        if snapshot is None:
+            snapshot = await self.fleet.snapshot_reads.get(instance_uid)
+        # A known agent whose full report hashes as the row's: nothing of it to parse or write.
+        state_hash = reported_state_hash(message, capabilities) if is_full_report(message) else ""
+        unchanged = snapshot is not None and bool(state_hash) and snapshot.reported_state_hash == state_hash
+        if (retry_after := self._admission_refused(instance_uid, unchanged=unchanged)) is not None:
             return self._unavailable(message, retry_after)
         if instance_uid != self.identity_checked:
             await check_identity(self, instance_uid)
         now = timezone.now()
-        capabilities = known_agent_capabilities(message.capabilities)
         reply = opamp_pb2.ServerToAgent(
             instance_uid=message.instance_uid, capabilities=self.fleet.server_capabilities()
         )
         if instance_uid != self.instance_uid:
             self._follow(instance_uid)
 
-        snapshot = self.fleet.snapshots.get(instance_uid)
-        if snapshot is None:
-            snapshot = await db(services.agent_snapshot)(instance_uid=instance_uid)
-        # A known agent whose full report hashes as the row's: nothing of it to parse or write.
-        state_hash = reported_state_hash(message, capabilities) if is_full_report(message) else ""
-        unchanged = snapshot is not None and bool(state_hash) and snapshot.reported_state_hash == state_hash
-        if not self.admitted:
-            self._admit(unchanged)
         if unchanged:
             assert snapshot is not None
             report = AgentReport(capabilities=capabilities)
@@ -243,31 +243,30 @@ class AgentSession:
         self.fleet.live.release(instance_uid, self)
         self.instance_uid = new_uid
 
-    def _admission_refused(self, instance_uid: uuid.UUID) -> float | None:
+    def _still_refused(self) -> float | None:
+        """A refused socket's later messages (an agent that ignores retry_info keeps
+        heartbeating): the same answer, without any work or another turn booked."""
+        if self.admitted:
+            return None
+        now = time.monotonic()
+        return self.refused_until - now if now < self.refused_until else None
+
+    def _admission_refused(self, instance_uid: uuid.UUID, *, unchanged: bool) -> float | None:
         """Seconds the agent should wait before coming back, or None once it is let in.
 
-        Once per connection; a polling agent this process already holds a snapshot of is
-        past admission (each of its requests is a new session).
+        Once per connection, priced by what its snapshot shows it to be (fleet.admission): a
+        cheap reconnect, or the full cost. A polling agent this process already holds a
+        snapshot of is past admission (each of its requests is a new session).
         """
         if self.admitted:
             return None
         if self.transport == "http" and instance_uid in self.fleet.snapshots:
             self.admitted = True
             return None
-        now = time.monotonic()
-        if now < self.refused_until:
-            # More messages on a refused socket (an agent that ignores retry_info keeps
-            # heartbeating): the same answer, without booking another turn.
-            return self.refused_until - now
-        return self.fleet.admission.take(admission.full_admission_cost())
-
-    def _admit(self, unchanged: bool) -> None:
-        """Once per connection, after the snapshot is known."""
-        # The full admission price was taken (`_admission_refused`), before any database
-        # work; a cheap reconnect costs one token and gets the rest back.
-        if unchanged:
-            self.fleet.admission.refund(admission.full_admission_cost() - 1.0)
-        self.admitted = True
+        cost = admission.reconnect_admission_cost() if unchanged else admission.full_admission_cost()
+        retry_after = self.fleet.admission.take(cost)
+        self.admitted = retry_after is None
+        return retry_after
 
     def _unavailable(
         self, message: opamp_pb2.AgentToServer, retry_after: float, *, reason: str = admission.UNAVAILABLE_MESSAGE

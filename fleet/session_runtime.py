@@ -15,6 +15,7 @@ from typing import TypeVar
 from django.conf import settings
 
 from fleet import admission, extensions, notify, services
+from fleet.batched_reads import BatchedRead
 from fleet.batched_writes import BatchedWrites, RowWriters
 from fleet.connection_settings_offers import SettingsOfferLedger
 from fleet.credentials import NO_AUTHORITY, CredentialAuthority
@@ -58,6 +59,8 @@ class FleetRuntime:
             merge=services.StatusWrite.merged,
         )
         self.live = LiveConnections()
+        # Snapshots of agents not in memory (a restart's reconnecting crowd), read in batches.
+        self.snapshot_reads = BatchedRead[uuid.UUID, services.AgentSnapshot](services.agent_snapshots)
         # Admission pacing (fleet.admission): tokens per connecting agent, per process.
         self.admission = admission.bucket_from_settings()
         # (token id, agent) pairs already counted as enrolled: no write per message.

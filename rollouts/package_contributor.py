@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
+from fleet.batched_reads import BatchedRead
 from fleet.db import db
 from fleet.hint_messages import HintKind
 from fleet.services import AgentSnapshot
@@ -97,6 +98,8 @@ class PackagesContributor(SessionContributor):
         self.checking: asyncio.Future[None] | None = None
         self.checking_hints = -1
         self.facts: dict[uuid.UUID, AgentPackageFacts] = {}
+        # Facts not in memory (a restart's reconnecting crowd), read in batches.
+        self.fact_reads = BatchedRead[int, AgentPackageFacts](agent_package_facts)
         self.reported: dict[uuid.UUID, ReportedPackages] = {}
         # (definitions token, facts) the set was computed from, and the set.
         self.sets: dict[uuid.UUID, tuple[str, AgentPackageFacts, DesiredPackages]] = {}
@@ -166,8 +169,7 @@ class PackagesContributor(SessionContributor):
         uid = snapshot.instance_uid
         facts = self.facts.get(uid)
         if facts is None:
-            read = await db(agent_package_facts)([snapshot.agent_id])
-            facts = read.get(snapshot.agent_id)
+            facts = await self.fact_reads.get(snapshot.agent_id)
             if facts is None:
                 return None
             self.facts[uid] = facts

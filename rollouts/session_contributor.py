@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.utils import timezone
 
+from fleet.batched_reads import BatchedRead
 from fleet.db import db
 from fleet.hint_messages import HintKind
 from fleet.services import AgentSnapshot
@@ -34,7 +35,6 @@ from rollouts.desired_state import (
     DesiredConfig,
     Offer,
     changes_since,
-    desired_config_for_agent,
     desired_configs_for_agents,
     record_offers,
 )
@@ -54,6 +54,8 @@ class RemoteConfigContributor(SessionContributor):
     def __init__(self, runtime: FleetRuntime) -> None:
         self.snapshots = runtime.snapshots
         self.desired = DesiredConfigCache()
+        # Desired configs not in the cache (a restart's reconnecting crowd), read in batches.
+        self.desired_reads = BatchedRead[int, DesiredConfig | None](desired_configs_for_agents)
         self._catching_up: asyncio.Future[None] | None = None
         # What was offered to whom, written in batches: the agent's answer, not this
         # record, is what rollouts judge, and a lost record costs at most a repeated offer.
@@ -158,6 +160,6 @@ class RemoteConfigContributor(SessionContributor):
         if cached is not None:
             return cached.desired
         tag = cache.generation
-        desired = await db(desired_config_for_agent)(snapshot.agent_id)
+        desired = await self.desired_reads.get(snapshot.agent_id)
         cache.put(snapshot.instance_uid, CachedDesired(generation=tag, agent_id=snapshot.agent_id, desired=desired))
         return desired

@@ -199,10 +199,12 @@ OPAMP_HEARTBEAT_FLUSH_SECONDS = env_float("OPAMP_HEARTBEAT_FLUSH_SECONDS", 2.0)
 # agents are written in one batch; the rollout gate and the inventory trail by this much.
 OPAMP_STATUS_FLUSH_SECONDS = env_float("OPAMP_STATUS_FLUSH_SECONDS", 0.5)
 # Admission pacing per process (fleet/admission.py): tokens per second (0: no pacing), how
-# many may be saved up, and what a new or changed agent costs (a cheap reconnect costs 1).
+# many may be saved up, what a new or changed agent costs, and what a known agent
+# reconnecting unchanged costs.
 OPAMP_ADMISSION_RATE = env_float("OPAMP_ADMISSION_RATE", 0.0)
 OPAMP_ADMISSION_BURST = env_float("OPAMP_ADMISSION_BURST", 200.0)
 OPAMP_ADMISSION_FULL_COST = env_float("OPAMP_ADMISSION_FULL_COST", 4.0)
+OPAMP_ADMISSION_RECONNECT_COST = env_float("OPAMP_ADMISSION_RECONNECT_COST", 1.0)
 # A polling agent that has not acknowledged an offered config is offered it again after this.
 OPAMP_REMOTE_CONFIG_REOFFER_SECONDS = env_float("OPAMP_REMOTE_CONFIG_REOFFER_SECONDS", 120.0)
 # How often Celery beat checks the gates of running rollouts.

@@ -82,6 +82,18 @@ def tiny_rate(settings: Any) -> None:
     reset_runtime()
 
 
+async def known_only_to_the_database(*, tokens: float) -> tuple[bytes, TokenBucket]:
+    """An agent inventoried, then a process holding nothing of it in memory (as after a
+    restart), its bucket holding `tokens`."""
+    known = uuid7().bytes
+    async with WsAgent() as agent:
+        await agent.exchange(full_report(known, 1))
+    runtime().snapshots.clear()
+    gate = runtime().admission
+    gate._tokens = tokens
+    return known, gate
+
+
 def retry_after_seconds(reply: opamp_pb2.ServerToAgent) -> float:
     assert reply.error_response.type == opamp_pb2.ServerErrorResponseType_Unavailable
     assert reply.error_response.error_message == UNAVAILABLE_MESSAGE
@@ -144,15 +156,10 @@ async def test_the_agent_admitted_later_is_stored_as_usual(settings: Any) -> Non
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.asyncio
 async def test_a_known_agent_reconnecting_unchanged_costs_less_than_a_new_one(tiny_rate: None) -> None:
-    known = uuid7().bytes
-    async with WsAgent() as agent:
-        await agent.exchange(full_report(known, 1))
-    gate = runtime().admission
-    runtime().snapshots.clear()  # as a restarted process: the agent is known only to the database
-    gate._tokens = 2.0
+    known, gate = await known_only_to_the_database(tokens=2.0)
     async with WsAgent() as agent:
         assert not (await agent.exchange(full_report(known, 2))).HasField("error_response")
-    assert gate._tokens == pytest.approx(1.0, abs=0.05)  # one token; the rest given back
+    assert gate._tokens == pytest.approx(1.0, abs=0.05)  # one token
     gate._tokens = 2.0
     async with WsAgent() as agent:
         assert not (await agent.exchange(full_report(uuid7().bytes, 1))).HasField("error_response")
@@ -182,3 +189,42 @@ async def test_an_excess_http_request_gets_503_with_retry_after(tiny_rate: None)
         heartbeat(first, 2).SerializeToString(), headers=[(b"opamp-instance-uid", str(uuid.UUID(bytes=first)).encode())]
     )
     assert response["status"] == 200
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_refused_known_agent_is_booked_at_the_reconnect_cost_and_a_new_one_at_the_full_cost(
+    tiny_rate: None,
+) -> None:
+    """A restart's known agents are told to come back at the rate the bucket admits them,
+    not at the rate of new agents (each refusal used to be booked at the full cost)."""
+    known, gate = await known_only_to_the_database(tokens=0.0)
+    async with WsAgent() as agent:
+        wait = retry_after_seconds(await agent.exchange(full_report(known, 2)))
+    assert 9.9 <= wait <= 11  # one token at one per ten seconds, plus at most a tenth
+    reset_runtime()
+    gate = runtime().admission
+    gate._tokens = 0.0
+    async with WsAgent() as agent:
+        wait = retry_after_seconds(await agent.exchange(full_report(uuid7().bytes, 1)))
+    assert 19.9 <= wait <= 22  # a new agent: two tokens
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_a_known_agent_whose_report_changed_pays_the_full_cost(tiny_rate: None) -> None:
+    known, gate = await known_only_to_the_database(tokens=2.0)
+    async with WsAgent() as agent:
+        assert not (await agent.exchange(full_report(known, 2, healthy=False))).HasField("error_response")
+    assert gate._tokens == pytest.approx(0.0, abs=0.05)
+
+
+def test_a_refusal_adds_at_most_a_tenth_of_its_wait_at_random() -> None:
+    gate, _ = bucket(rate=10, burst=1)
+    assert gate.take() is None
+    waits = [gate.take() or 0.0 for _ in range(200)]
+    floors = [0.1 * (index + 1) for index in range(200)]
+    assert all(floor <= wait <= floor * 1.1 + 1e-9 for floor, wait in zip(floors, waits, strict=True))
+    # The turns stay in the order they were booked, give or take the jitter: the last of
+    # 200 refused at 10 per second comes back after about 20 s, not 30.
+    assert max(waits) <= 22.0

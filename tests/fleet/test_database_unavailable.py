@@ -15,8 +15,8 @@ from unittest.mock import patch
 import pytest
 from django.db import OperationalError
 
-from fleet import services
 from fleet.models import Agent
+from fleet.session_runtime import runtime
 from opamp.identifiers import uuid7
 from opamp.proto import opamp_pb2
 from tests.fleet.asgi_clients import WsAgent, http_exchange, http_post
@@ -32,7 +32,7 @@ def unreachable(*args: Any, **kwargs: Any) -> Any:
 async def test_a_websocket_message_meeting_an_unreachable_database_is_answered_unavailable() -> None:
     uid = uuid7().bytes
     async with WsAgent(client="10.0.0.1") as agent:
-        with patch.object(services, "agent_snapshot", unreachable):
+        with patch.object(runtime().snapshot_reads, "read", unreachable):
             reply = await agent.exchange(full_report(uid, 1))
         assert reply.HasField("error_response")
         assert reply.error_response.type == opamp_pb2.ServerErrorResponseType_Unavailable
@@ -47,7 +47,7 @@ async def test_a_websocket_message_meeting_an_unreachable_database_is_answered_u
 
 async def test_an_http_poll_meeting_an_unreachable_database_gets_503_with_retry_after() -> None:
     uid = uuid7().bytes
-    with patch.object(services, "agent_snapshot", unreachable):
+    with patch.object(runtime().snapshot_reads, "read", unreachable):
         response = await http_post(full_report(uid, 1).SerializeToString())
     assert response["status"] == 503
     assert int(response["headers_dict"][b"retry-after"]) >= 1

@@ -13,7 +13,6 @@ import pytest
 from channels.db import database_sync_to_async
 
 import fleet.notify
-import rollouts.session_contributor
 from fleet import extensions
 from fleet.credentials import NO_AUTHORITY
 from fleet.extensions import FleetExtension
@@ -122,13 +121,14 @@ async def test_a_certificate_hint_leaves_the_desired_config_alone_and_a_config_h
     await session.fleet.contributor(RemoteConfigContributor).offers.flush()  # the offer is on record
 
     reads: list[int] = []
-    read = rollouts.session_contributor.desired_config_for_agent
+    desired_reads = session.fleet.contributor(RemoteConfigContributor).desired_reads
+    read = desired_reads.read
 
-    def counting(agent_id: int) -> Any:
-        reads.append(agent_id)
-        return read(agent_id)
+    def counting(agent_ids: list[int]) -> Any:
+        reads.extend(agent_ids)
+        return read(agent_ids)
 
-    monkeypatch.setattr(rollouts.session_contributor, "desired_config_for_agent", counting)
+    monkeypatch.setattr(desired_reads, "read", counting)
     assert await session.push_on_hint(HintKind.CERTIFICATE) is None
     assert reads == []
     assert await session.push_on_hint(HintKind.CONFIG) is None  # offered on this connection already
