@@ -32,7 +32,10 @@ class FleetStats(AgentObserver):
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self.started_at = time.monotonic()
+        # When each agent was first admitted: its first reply that was not an error
+        # response (a refusal, e.g. admission pacing's UNAVAILABLE, admits nobody).
         self.first_reply_at: dict[Agent, float] = {}
+        self.refusals = 0
         # (when the reply arrived, round trip in seconds) for every reply after a
         # session's first: in steady state those answer heartbeats.
         self.round_trips: list[tuple[float, float]] = []
@@ -54,6 +57,10 @@ class FleetStats(AgentObserver):
     def on_reply(self, agent: Agent, reply: pb.ServerToAgent, round_trip: float | None) -> None:
         now = time.monotonic()
         self.replies += 1
+        if reply.HasField("error_response"):
+            self.refusals += 1
+            self.online.discard(agent)
+            return
         self.online.add(agent)
         if agent in self._awaiting_first:
             self._awaiting_first.discard(agent)

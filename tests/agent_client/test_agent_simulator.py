@@ -8,11 +8,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import pytest
 
 from agent_client import Fleet
+from agent_client.agent import Agent
+from agent_client.simulator import FleetStats
 from agent_client.testing import FakeWebSocketServer
+from opamp.proto import opamp_pb2 as pb
 from tests.agent_client.helpers import FAST, is_full_report
 
 BENCH_PATH = Path(__file__).resolve().parents[2] / "bench" / "agents_connect.py"
@@ -89,3 +93,19 @@ def test_percentiles_use_the_nearest_rank(bench: ModuleType) -> None:
     assert bench.percentile(values, 50) == 50.0
     assert bench.percentile(values, 99) == 99.0
     assert bench.percentile([3.0], 90) == 3.0
+
+
+def test_a_refusal_does_not_count_as_the_agent_admitted() -> None:
+    """Admission pacing answers UNAVAILABLE: the agent is not connected until a real reply."""
+    stats = FleetStats(expected=1)
+    agent = cast(Agent, object())
+    stats.on_connected(agent)
+    refusal = pb.ServerToAgent(
+        error_response=pb.ServerErrorResponse(type=pb.ServerErrorResponseType_Unavailable, error_message="busy")
+    )
+    stats.on_reply(agent, refusal, None)
+    assert stats.refusals == 1 and not stats.first_reply_at and not stats.all_answered.is_set()
+    assert agent not in stats.online
+    stats.on_connected(agent)
+    stats.on_reply(agent, pb.ServerToAgent(), None)
+    assert agent in stats.first_reply_at and stats.all_answered.is_set() and agent in stats.online
