@@ -25,12 +25,21 @@ def test_start_up_refuses_the_pure_python_protobuf_backend(monkeypatch):
         require_upb()
 
 
-def test_gc_tuning_sets_the_thresholds():
+def test_gc_tuning_sets_the_thresholds_and_freezes_survivors_only_when_asked():
     before = gc.get_threshold()
+    freeze = runtime.freeze_after_older_collections
+    assert freeze not in gc.callbacks  # the test settings leave it off
     try:
-        tune_gc_for_connections((100000, 50, 1000))
+        tune_gc_for_connections((100000, 50, 1000), freeze_survivors=False)
         assert gc.get_threshold() == (100000, 50, 1000)
+        assert freeze not in gc.callbacks
+        tune_gc_for_connections((10000, 5, 1000), freeze_survivors=True)
+        tune_gc_for_connections((10000, 5, 1000), freeze_survivors=True)
+        assert gc.get_threshold() == (10000, 5, 1000)
+        assert gc.callbacks.count(freeze) == 1  # installed once, however often tuned
     finally:
+        while freeze in gc.callbacks:
+            gc.callbacks.remove(freeze)
         gc.unfreeze()
         gc.set_threshold(*before)
 
