@@ -1,12 +1,36 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import django_filters
+from django import forms
 from django.db.models import QuerySet
 from rest_framework.exceptions import ValidationError
 
 from fleet import extensions, selectors
 from fleet.custom_messages import with_custom_capability
 from fleet.models import Agent, Transport
+
+
+class UtcIsoDateTimeField(django_filters.fields.IsoDateTimeField):
+    """An ISO 8601 date-time, compared in UTC.
+
+    PostgreSQL refuses an offset beyond +-15:59 that Python parses (up to +-23:59), and a
+    value passed on as given made the query fail (a 500). Moved to UTC it is plain; one that
+    leaves the calendar once moved (year 1 or 9999 at the edge) is refused clearly."""
+
+    def clean(self, value: object) -> datetime | None:
+        parsed = super().clean(value)
+        if parsed is None:
+            return None
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("the date-time is out of range once converted to UTC", code="invalid") from None
+
+
+class UtcIsoDateTimeFilter(django_filters.IsoDateTimeFilter):
+    field_class = UtcIsoDateTimeField
 
 
 class AgentFilter(django_filters.FilterSet):
@@ -26,7 +50,7 @@ class AgentFilter(django_filters.FilterSet):
     )
     transport = django_filters.ChoiceFilter(choices=Transport.choices)
     connected = django_filters.BooleanFilter()
-    seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
+    seen_after = UtcIsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
     drift = django_filters.BooleanFilter(
         method="filter_drift", help_text="true: agents whose effective config differs from their desired version"
     )

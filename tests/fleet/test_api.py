@@ -112,3 +112,16 @@ def test_the_openapi_schema_describes_the_agents_endpoint(api_client):
     assert "/api/v1/agents/" in schema["paths"]
     parameters = {p["name"] for p in schema["paths"]["/api/v1/agents/"]["get"]["parameters"]}
     assert {"status", "capability", "attribute", "limit", "offset"} <= parameters
+
+
+def test_seen_after_takes_any_offset_python_parses_and_refuses_a_date_utc_cannot_hold(api_client):
+    """An offset beyond PostgreSQL's +-15:59 reached the database as given (a 500); the
+    value is compared in UTC now, and one that leaves the calendar in UTC is a clear 400."""
+    seen = AgentFactory(last_seen=timezone.now())
+    found = api_client.get("/api/v1/agents/", {"seen_after": "0366-02-26T23:20:14-16:35"})
+    assert found.status_code == 200, found.content
+    assert [a["instance_uid"] for a in found.json()["results"]] == [str(seen.instance_uid)]
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        refused = api_client.get("/api/v1/agents/", {"seen_after": edge})
+        assert refused.status_code == 400, edge
+        assert "seen_after" in refused.json()
